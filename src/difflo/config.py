@@ -1,0 +1,245 @@
+"""Typed configuration: dataclasses with the defaults, loaded from YAML with dotted overrides.
+
+A run's *resolved* config (every field, after data-dependent values such as the number of classes
+are filled in) is written to ``RUN/config.yaml`` and into the metadata of every weights file, so a
+checkpoint alone rebuilds its model (nanoGPT's ``model_args``, without pickled code).
+
+The defaults are the ``mnist10k`` demo's: chosen by measuring on 2 CPU cores (docs/decisions.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .nn.unet import UNetConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist10k"             # a data set name (see `difflo.data.DATASETS`)
+    root: str | None = None            # where its files are (not needed for mnist10k)
+    split: str = "train"
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"           # linear | cosine | sigmoid
+    timesteps: int = 1000              # T
+    prediction: str = "v"              # eps | x0 | v
+    loss_weighting: str = "none"       # none | min_snr
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr_schedule: str = "constant"      # constant | cosine (after warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    grad_clip: float = 1.0             # max global grad norm; 0 disables
+    label_dropout: float = 0.1         # p of replacing the label by the null class (for CFG)
+    ema_decay: float = 0.999
+    ema_warmup: bool = True            # decay_k = min(ema_decay, (1 + k) / (10 + k))
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 1000           # 0 disables the sample grids during training
+    max_minutes: float | None = None   # stop (with a checkpoint) after this much wall time
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for `difflo sample` (each is also a flag)."""
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    w: float = 3.0
+    spacing: str = "trailing"          # leading | trailing | linspace
+    clip_x0: bool = True
+    variance: str = "fixed_small"      # DDPM only: fixed_small | fixed_large
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every out-of-range value."""
+        from . import diffusion, samplers, schedules
+
+        problems = list(self.model.validate())
+        d, t, s = self.diffusion, self.train, self.sample
+        choices = [("diffusion.schedule", d.schedule, schedules.SCHEDULES),
+                   ("diffusion.prediction", d.prediction, diffusion.PREDICTIONS),
+                   ("diffusion.loss_weighting", d.loss_weighting, diffusion.LOSS_WEIGHTINGS),
+                   ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
+                   ("sample.sampler", s.sampler, tuple(samplers.SAMPLERS)),
+                   ("sample.spacing", s.spacing, schedules.SPACINGS),
+                   ("sample.variance", s.variance, ("fixed_small", "fixed_large"))]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        positive = [("diffusion.timesteps", d.timesteps), ("train.steps", t.steps),
+                    ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.log_every", t.log_every),
+                    ("train.ckpt_every", t.ckpt_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                    ("sample.steps", s.steps)]
+        problems += [f"{k}={v} must be > 0" for k, v in positive if v <= 0]
+        nonneg = [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
+                  ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
+                  ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma)]
+        problems += [f"{k}={v} must be >= 0" for k, v in nonneg if v < 0]
+        for key, value in [("train.label_dropout", t.label_dropout), ("train.ema_decay", t.ema_decay),
+                           ("train.min_lr_ratio", t.min_lr_ratio)]:
+            if not 0.0 <= value <= 1.0:
+                problems.append(f"{key}={value} must be in [0, 1]")
+        if s.steps > d.timesteps:
+            problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
+        if t.max_minutes is not None and t.max_minutes <= 0:
+            problems.append(f"train.max_minutes={t.max_minutes} must be > 0")
+        if len(t.adam_betas) != 2:
+            problems.append("train.adam_betas must have two values, e.g. [0.9, 0.999]")
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _plain(obj):
+    """Tuples -> lists, recursively (for YAML/JSON)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r} ({type(value).__name__})")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):          # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be of type {getattr(tp, '__name__', tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _set_section(section, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(_unknown(f"{prefix}.{key}", [f"{prefix}.{k}" for k in hints]))
+        setattr(section, key, _coerce(value, hints[key], f"{prefix}.{key}"))
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(known)}"
+    return f"unknown config key {key!r}{hint}"
+
+
+def all_keys() -> list[str]:
+    cfg = Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def from_dict(d: dict | None) -> Config:
+    """A Config from a nested mapping; unknown keys and wrong types raise ConfigError."""
+    cfg = Config()
+    if d is None:
+        return cfg
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping with sections {', '.join(_sections())}, got {type(d).__name__}")
+    for name, values in d.items():
+        if name not in _sections():
+            raise ConfigError(_unknown(str(name), _sections()))
+        _set_section(getattr(cfg, name), values or {}, name)
+    return cfg
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``3e-4``, ``[1,2]``, ``null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in _sections():
+            raise ConfigError(_unknown(key, all_keys()))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_section(getattr(cfg, parts[0]), {parts[1]: value}, parts[0])
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+    d = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; see configs/ for examples")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return apply_overrides(from_dict(d), list(overrides))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

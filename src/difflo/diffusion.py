@@ -1,0 +1,140 @@
+"""The DDPM forward process, its three parameterizations, and their training losses.
+
+Conventions (pinned by ``tests/test_diffusion.py``):
+
+* Discrete time ``t = 0 .. T-1``; **t = 0 is data, t = T-1 is noise**; ``t = -1`` is the clean
+  data itself (alpha = 1, sigma = 0). See :mod:`difflo.schedules`.
+* A Gaussian path ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = sqrt(alpha_bar_t)`` and
+  ``sigma_t = sqrt(1 - alpha_bar_t)`` (Ho et al. 2020, Eq. 4). Every sampler in
+  :mod:`difflo.samplers` is written against ``alpha_t, sigma_t`` alone, so the same sampler code
+  serves any path of this form.
+* The network predicts one of (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 and App. D):
+  ``eps`` (the noise), ``x0`` (the data), or ``v = alpha_t eps - sigma_t x0`` (the velocity).
+  The conversions below are exact inverses of each other given ``x_t``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import schedules
+
+PREDICTIONS = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    @classmethod
+    def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":
+        return cls(schedules.alphas_cumprod(schedules.get_betas(name, T)))
+
+    @property
+    def T(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def alpha_bar(self, t):
+        """alpha_bar at integer timestep(s) t; t = -1 gives 1 (clean data)."""
+        if isinstance(t, int):
+            return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+        t = torch.as_tensor(t)
+        ab = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
+        return torch.where(t < 0, torch.ones_like(ab), ab)
+
+    def alpha_sigma(self, t):
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)); floats for an int t,
+        float64 tensors for a tensor t."""
+        ab = self.alpha_bar(t)
+        if isinstance(ab, float):
+            return ab ** 0.5, (1.0 - ab) ** 0.5
+        return ab.sqrt(), (1.0 - ab).sqrt()
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time value the network is conditioned on: the timestep index itself."""
+        return t.to(torch.float32)
+
+
+def _bcast(c, x: torch.Tensor):
+    """Broadcast a per-sample coefficient (B,) to x's shape (B, 1, 1, 1), in x's dtype."""
+    if isinstance(c, float):
+        return c
+    return c.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """Forward process q(x_t | x0): x_t = alpha_t x0 + sigma_t eps (Ho et al. 2020, Eq. 4)."""
+    return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+
+
+def to_x0(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """The x0 estimate implied by a network output of the given parameterization."""
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if prediction == "eps":
+        return (x_t - s * output) / a       # x0 = (x_t - sigma eps) / alpha
+    if prediction == "x0":
+        return output
+    if prediction == "v":
+        return a * x_t - s * output         # x0 = alpha x_t - sigma v   (alpha^2 + sigma^2 = 1)
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """The eps estimate implied by a network output of the given parameterization."""
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if prediction == "eps":
+        return output
+    if prediction == "x0":
+        return (x_t - a * output) / s        # eps = (x_t - alpha x0) / sigma
+    if prediction == "v":
+        return s * x_t + a * output          # eps = sigma x_t + alpha v
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def target(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+    """What the network is trained to output: eps, x0, or v = alpha eps - sigma x0."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weight of the MSE in the prediction's own space.
+
+    ``none``: 1 (the "simple" loss of Ho et al. 2020, Eq. 14, for every parameterization).
+    ``min_snr``: Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", Eq. 7-8:
+    the x0-space weight min(SNR, gamma), expressed in the prediction's space:
+    eps: min(SNR, gamma)/SNR, x0: min(SNR, gamma), v: min(SNR, gamma)/(SNR + 1).
+    """
+    if weighting == "none":
+        return torch.ones_like(snr)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    clipped = snr.clamp(max=gamma)
+    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+
+
+def training_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule: DiscreteSchedule, prediction: str,
+                  weighting: str = "none", gamma: float = 5.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Monte-Carlo estimate of the denoising loss (Ho et al. 2020, Algorithm 1) over a batch:
+    t ~ U{0..T-1}, eps ~ N(0, I), loss = w(t) * ||net(x_t, t, y) - target||^2 (mean over pixels)."""
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), generator=generator, device=generator.device if generator else "cpu")
+    t = t.to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
+    eps = eps.to(x0.device, x0.dtype)
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = q_sample(x0, eps, alpha, sigma)                                # (B, C, H, W)
+    out = net(x_t, schedule.model_time(t), y)                            # (B, C, H, W)
+    mse = (out.float() - target(x0, eps, alpha, sigma, prediction).float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    w = loss_weight((alpha**2 / sigma**2).to(x0.device, torch.float32), prediction, weighting, gamma)
+    return (w * mse).mean()

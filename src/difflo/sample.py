@@ -1,0 +1,114 @@
+"""Generating images from a trained model: checkpoint -> denoiser -> sampler, in batches.
+
+``generate`` draws sample i from its own generator seeded with ``seeds[i]``, so an image depends
+on its seed (and label and settings) only, never on the batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import config as config_mod
+from .checkpoint import load_weights, resolve_weights
+from .diffusion import DiscreteSchedule
+from .errors import CheckpointError, DiffloError
+from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
+from .nn import UNet
+from .samplers import SAMPLERS, SeededNoise
+from .schedules import timesteps
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffloError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DiffloError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class Model:
+    """A network with the resolved config it was trained with."""
+    net: UNet
+    cfg: config_mod.Config
+
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        d = self.cfg.diffusion
+        return DiscreteSchedule.from_name(d.schedule, d.timesteps)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.model.num_classes
+
+
+def build_net(cfg: config_mod.Config) -> UNet:
+    return UNet(cfg.model)
+
+
+def load_model(path, ema: bool = True, device="cpu") -> Model:
+    """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
+    weights = resolve_weights(path, ema)
+    state, cfg_dict, _ = load_weights(weights)
+    try:
+        cfg = config_mod.from_dict(cfg_dict)
+        net = build_net(cfg)
+    except (DiffloError, ValueError) as e:
+        raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None
+    missing, unexpected = [], []
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{weights} does not fit the architecture in its own config "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped "
+                              f"tensors, e.g. {(missing + unexpected + wrong)[0]})")
+    net.load_state_dict(state)
+    return Model(net.to(device).eval(), cfg)
+
+
+def make_denoiser(model: Model, w: float, clip_x0: bool = True):
+    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped."""
+    den = ModelDenoiser(model.net, model.schedule, model.cfg.diffusion.prediction)
+    if model.num_classes > 0:
+        den = CFGDenoiser(den, w, null_class=model.num_classes)
+    return ClampDenoiser(den) if clip_x0 else den
+
+
+def generate(model: Model, labels: torch.Tensor, seeds, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+             w: float = 3.0, spacing: str = "trailing", clip_x0: bool = True, variance: str = "fixed_small",
+             batch_size: int = 250, callback=None, progress=None) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] for the given labels and per-image seeds.
+
+    ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index)."""
+    if sampler not in SAMPLERS:
+        raise DiffloError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise DiffloError(f"--steps must be >= 1, got {steps}")
+    T = model.cfg.diffusion.timesteps
+    if steps > T:
+        raise DiffloError(f"--steps {steps} exceeds the model's {T} training timesteps")
+    n_cls = model.num_classes
+    if n_cls and (labels.min() < 0 or labels.max() >= n_cls):
+        raise DiffloError(f"class index out of range: this model has classes 0..{n_cls - 1}")
+    device = next(model.net.parameters()).device
+    c, s = model.cfg.model.in_channels, model.cfg.model.image_size
+    den = make_denoiser(model, w, clip_x0)
+    ts = timesteps(T, steps, spacing)
+    kwargs = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
+    seeds = [int(x) for x in seeds]
+    out = []
+    for b, start in enumerate(range(0, len(seeds), batch_size)):
+        noise = SeededNoise(seeds[start:start + batch_size], (c, s, s), device)
+        x = noise()                                   # (B, C, H, W): x_T ~ N(0, I)
+        y = labels[start:start + batch_size].to(device)
+        cb = None if callback is None else (lambda d, b=b: callback({**d, "batch": b}))
+        out.append(SAMPLERS[sampler](den, x, ts, extra_args={"y": y}, callback=cb, noise=noise, **kwargs).cpu())
+        if progress is not None:
+            progress.update(len(y))
+    return torch.cat(out)

@@ -1,0 +1,123 @@
+"""Samplers: plain functions over one denoiser interface (see :mod:`difflo.guidance`).
+
+Every sampler has the signature::
+
+    sample_x(denoiser, x, ts, extra_args=None, callback=None, noise=None, **options) -> x0
+
+* ``x`` (B, C, H, W): the starting point, normally pure noise scaled to the first timestep.
+* ``ts``: the timesteps to visit, decreasing (e.g. ``schedules.timesteps(T, 50, "trailing")``).
+  After the last one the sampler steps to ``t = -1``, the clean data (alpha = 1, sigma = 0).
+* ``extra_args``: keyword arguments passed to the denoiser on every call (e.g. ``{"y": labels}``).
+* ``callback``: called after every step with ``{"i", "t", "x", "denoised"}``; editing methods
+  (inpainting, SDEdit) plug in there.
+* ``noise``: a callable returning a fresh standard-normal tensor shaped like ``x`` (stochastic
+  samplers only). :class:`SeededNoise` draws it from one generator per sample, so an image
+  depends on its seed only, never on the batch it was drawn in.
+
+Samplers use only ``alpha_t, sigma_t`` of ``denoiser.path`` (x_t = alpha_t x0 + sigma_t eps).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class SeededNoise:
+    """Standard-normal noise from one ``torch.Generator`` per sample (EDM's per-seed generators):
+    the k-th call returns, for sample i, the k-th draw of generator ``seeds[i]``."""
+
+    def __init__(self, seeds, shape: tuple[int, ...], device="cpu"):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+def _eps(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """eps_hat = (x_t - alpha_t x0_hat) / sigma_t."""
+    return (x - alpha * x0) / sigma
+
+
+def _steps(ts):
+    """Pairs (i, t, t_prev) over the timesteps, the last one stepping to t = -1 (clean data)."""
+    ts = [int(t) for t in ts]
+    return [(i, t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+
+
+def _require_noise(noise, name):
+    if noise is None:
+        raise ValueError(f"{name} is stochastic: pass noise=SeededNoise(seeds, shape) or another noise callable")
+    return noise
+
+
+# DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", Eq. 12 and 16).
+def ddim_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, eta: float = 0.0,
+              noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev}:
+    x_prev = alpha_prev x0 + sqrt(sigma_prev^2 - c^2) eps + c z, with
+    c = eta * sigma_prev * sqrt(1 - (alpha_t sigma_prev / (alpha_prev sigma_t))^2)
+    (the DDPM posterior standard deviation times eta; eta = 1 is DDPM, eta = 0 deterministic)."""
+    a_t, s_t = path.alpha_sigma(t)
+    a_p, s_p = path.alpha_sigma(t_prev)
+    eps = _eps(x, x0, a_t, s_t)
+    c = eta * s_p * max(0.0, 1.0 - (a_t * s_p / (a_p * s_t)) ** 2) ** 0.5
+    x_prev = a_p * x0 + max(s_p**2 - c**2, 0.0) ** 0.5 * eps
+    if c > 0:
+        x_prev = x_prev + c * _require_noise(noise, "DDIM with eta > 0")()
+    return x_prev
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, ts, extra_args=None, callback=None, noise=None, eta: float = 0.0):
+    """DDIM sampling over the given timesteps (eta = 0: the probability-flow ODE's DDIM solver)."""
+    extra_args = extra_args or {}
+    for i, t, t_prev in _steps(ts):
+        x0 = denoiser(x, t, **extra_args)
+        x = ddim_step(x, x0, denoiser.path, t, t_prev, eta, noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+# DDPM ancestral sampling (Ho et al. 2020, Algorithm 2, with Eq. 6-7 for the posterior).
+def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, variance: str = "fixed_small",
+              noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One ancestral step x_t -> x_{t_prev} from q(x_prev | x_t, x0_hat):
+    mean = sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar_t) x_t,
+    with beta_t = 1 - abar_t / abar_prev (strided steps, as in diffusers), and variance
+    ``fixed_small`` = beta_tilde = (1 - abar_prev) / (1 - abar_t) beta_t or ``fixed_large`` = beta_t.
+    No noise is added on the last step (t_prev = -1)."""
+    a_t, s_t = path.alpha_sigma(t)
+    a_p, s_p = path.alpha_sigma(t_prev)
+    ab_t, ab_p = a_t**2, a_p**2
+    beta = 1.0 - ab_t / ab_p
+    mean = (a_p * beta / s_t**2) * x0 + ((1.0 - beta) ** 0.5 * s_p**2 / s_t**2) * x
+    if t_prev < 0:
+        return mean
+    if variance == "fixed_small":
+        var = max(s_p**2 / s_t**2 * beta, 1e-20)
+    elif variance == "fixed_large":
+        var = beta
+    else:
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose fixed_small or fixed_large")
+    return mean + var**0.5 * _require_noise(noise, "DDPM")()
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, ts, extra_args=None, callback=None, noise=None, variance: str = "fixed_small"):
+    """DDPM ancestral sampling; with all T timesteps this is Ho et al.'s Algorithm 2."""
+    extra_args = extra_args or {}
+    for i, t, t_prev in _steps(ts):
+        x0 = denoiser(x, t, **extra_args)
+        x = ddpm_step(x, x0, denoiser.path, t, t_prev, variance, noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+}

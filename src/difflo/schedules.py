@@ -1,0 +1,100 @@
+"""Discrete noise schedules for DDPM-style diffusion, computed in float64.
+
+Conventions (used everywhere in difflo):
+
+* ``T`` training timesteps, indexed ``t = 0 .. T-1``. **t = 0 is (almost) clean data, t = T-1 is
+  (almost) pure noise.** ``t = -1`` stands for the clean data itself (``alpha_bar = 1``).
+* ``alphas_cumprod[t] = prod_{s <= t} (1 - beta_s)`` ("alpha bar"), so
+  ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``.
+* ``snr(t) = alpha_bar_t / (1 - alpha_bar_t)``.
+
+Every function is a pure function of its arguments and returns a float64 tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Sec. 4: beta_t linear in t,
+    from 1e-4 to 0.02 over T = 1000 steps. ``beta_start``/``beta_end`` are given for T = 1000 and
+    used as they are (as diffusers' ``beta_schedule="linear"`` does)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def betas_from_alpha_bar(alpha_bar, T: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Turn a continuous alpha_bar(tau), tau in [0, 1], into T betas:
+    beta_t = min(1 - alpha_bar((t+1)/T) / alpha_bar(t/T), max_beta)  (Nichol & Dhariwal 2021, Eq. 17)."""
+    tau = torch.arange(T + 1, dtype=torch.float64) / T
+    ab = alpha_bar(tau)
+    return torch.clamp(1.0 - ab[1:] / ab[:-1], max=max_beta)
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, "Improved DDPM", Eq. 17:
+    alpha_bar(tau) = f(tau)/f(0), f(tau) = cos(((tau + s)/(1 + s)) * pi/2)^2, betas capped at 0.999."""
+    return betas_from_alpha_bar(lambda tau: torch.cos((tau + s) / (1 + s) * math.pi / 2) ** 2, T, max_beta)
+
+
+def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> torch.Tensor:
+    """Jabri, Fleet & Chen 2022, "Scalable Adaptive Computation for Iterative Generation" (RIN),
+    Alg. 1: alpha_bar(t) = (sigmoid(end/tau) - sigmoid((t (end - start) + start)/tau))
+    / (sigmoid(end/tau) - sigmoid(start/tau)), then betas as for the cosine schedule."""
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+
+    def alpha_bar(t: torch.Tensor) -> torch.Tensor:
+        return (v_end - torch.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
+
+    return betas_from_alpha_bar(lambda t: alpha_bar(t).to(torch.float64).clamp(min=1e-12), T, max_beta)
+
+
+def get_betas(name: str, T: int) -> torch.Tensor:
+    """The betas of a named schedule ("linear", "cosine" or "sigmoid")."""
+    if name == "linear":
+        return linear_betas(T)
+    if name == "cosine":
+        return cosine_betas(T)
+    if name == "sigmoid":
+        return sigmoid_betas(T)
+    raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
+    return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar)."""
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+# Timestep spacings for sampling with fewer steps than T, as diffusers defines them
+# (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
+    """n timesteps in decreasing order, from near T-1 down to near 0 (int64).
+
+    * ``leading``:  ``(arange(n) * (T // n))[::-1] + offset`` (DDIM paper; never reaches T-1);
+    * ``trailing``: ``round(arange(T, 0, -T/n)) - 1`` (starts at T-1);
+    * ``linspace``: ``round(linspace(0, T-1, n))[::-1]``.
+    """
+    if not 1 <= n <= T:
+        raise ValueError(f"number of sampling steps must be between 1 and {T}, got {n}")
+    if spacing == "leading":
+        ts = torch.arange(n, dtype=torch.float64) * (T // n) + offset
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1
+        ts = ts.flip(0)
+    elif spacing == "linspace":
+        ts = torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64))
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return ts.flip(0).to(torch.int64)

@@ -1,0 +1,204 @@
+"""The training loop, top to bottom (nanoGPT style).
+
+Determinism: batch order comes from a permutation per epoch seeded by (seed, epoch); the noise,
+timesteps and label dropout of step k come from a generator seeded by (seed, k); dropout inside the
+network from the global RNG, also re-seeded at every step. So a run stopped at step k and resumed
+computes exactly the steps an uninterrupted run would (tests/test_train.py pins this).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, config as config_mod, data as data_mod
+from .diffusion import DiscreteSchedule, training_loss
+from .errors import DiffloError
+from .images import grid_image, plot_loss, save_image, to_uint8
+from .sample import Model, build_net, generate, pick_device
+
+METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+
+
+def lr_at(step: int, t: config_mod.TrainConfig) -> float:
+    """1) linear warmup over warmup_steps, 2) constant, or cosine decay to lr * min_lr_ratio."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ema_decay_at(step: int, t: config_mod.TrainConfig) -> float:
+    """EMA decay with warmup (as in TensorFlow's ExponentialMovingAverage num_updates):
+    min(decay, (1 + k) / (10 + k)), so early averages are not dominated by the random init."""
+    return min(t.ema_decay, (1 + step) / (10 + step)) if t.ema_warmup else t.ema_decay
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of step's batch: epoch e = step // (n // B) is a permutation seeded by (seed, e)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if batch_size > n:                                    # tiny data sets: sample with repeats
+        return np.random.default_rng([seed, epoch, 1]).choice(n, batch_size)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mod.Config:
+    """Fill in what the data decides (channels, size, classes) and validate."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.in_channels = dataset.channels
+    cfg.model.image_size = dataset.image_size
+    cfg.model.num_classes = dataset.num_classes
+    cfg.validate()
+    return cfg
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise DiffloError(f"cannot write to run directory {run_dir}: {e.strerror}; choose another --out") from None
+
+
+def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+          log=print) -> Path:
+    """Train a model as configured into ``run_dir``; returns the last checkpoint directory."""
+    run_dir = Path(run_dir)
+    t = cfg.train
+    device = pick_device(t.device)
+    dataset = data_mod.load(cfg.data.name, cfg.data.split, cfg.data.root)
+    cfg = resolve(cfg, dataset)
+
+    # 1) The run directory: refuse to overwrite a run unless resuming it.
+    existing = checkpoint.list_checkpoints(run_dir)
+    if existing and not resume:
+        raise DiffloError(f"{run_dir} already holds a run (checkpoint {existing[-1].name}); "
+                          f"pass --resume to continue it or choose another --out")
+    _check_writable(run_dir)
+    (run_dir / "samples").mkdir(exist_ok=True)
+
+    # 2) Model, EMA copy, optimizer.
+    torch.manual_seed(t.seed)
+    net = build_net(cfg).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    schedule = DiscreteSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    n_params = sum(p.numel() for p in net.parameters())
+
+    # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
+    step = 0
+    if resume and existing:
+        ckpt = existing[-1]
+        checkpoint.verify(ckpt)
+        state, saved_cfg, _ = checkpoint.load_weights(ckpt / "model.safetensors")
+        if saved_cfg["model"] != cfg.to_dict()["model"] or saved_cfg["diffusion"] != cfg.to_dict()["diffusion"]:
+            raise DiffloError(f"--resume: the model/diffusion config differs from the run's ({ckpt}); "
+                              f"resume with the run's own config ({run_dir / 'config.yaml'})")
+        net.load_state_dict(state)
+        ema.load_state_dict(checkpoint.load_weights(ckpt / "ema.safetensors")[0])
+        ts = checkpoint.load_train_state(ckpt)
+        opt.load_state_dict(ts["optimizer"])
+        step = int(ts["step"])
+        log(f"resuming {run_dir} from step {step} ({ckpt.name})")
+    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    cfg_dict = cfg.to_dict()
+
+    metrics_path = run_dir / "metrics.csv"
+    if step == 0 or not metrics_path.exists():
+        with open(metrics_path, "w", newline="") as f:
+            csv.writer(f).writerow(METRICS_FIELDS)
+    else:                                    # drop rows logged after the checkpoint we resume from
+        with open(metrics_path) as f:
+            rows = [r for r in csv.reader(f)][1:]
+        with open(metrics_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(METRICS_FIELDS)
+            w.writerows(r for r in rows if int(r[0]) <= step)
+
+    def save(step: int) -> Path:
+        state = {"optimizer": opt.state_dict(), "step": step}
+        path = checkpoint.save_checkpoint(run_dir, step, cfg_dict, net.state_dict(), ema.state_dict(), state,
+                                          keep=t.keep_checkpoints)
+        plot_loss(metrics_path, run_dir / "loss.png")
+        return path
+
+    def sample_grid(step: int) -> None:
+        n_cls = max(cfg.model.num_classes, 1)
+        per_class = 8
+        labels = torch.arange(n_cls).repeat_interleave(per_class)
+        imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), steps=25, w=cfg.sample.w)
+        save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
+                   run_dir / "samples" / f"step_{step:07d}.png")
+
+    # 4) The loop.
+    if progress is None:
+        progress = sys.stderr.isatty()
+    log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
+        f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
+        f"steps {step}..{t.steps}, run dir {run_dir}")
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    start, window_t, window_loss, window_n = time.time(), time.time(), 0.0, 0
+    last_saved = step
+    net.train()
+    while step < t.steps:
+        lr = lr_at(step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, y = dataset.batch(batch_indices(step, len(dataset), t.batch_size, t.seed), device)   # (B, C, H, W)
+        gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)
+        torch.manual_seed(t.seed * 1_000_003 + step)                           # dropout
+        drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
+        y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
+        loss = training_loss(net, x0, y, schedule, cfg.diffusion.prediction, cfg.diffusion.loss_weighting,
+                             cfg.diffusion.min_snr_gamma, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            decay = ema_decay_at(step, t)
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+            for be, b in zip(ema.buffers(), net.buffers()):
+                be.copy_(b)
+        step += 1
+        window_loss, window_n = window_loss + loss.item(), window_n + 1
+
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.time()
+            ips = window_n * t.batch_size / (now - window_t)
+            with open(metrics_path, "a", newline="") as f:
+                csv.writer(f).writerow([step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
+                                        f"{now - start:.1f}"])
+            bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{ips:.0f}")
+            window_t, window_loss, window_n = now, 0.0, 0
+        bar.update(1)
+        out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
+        if step % t.ckpt_every == 0 or step == t.steps or out_of_time:
+            save(step)
+            last_saved = step
+        if t.sample_every and step % t.sample_every == 0:
+            sample_grid(step)
+        if out_of_time:
+            log(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
+            break
+    bar.close()
+    if last_saved != step:
+        save(step)
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    return ckpts[-1]
