@@ -122,10 +122,28 @@ def test_timesteps_well_formed_for_every_n(spacing):
         assert ts.shape == (n,), (spacing, n)
         assert ts.min().item() >= 0 and ts.max().item() <= T - 1, (spacing, n)
         assert torch.all(ts[1:] < ts[:-1]), (spacing, n)
-        if spacing in ("trailing", "linspace"):
+        if spacing == "trailing" or (spacing == "linspace" and n > 1):
             assert ts[0].item() == T - 1, (spacing, n)      # they start at pure noise
         if spacing in ("leading", "linspace"):
             assert ts[-1].item() == 0, (spacing, n)         # they end at t = 0
+
+
+def test_linspace_single_step_is_t0():
+    # diffusers' definition, kept by difflo: linspace(0, T-1, 1) = [0], so a 1-step "linspace" sampler
+    # starts from t = 0 (data), not from noise. Pinned so that a change is noticed.
+    assert schedules.timesteps(T, 1, "linspace").tolist() == [0]
+
+
+def test_trailing_n61_has_61_nonnegative_steps():
+    # float64 arange(1000, 0, -1000/61) keeps a 62nd element ~1e-13, which diffusers turns into a
+    # timestep -1 (and would index alphas_cumprod[-1], pure noise, there). difflo keeps the first 61;
+    # they equal diffusers' first 61.
+    ts = schedules.timesteps(T, 61, "trailing")
+    assert ts.shape == (61,) and ts.min().item() >= 0, ts[-3:]
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    ref.set_timesteps(61)
+    assert ref.timesteps.shape == (62,) and ref.timesteps[-1].item() == -1
+    assert torch.equal(ts, ref.timesteps[:61])
 
 
 def test_timesteps_known_values():
@@ -148,11 +166,11 @@ def test_timesteps_unknown_spacing_raises():
         schedules.timesteps(T, 10, "quadratic")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known discrepancy: 'trailing' with n = 48 (and 49 other n in 1..1000, e.g. 96, 112, 144, 176) differs "
-    "from diffusers by one at some entries (difflo 937 vs diffusers 936 at index 3). T - k*T/n lands on an "
-    "exact .5 there; torch.arange and numpy.arange round it differently before round-half-even."))
-def test_trailing_timesteps_match_diffusers_n48():
-    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
-    ref.set_timesteps(48)
-    assert torch.equal(schedules.timesteps(T, 48, "trailing"), ref.timesteps)
+@pytest.mark.parametrize("spacing", schedules.SPACINGS)
+def test_timesteps_match_diffusers_for_every_n(spacing):
+    """Every n in 1..T, .5 rounding ties included (e.g. trailing n=48, linspace n=27); for trailing, the
+    62 values of n where diffusers appends a -1 are compared on diffusers' first n entries."""
+    for n in range(1, T + 1):
+        ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        ref.set_timesteps(n)
+        assert torch.equal(schedules.timesteps(T, n, spacing), ref.timesteps[:n]), (spacing, n)

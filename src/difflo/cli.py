@@ -43,8 +43,15 @@ def _positive_float(s: str) -> float:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``difflo CMD: error: ... (see difflo CMD --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="difflo", description="Train and sample class-conditional diffusion models.")
+    p = _Parser(prog="difflo", description="Train and sample class-conditional diffusion models.")
     p.add_argument("--version", action="version", version=f"difflo {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

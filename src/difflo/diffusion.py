@@ -114,6 +114,8 @@ def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float
     the x0-space weight min(SNR, gamma), expressed in the prediction's space:
     eps: min(SNR, gamma)/SNR, x0: min(SNR, gamma), v: min(SNR, gamma)/(SNR + 1).
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if weighting == "none":
         return torch.ones_like(snr)
     if weighting != "min_snr":

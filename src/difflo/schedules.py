@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -85,16 +86,20 @@ def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> tor
     * ``leading``:  ``(arange(n) * (T // n))[::-1] + offset`` (DDIM paper; never reaches T-1);
     * ``trailing``: ``round(arange(T, 0, -T/n)) - 1`` (starts at T-1);
     * ``linspace``: ``round(linspace(0, T-1, n))[::-1]``.
+
+    The grids are computed in numpy float64 exactly as diffusers does, so the values agree with its
+    ``set_timesteps`` everywhere, .5 rounding ties included. One deliberate difference: for 62 values
+    of n (61, 103, ...) float64 ``arange(T, 0, -T/n)`` keeps an (n+1)-th element ~1e-13, which
+    diffusers turns into a timestep -1; difflo keeps the first n.
     """
     if not 1 <= n <= T:
         raise ValueError(f"number of sampling steps must be between 1 and {T}, got {n}")
     if spacing == "leading":
-        ts = torch.arange(n, dtype=torch.float64) * (T // n) + offset
+        ts = (np.arange(0, n) * (T // n)).round()[::-1] + offset
     elif spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1
-        ts = ts.flip(0)
+        ts = (np.round(np.arange(T, 0, -T / n)) - 1)[:n]
     elif spacing == "linspace":
-        ts = torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64))
+        ts = np.linspace(0, T - 1, n).round()[::-1]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    return ts.flip(0).to(torch.int64)
+    return torch.from_numpy(ts.astype(np.int64).copy())

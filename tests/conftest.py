@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from difflo import config as config_mod
+
+torch.set_num_threads(2)
+
+TINY = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[14]", "train.batch_size=8",
+        "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2"]
+
+
+def tiny_config(*overrides: str) -> config_mod.Config:
+    """A config whose model trains in milliseconds per step (for tests)."""
+    return config_mod.load(None, TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run directory with a 4-step tiny model (two checkpoints)."""
+    from difflo.train import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(tiny_config("train.steps=4", "train.ckpt_every=2"), run, log=lambda *a: None)
+    return run

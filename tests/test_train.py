@@ -1,0 +1,88 @@
+"""Training loop: determinism, resume == uninterrupted, run-directory contents, lr and EMA schedules."""
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflo import checkpoint
+from difflo.config import TrainConfig
+from difflo.errors import DiffloError
+from difflo.train import batch_indices, ema_decay_at, lr_at, train
+from conftest import tiny_config
+
+quiet = dict(log=lambda *a: None, progress=False)
+
+
+def losses(run):
+    with open(run / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_run_directory_contents(tiny_run):
+    assert (tiny_run / "config.yaml").is_file() and (tiny_run / "loss.png").is_file()
+    ckpts = checkpoint.list_checkpoints(tiny_run)
+    assert [c.name for c in ckpts] == ["step_0000002", "step_0000004"]
+    for c in ckpts:
+        checkpoint.verify(c)
+        assert sorted(p.name for p in c.iterdir()) == ["ema.safetensors", "manifest.json", "model.safetensors",
+                                                       "state.pt"]
+    state, cfg, meta = checkpoint.load_weights(ckpts[-1] / "ema.safetensors")
+    assert meta["step"] == "4" and cfg["model"]["num_classes"] == 10 and cfg["model"]["channels"] == 8
+    assert [s for s, _ in losses(tiny_run)] == [1, 2, 3, 4]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_config("train.steps=6", "train.ckpt_every=3"), full, **quiet)
+    train(tiny_config("train.steps=3", "train.ckpt_every=3"), part, **quiet)
+    train(tiny_config("train.steps=6", "train.ckpt_every=3"), part, resume=True, **quiet)
+    assert losses(part) == losses(full)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(checkpoint.list_checkpoints(full)[-1] / name))
+        b = load_file(str(checkpoint.list_checkpoints(part)[-1] / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_training_is_deterministic_and_learns(tmp_path):
+    train(tiny_config("train.steps=3", "train.seed=1"), tmp_path / "a", **quiet)
+    train(tiny_config("train.steps=3", "train.seed=1"), tmp_path / "b", **quiet)
+    train(tiny_config("train.steps=3", "train.seed=2"), tmp_path / "c", **quiet)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") != losses(tmp_path / "c")
+
+
+def test_existing_run_is_not_overwritten(tiny_run):
+    with pytest.raises(DiffloError, match="--resume"):
+        train(tiny_config("train.steps=4"), tiny_run, **quiet)
+
+
+def test_resume_with_other_architecture_is_refused(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(DiffloError, match="config differs"):
+        train(tiny_config("train.steps=6", "model.channels=16"), run, resume=True, **quiet)
+
+
+def test_lr_schedule():
+    t = TrainConfig(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    t.lr_schedule = "constant"
+    assert lr_at(100, t) == 1.0
+
+
+def test_ema_decay_warmup():
+    t = TrainConfig(ema_decay=0.999)
+    assert ema_decay_at(0, t) == pytest.approx(0.1) and ema_decay_at(10_000, t) == 0.999
+    t.ema_warmup = False
+    assert ema_decay_at(0, t) == 0.999
+
+
+def test_batches_cover_each_epoch_once():
+    idx = [batch_indices(s, 20, 5, seed=0) for s in range(4)]
+    assert sorted(int(i) for b in idx for i in b) == list(range(20))
+    assert not (batch_indices(4, 20, 5, 0) == idx[0]).all()      # a new permutation next epoch
