@@ -146,14 +146,12 @@ def run_sampling(model, labels, seeds, settings: dict, batch_size: int, gif: Pat
     from .sample import generate
 
     frames = []
-    per_row = max(1, int(len(set(labels.tolist())) and (labels == labels[0]).sum().item()))
+    first = labels[:batch_size].tolist()
+    show = [first.index(c) for c in dict.fromkeys(first)][:10]      # one sample per class, at most 10
 
     def record(d):
-        if d["batch"] == 0:
-            both = torch.cat([d["x"][:64], d["denoised"][:64]])
-            n = min(len(d["x"]), 64)
-            img = grid_image(to_uint8(torch.cat([both[:n], both[n:]])), min(per_row, n) if n > 1 else 1)
-            frames.append(img)
+        if d["batch"] == 0:      # row 1: x_t, row 2: the predicted x0, one column per class
+            frames.append(grid_image(to_uint8(torch.cat([d["x"][show], d["denoised"][show]])), len(show)))
 
     with tqdm(total=len(labels), unit="img", disable=not sys.stderr.isatty()) as bar:
         images = generate(model, labels, seeds, batch_size=batch_size, callback=record if gif else None,
