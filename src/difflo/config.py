@@ -26,6 +26,10 @@ class DataConfig:
     name: str = "mnist10k"             # a data set name (see `difflo.data.DATASETS`)
     root: str | None = None            # where its files are (not needed for mnist10k)
     split: str = "train"
+    image_size: int | None = None      # resize + center-crop to this size (None: the data set's own)
+    flip: bool = False                 # random horizontal flips (not for digits)
+    attribute: str | None = None       # CelebA: condition on this attribute (None: unconditional)
+    cache_dir: str | None = None       # where decoded, resized arrays are cached (None: ~/.cache/difflo)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     run_dir = Path(run_dir)
     t = cfg.train
     device = pick_device(t.device)
-    dataset = data_mod.load(cfg.data.name, cfg.data.split, cfg.data.root)
+    dataset = data_mod.from_config(cfg.data)
     cfg = resolve(cfg, dataset)
 
     # 1) The run directory: refuse to overwrite a run unless resuming it.
@@ -158,8 +158,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, y = dataset.batch(batch_indices(step, len(dataset), t.batch_size, t.seed), device)   # (B, C, H, W)
         gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)
+        x0, y = dataset.batch(batch_indices(step, len(dataset), t.batch_size, t.seed), device, gen)  # (B, C, H, W)
         torch.manual_seed(t.seed * 1_000_003 + step)                           # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG

@@ -22,6 +22,7 @@ class ArrayDataset:
     labels: np.ndarray          # int64 (N,)
     num_classes: int
     name: str = ""
+    flip: bool = False          # random horizontal flips in batch()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,11 +35,16 @@ class ArrayDataset:
     def image_size(self) -> int:
         return self.images.shape[1]
 
-    def batch(self, idx, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] and labels (B,) for the given indices."""
+    def batch(self, idx, device="cpu", generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] and labels (B,) for the given indices; with ``flip`` set
+        and a generator given, each image is mirrored left-right with probability 1/2."""
         x = torch.from_numpy(self.images[np.asarray(idx)]).to(device)          # (B, H, W, C) uint8
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                       # (B, C, H, W)
         y = torch.from_numpy(self.labels[np.asarray(idx)]).to(device)
+        if self.flip and generator is not None:
+            mirror = torch.rand(len(y), generator=generator, device=generator.device) < 0.5
+            x = torch.where(mirror.to(device)[:, None, None, None], x.flip(3), x)
         return x, y
 
 
@@ -60,3 +66,10 @@ def load(name: str, split: str = "train", root=None) -> ArrayDataset:
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name](split=split, root=root)
+
+
+def from_config(cfg) -> ArrayDataset:
+    """The training data set described by a ``DataConfig``."""
+    ds = load(cfg.name, cfg.split, cfg.root)
+    ds.flip = cfg.flip
+    return ds
