@@ -10,6 +10,9 @@ from difflo.diffusion import DiscreteSchedule, loss_weight, q_sample, target, to
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMScheduler  # noqa: E402
 
+# The variance-preserving parameterizations; "u" (flow velocity) lives on the flow path: tests/test_flow.py.
+VP_PREDICTIONS = ("eps", "x0", "v")
+
 T = 1000
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 SHAPE = (6, 3, 5, 5)
@@ -44,7 +47,7 @@ def test_q_sample_scalar_coefficients_and_clean_limit():
 
 
 # --------------------------------------------------------------------------- parameterizations
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", VP_PREDICTIONS)
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_conversions_are_mutual_inverses(prediction, name):
     """target(x0, eps) fed to to_x0 / to_eps gives back x0 / eps, and any output o is recovered from
@@ -65,7 +68,7 @@ def test_conversions_are_mutual_inverses(prediction, name):
     torch.testing.assert_close(target(x0_hat, eps_hat, alpha, sigma, prediction), out, atol=1e-8, rtol=1e-8)
 
 
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", VP_PREDICTIONS)
 def test_conversions_with_python_float_coefficients(prediction):
     path = DiscreteSchedule.from_name("cosine")
     a, s = path.alpha_sigma(400)
@@ -129,7 +132,7 @@ def test_min_snr_weights_agree_across_parameterizations():
     torch.testing.assert_close(loss_weight(SNR, "v", "min_snr") * (SNR + 1), x0w)
 
 
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", VP_PREDICTIONS)
 def test_no_weighting_is_ones(prediction):
     w = loss_weight(SNR, prediction, "none")
     assert w.shape == SNR.shape and torch.equal(w, torch.ones_like(SNR))
@@ -183,7 +186,7 @@ class PerfectNet:
 
 
 @pytest.mark.parametrize("weighting", ["none", "min_snr"])
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", VP_PREDICTIONS)
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_training_loss_perfect_net_is_zero(name, prediction, weighting):
     schedule = DiscreteSchedule.from_name(name)
@@ -206,7 +209,7 @@ def test_training_loss_perfect_net_is_zero(name, prediction, weighting):
     torch.testing.assert_close(loss, 0.01 * w.mean(), rtol=1e-3, atol=1e-7)
 
 
-@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("prediction", VP_PREDICTIONS)
 def test_training_loss_zero_net(prediction):
     schedule = DiscreteSchedule.from_name("linear")
     x0, y = _x0_y()

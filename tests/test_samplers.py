@@ -10,6 +10,7 @@ import torch
 from difflo import schedules
 from difflo.diffusion import DiscreteSchedule, to_x0
 from difflo.guidance import CFGDenoiser, ClampDenoiser
+from difflo.flow import FlowPath
 from difflo.samplers import SAMPLERS, SeededNoise, ddim_step, ddpm_step, sample_ddim, sample_ddpm
 
 diffusers = pytest.importorskip("diffusers")
@@ -271,8 +272,12 @@ N_STEPS = 8
 def sampler(request):
     name, opts = request.param
     fn = SAMPLERS[name]
-    path = path_for("cosine")
-    ts = schedules.timesteps(T, N_STEPS, "trailing")
+    if name in ("euler", "heun"):        # ODE solvers of a continuous path (flow matching)
+        path = FlowPath()
+        ts = path.sampling_times(N_STEPS)
+    else:
+        path = path_for("cosine")
+        ts = schedules.timesteps(T, N_STEPS, "trailing")
 
     def run(seeds, callback=None, denoiser=None, y=None):
         noise = SeededNoise(seeds, SAMPLE_SHAPE)
@@ -281,7 +286,7 @@ def sampler(request):
         extra = None if y is None else {"y": y}
         return fn(den, x, ts, extra_args=extra, callback=callback, noise=noise, **opts)
 
-    run.ts, run.path = ts, path
+    run.ts, run.path, run.name = ts, path, name
     return run
 
 
@@ -318,7 +323,7 @@ def test_sampler_callback(sampler):
     assert [d["t"] for d in seen] == sampler.ts.tolist()
     for d in seen:
         assert set(d) == {"i", "t", "x", "denoised"}
-        assert isinstance(d["t"], int)
+        assert isinstance(d["t"], int if isinstance(sampler.path.t_clean, int) else float)
         assert d["x"].shape == d["denoised"].shape == (2, *SAMPLE_SHAPE)
     assert torch.equal(seen[-1]["x"], out)
 
@@ -327,7 +332,11 @@ def test_sampler_calls_denoiser_once_per_step_with_extra_args(sampler):
     den = ToyDenoiser(sampler.path)
     y = torch.tensor([3, 4])
     out_y = sampler([0, 1], denoiser=den, y=y)
-    assert [c[0] for c in den.calls] == sampler.ts.tolist()
+    if sampler.name == "heun":     # predictor at t, corrector at t_prev; the last step is Euler
+        ts = sampler.ts.tolist()
+        assert [c[0] for c in den.calls] == [u for t, t_prev in zip(ts, ts[1:]) for u in (t, t_prev)] + ts[-1:]
+    else:
+        assert [c[0] for c in den.calls] == sampler.ts.tolist()
     assert all(c[1] == 2 and torch.equal(c[2], y) for c in den.calls)
     assert not torch.allclose(out_y, sampler([0, 1]))   # y reached the denoiser and changed the result
 

@@ -71,6 +71,9 @@ def test_lr_schedule():
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.55)
     assert lr_at(110, t) == pytest.approx(0.1)
+    t.lr_schedule = "exponential"
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(60, t) == pytest.approx(0.1 ** 0.5)
+    assert lr_at(110, t) == pytest.approx(0.1)
     t.lr_schedule = "constant"
     assert lr_at(100, t) == 1.0
 

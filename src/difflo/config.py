@@ -34,11 +34,15 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"           # linear | cosine | sigmoid
-    timesteps: int = 1000              # T
-    prediction: str = "v"              # eps | x0 | v
-    loss_weighting: str = "none"       # none | min_snr
+    objective: str = "diffusion"       # diffusion (DDPM, discrete t) | flow (rectified flow, t in [0, 1])
+    schedule: str = "cosine"           # diffusion: linear | cosine | sigmoid
+    timesteps: int = 1000              # diffusion: T
+    prediction: str = "v"              # diffusion: eps | x0 | v;  flow: u (the velocity)
+    loss_weighting: str = "none"       # diffusion: none | min_snr
     min_snr_gamma: float = 5.0
+    t_sampling: str = "uniform"        # flow: uniform | logit_normal (diffusion: uniform)
+    logit_mean: float = 0.0            # flow, logit_normal: t = sigmoid(mean + std * n)
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -46,9 +50,9 @@ class TrainConfig:
     steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-3
-    lr_schedule: str = "constant"      # constant | cosine (after warmup)
+    lr_schedule: str = "constant"      # constant | cosine | exponential (after warmup)
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1          # cosine/exponential decay to lr * min_lr_ratio at the last step
     weight_decay: float = 0.0
     adam_betas: tuple[float, ...] = (0.9, 0.999)
     grad_clip: float = 1.0             # max global grad norm; 0 disables
@@ -89,20 +93,24 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
-        from . import diffusion, samplers, schedules
+        from . import diffusion, flow, samplers, schedules
 
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample
-        choices = [("diffusion.schedule", d.schedule, schedules.SCHEDULES),
-                   ("diffusion.prediction", d.prediction, diffusion.PREDICTIONS),
-                   ("diffusion.loss_weighting", d.loss_weighting, diffusion.LOSS_WEIGHTINGS),
-                   ("train.lr_schedule", t.lr_schedule, ("constant", "cosine")),
-                   ("sample.sampler", s.sampler, tuple(samplers.SAMPLERS)),
+        flow_obj = d.objective == "flow"
+        choices = [("diffusion.objective", d.objective, ("diffusion", "flow")),
+                   ("diffusion.schedule", d.schedule, schedules.SCHEDULES),
+                   ("diffusion.prediction", d.prediction, ("u",) if flow_obj else ("eps", "x0", "v")),
+                   ("diffusion.loss_weighting", d.loss_weighting, ("none",) if flow_obj else diffusion.LOSS_WEIGHTINGS),
+                   ("diffusion.t_sampling", d.t_sampling, flow.T_SAMPLINGS if flow_obj else ("uniform",)),
+                   ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
+                   ("sample.sampler", s.sampler, samplers.SAMPLERS_FOR.get(d.objective, tuple(samplers.SAMPLERS))),
                    ("sample.spacing", s.spacing, schedules.SPACINGS),
                    ("sample.variance", s.variance, ("fixed_small", "fixed_large"))]
         for key, value, allowed in choices:
             if value not in allowed:
-                problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+                why = f" for diffusion.objective={d.objective}" if key != "diffusion.objective" else ""
+                problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}{why}")
         positive = [("diffusion.timesteps", d.timesteps), ("train.steps", t.steps),
                     ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.log_every", t.log_every),
                     ("train.ckpt_every", t.ckpt_every), ("train.keep_checkpoints", t.keep_checkpoints),
@@ -112,11 +120,15 @@ class Config:
                   ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
                   ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma)]
         problems += [f"{k}={v} must be >= 0" for k, v in nonneg if v < 0]
+        if t.lr_schedule == "exponential" and t.min_lr_ratio <= 0:
+            problems.append("train.min_lr_ratio must be > 0 for the exponential lr schedule")
         for key, value in [("train.label_dropout", t.label_dropout), ("train.ema_decay", t.ema_decay),
                            ("train.min_lr_ratio", t.min_lr_ratio)]:
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{key}={value} must be in [0, 1]")
-        if s.steps > d.timesteps:
+        if d.logit_std <= 0:
+            problems.append(f"diffusion.logit_std={d.logit_std} must be > 0")
+        if not flow_obj and s.steps > d.timesteps:
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             problems.append(f"train.max_minutes={t.max_minutes} must be > 0")

@@ -11,6 +11,8 @@ Conventions (pinned by ``tests/test_diffusion.py``):
 * The network predicts one of (Salimans & Ho 2022, "Progressive Distillation", Sec. 4 and App. D):
   ``eps`` (the noise), ``x0`` (the data), or ``v = alpha_t eps - sigma_t x0`` (the velocity).
   The conversions below are exact inverses of each other given ``x_t``.
+* For flow matching (:mod:`difflo.flow`, alpha_t = 1 - t, sigma_t = t) the network predicts
+  ``u = eps - x0 = dx_t/dt``; its conversions below hold on that path (alpha + sigma = 1).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 
 from . import schedules
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "u")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
@@ -29,6 +31,7 @@ class DiscreteSchedule:
     """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64
+    t_clean = -1                  # the time of the clean data, where every sampler ends
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":
@@ -58,6 +61,9 @@ class DiscreteSchedule:
         """The time value the network is conditioned on: the timestep index itself."""
         return t.to(torch.float32)
 
+    def sampling_times(self, n: int, spacing: str = "trailing") -> torch.Tensor:
+        return schedules.timesteps(self.T, n, spacing)
+
 
 def _bcast(c, x: torch.Tensor):
     """Broadcast a per-sample coefficient (B,) to x's shape (B, 1, 1, 1), in x's dtype."""
@@ -80,6 +86,8 @@ def to_x0(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str
         return output
     if prediction == "v":
         return a * x_t - s * output         # x0 = alpha x_t - sigma v   (alpha^2 + sigma^2 = 1)
+    if prediction == "u":
+        return x_t - s * output             # x0 = x_t - sigma u         (alpha + sigma = 1)
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
@@ -92,6 +100,8 @@ def to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: st
         return (x_t - a * output) / s        # eps = (x_t - alpha x0) / sigma
     if prediction == "v":
         return s * x_t + a * output          # eps = sigma x_t + alpha v
+    if prediction == "u":
+        return x_t + a * output              # eps = x_t + alpha u        (alpha + sigma = 1)
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
@@ -103,6 +113,8 @@ def target(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction: str) -
         return x0
     if prediction == "v":
         return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+    if prediction == "u":
+        return eps - x0
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
@@ -120,6 +132,8 @@ def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float
         return torch.ones_like(snr)
     if weighting != "min_snr":
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+    if prediction == "u":
+        raise ValueError("min_snr weighting is defined for eps, x0 and v predictions (diffusion), not u")
     clipped = snr.clamp(max=gamma)
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
 

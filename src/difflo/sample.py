@@ -12,11 +12,11 @@ import torch
 from . import config as config_mod
 from .checkpoint import load_weights, resolve_weights
 from .diffusion import DiscreteSchedule
+from .flow import FlowPath
 from .errors import CheckpointError, DiffloError
 from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
 from .nn import UNet
-from .samplers import SAMPLERS, SeededNoise
-from .schedules import timesteps
+from .samplers import SAMPLERS, SAMPLERS_FOR, SeededNoise
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -37,9 +37,12 @@ class Model:
     cfg: config_mod.Config
 
     @property
-    def schedule(self) -> DiscreteSchedule:
-        d = self.cfg.diffusion
-        return DiscreteSchedule.from_name(d.schedule, d.timesteps)
+    def path(self) -> DiscreteSchedule | FlowPath:
+        return make_path(self.cfg.diffusion)
+
+    @property
+    def objective(self) -> str:
+        return self.cfg.diffusion.objective
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +51,11 @@ class Model:
 
 def build_net(cfg: config_mod.Config) -> UNet:
     return UNet(cfg.model)
+
+
+def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
+    """The noising path of an objective: DDPM's discrete schedule, or the straight flow path."""
+    return FlowPath() if d.objective == "flow" else DiscreteSchedule.from_name(d.schedule, d.timesteps)
 
 
 def load_model(path, ema: bool = True, device="cpu") -> Model:
@@ -74,7 +82,7 @@ def load_model(path, ema: bool = True, device="cpu") -> Model:
 
 def make_denoiser(model: Model, w: float, clip_x0: bool = True):
     """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped."""
-    den = ModelDenoiser(model.net, model.schedule, model.cfg.diffusion.prediction)
+    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction)
     if model.num_classes > 0:
         den = CFGDenoiser(den, w, null_class=model.num_classes)
     return ClampDenoiser(den) if clip_x0 else den
@@ -86,12 +94,14 @@ def generate(model: Model, labels: torch.Tensor, seeds, sampler: str = "ddim", s
     """Images (N, C, H, W) in [-1, 1] for the given labels and per-image seeds.
 
     ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index)."""
-    if sampler not in SAMPLERS:
-        raise DiffloError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    fits = SAMPLERS_FOR[model.objective]
+    if sampler not in fits:
+        raise DiffloError(f"sampler {sampler!r} does not fit this {model.objective} model; choose one of "
+                          f"{', '.join(fits)}")
     if steps < 1:
         raise DiffloError(f"--steps must be >= 1, got {steps}")
     T = model.cfg.diffusion.timesteps
-    if steps > T:
+    if model.objective == "diffusion" and steps > T:
         raise DiffloError(f"--steps {steps} exceeds the model's {T} training timesteps")
     n_cls = model.num_classes
     if n_cls and (labels.min() < 0 or labels.max() >= n_cls):
@@ -99,7 +109,8 @@ def generate(model: Model, labels: torch.Tensor, seeds, sampler: str = "ddim", s
     device = next(model.net.parameters()).device
     c, s = model.cfg.model.in_channels, model.cfg.model.image_size
     den = make_denoiser(model, w, clip_x0)
-    ts = timesteps(T, steps, spacing)
+    path = model.path
+    ts = path.sampling_times(steps, spacing) if model.objective == "diffusion" else path.sampling_times(steps)
     kwargs = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
     seeds = [int(x) for x in seeds]
     out = []

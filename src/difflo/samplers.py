@@ -5,8 +5,10 @@ Every sampler has the signature::
     sample_x(denoiser, x, ts, extra_args=None, callback=None, noise=None, **options) -> x0
 
 * ``x`` (B, C, H, W): the starting point, normally pure noise scaled to the first timestep.
-* ``ts``: the timesteps to visit, decreasing (e.g. ``schedules.timesteps(T, 50, "trailing")``).
-  After the last one the sampler steps to ``t = -1``, the clean data (alpha = 1, sigma = 0).
+* ``ts``: the times to visit, decreasing (e.g. ``schedules.timesteps(T, 50, "trailing")`` or
+  ``FlowPath().sampling_times(20)``). After the last one the sampler steps to
+  ``denoiser.path.t_clean``, the clean data (alpha = 1, sigma = 0): t = -1 for discrete diffusion,
+  t = 0 for flow matching.
 * ``extra_args``: keyword arguments passed to the denoiser on every call (e.g. ``{"y": labels}``).
 * ``callback``: called after every step with ``{"i", "t", "x", "denoised"}``; editing methods
   (inpainting, SDEdit) plug in there.
@@ -40,10 +42,11 @@ def _eps(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch
     return (x - alpha * x0) / sigma
 
 
-def _steps(ts):
-    """Pairs (i, t, t_prev) over the timesteps, the last one stepping to t = -1 (clean data)."""
-    ts = [int(t) for t in ts]
-    return [(i, t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+def _steps(ts, path):
+    """Triples (i, t, t_prev) over the times, the last one stepping to path.t_clean (clean data)."""
+    ts = [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
+    ts = [int(t) if isinstance(path.t_clean, int) else float(t) for t in ts]
+    return [(i, t, ts[i + 1] if i + 1 < len(ts) else path.t_clean) for i, t in enumerate(ts)]
 
 
 def _require_noise(noise, name):
@@ -73,7 +76,7 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, eta:
 def sample_ddim(denoiser, x, ts, extra_args=None, callback=None, noise=None, eta: float = 0.0):
     """DDIM sampling over the given timesteps (eta = 0: the probability-flow ODE's DDIM solver)."""
     extra_args = extra_args or {}
-    for i, t, t_prev in _steps(ts):
+    for i, t, t_prev in _steps(ts, denoiser.path):
         x0 = denoiser(x, t, **extra_args)
         x = ddim_step(x, x0, denoiser.path, t, t_prev, eta, noise)
         if callback is not None:
@@ -88,13 +91,14 @@ def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, vari
     mean = sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar_t) x_t,
     with beta_t = 1 - abar_t / abar_prev (strided steps, as in diffusers), and variance
     ``fixed_small`` = beta_tilde = (1 - abar_prev) / (1 - abar_t) beta_t or ``fixed_large`` = beta_t.
-    No noise is added on the last step (t_prev = -1)."""
+    No noise is added on the last step (to the clean data). DDPM assumes a variance-preserving
+    path (alpha^2 + sigma^2 = 1)."""
     a_t, s_t = path.alpha_sigma(t)
     a_p, s_p = path.alpha_sigma(t_prev)
     ab_t, ab_p = a_t**2, a_p**2
     beta = 1.0 - ab_t / ab_p
     mean = (a_p * beta / s_t**2) * x0 + ((1.0 - beta) ** 0.5 * s_p**2 / s_t**2) * x
-    if t_prev < 0:
+    if s_p == 0.0:
         return mean
     if variance == "fixed_small":
         var = max(s_p**2 / s_t**2 * beta, 1e-20)
@@ -109,9 +113,54 @@ def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, vari
 def sample_ddpm(denoiser, x, ts, extra_args=None, callback=None, noise=None, variance: str = "fixed_small"):
     """DDPM ancestral sampling; with all T timesteps this is Ho et al.'s Algorithm 2."""
     extra_args = extra_args or {}
-    for i, t, t_prev in _steps(ts):
+    for i, t, t_prev in _steps(ts, denoiser.path):
         x0 = denoiser(x, t, **extra_args)
         x = ddpm_step(x, x0, denoiser.path, t, t_prev, variance, noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+# Euler and Heun ODE solvers in the path's own time (for flow matching: the straight path, where
+# dx/dt = u = d alpha/dt x0 + d sigma/dt eps). Heun: Karras et al. 2022, "Elucidating the Design
+# Space of Diffusion-Based Generative Models", Algorithm 1, in time t instead of sigma.
+def _velocity(x: torch.Tensor, x0: torch.Tensor, path, t) -> torch.Tensor:
+    """dx/dt at (x, t) implied by the denoised x0: alpha'(t) x0 + sigma'(t) eps_hat."""
+    if not hasattr(path, "d_alpha_sigma"):
+        raise ValueError("euler/heun integrate a continuous-time path (objective: flow); "
+                         "use ddim or ddpm for discrete diffusion")
+    a, s = path.alpha_sigma(t)
+    da, ds = path.d_alpha_sigma(t)
+    return da * x0 + ds * _eps(x, x0, a, s)
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, ts, extra_args=None, callback=None, noise=None):
+    """Euler's method for dx/dt = u(x, t) from t = ts[0] down to the clean end: x += (t_prev - t) u."""
+    extra_args = extra_args or {}
+    for i, t, t_prev in _steps(ts, denoiser.path):
+        x0 = denoiser(x, t, **extra_args)
+        x = x + (t_prev - t) * _velocity(x, x0, denoiser.path, t)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, ts, extra_args=None, callback=None, noise=None):
+    """Heun's 2nd-order method: an Euler predictor, then the average of the slopes at both ends.
+    The last step (to the clean data, where eps_hat is undefined) is an Euler step, as in EDM:
+    2n - 1 network evaluations for n steps."""
+    extra_args = extra_args or {}
+    path = denoiser.path
+    for i, t, t_prev in _steps(ts, path):
+        x0 = denoiser(x, t, **extra_args)
+        d = _velocity(x, x0, path, t)
+        x_next = x + (t_prev - t) * d                                   # Euler predictor
+        if path.alpha_sigma(t_prev)[1] > 0:                             # apply 2nd order correction
+            d_next = _velocity(x_next, denoiser(x_next, t_prev, **extra_args), path, t_prev)
+            x_next = x + (t_prev - t) * 0.5 * (d + d_next)
+        x = x_next
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x
@@ -120,4 +169,10 @@ def sample_ddpm(denoiser, x, ts, extra_args=None, callback=None, noise=None, var
 SAMPLERS: dict[str, Callable] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
 }
+
+# Which samplers fit which training objective (DDPM's posterior assumes alpha^2 + sigma^2 = 1;
+# Euler/Heun need d alpha/dt, d sigma/dt of a continuous path).
+SAMPLERS_FOR = {"diffusion": ("ddpm", "ddim"), "flow": ("euler", "heun", "ddim")}

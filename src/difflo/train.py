@@ -20,21 +20,24 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from .diffusion import DiscreteSchedule, training_loss
+from . import diffusion, flow
 from .errors import DiffloError
 from .images import grid_image, plot_loss, save_image, to_uint8
-from .sample import Model, build_net, generate, pick_device
+from .sample import Model, build_net, generate, make_path, pick_device
 
 METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
 
 
 def lr_at(step: int, t: config_mod.TrainConfig) -> float:
-    """1) linear warmup over warmup_steps, 2) constant, or cosine decay to lr * min_lr_ratio."""
+    """1) linear warmup over warmup_steps, then 2) constant, or a decay to lr * min_lr_ratio at the
+    last step: cosine, or exponential (lr * min_lr_ratio^progress)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return t.lr
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    if t.lr_schedule == "exponential":
+        return t.lr * t.min_lr_ratio ** progress
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -52,6 +55,13 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     if batch_size > n:                                    # tiny data sets: sample with repeats
         return np.random.default_rng([seed, epoch, 1]).choice(n, batch_size)
     return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def objective_loss(net, x0, y, path, d: config_mod.DiffusionConfig, gen: torch.Generator) -> torch.Tensor:
+    """The training loss of the configured objective (DDPM denoising or flow matching)."""
+    if d.objective == "flow":
+        return flow.training_loss(net, x0, y, path, d.t_sampling, d.logit_mean, d.logit_std, generator=gen)
+    return diffusion.training_loss(net, x0, y, path, d.prediction, d.loss_weighting, d.min_snr_gamma, generator=gen)
 
 
 def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mod.Config:
@@ -96,7 +106,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     net = build_net(cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    schedule = DiscreteSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    path = make_path(cfg.diffusion)
     n_params = sum(p.numel() for p in net.parameters())
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
@@ -140,7 +150,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         n_cls = max(cfg.model.num_classes, 1)
         per_class = 8
         labels = torch.arange(n_cls).repeat_interleave(per_class)
-        imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), steps=25, w=cfg.sample.w)
+        imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), sampler=cfg.sample.sampler, steps=25,
+                        w=cfg.sample.w, spacing=cfg.sample.spacing)
         save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
                    run_dir / "samples" / f"step_{step:07d}.png")
 
@@ -163,8 +174,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         torch.manual_seed(t.seed * 1_000_003 + step)                           # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
-        loss = training_loss(net, x0, y, schedule, cfg.diffusion.prediction, cfg.diffusion.loss_weighting,
-                             cfg.diffusion.min_snr_gamma, generator=gen)
+        loss = objective_loss(net, x0, y, path, cfg.diffusion, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:

@@ -1,0 +1,78 @@
+"""Flow matching with the straight-line path (rectified flow).
+
+Liu, Gong & Liu 2022, "Flow Straight and Fast: Learning to Generate and Transfer Data with
+Rectified Flow", Eq. 1; Lipman et al. 2023, "Flow Matching for Generative Modeling", Sec. 4.1
+(the conditional OT path with sigma_min = 0).
+
+Conventions (the same time direction as difflo's diffusion; pinned by ``tests/test_flow.py``):
+
+* Continuous time ``t`` in [0, 1]; **t = 0 is data, t = 1 is noise**:
+  ``x_t = (1 - t) x0 + t x1`` with ``x1 ~ N(0, I)``. In the Gaussian-path notation of
+  :mod:`difflo.diffusion` this is ``alpha_t = 1 - t``, ``sigma_t = t`` (``x1`` is ``eps``).
+* The network predicts the **velocity** ``u = dx_t/dt = x1 - x0`` (prediction ``"u"``): it points
+  from data to noise, so sampling integrates dx/dt = u from t = 1 down to t = 0.
+* Training times: ``uniform`` t ~ U(0, 1), or ``logit_normal`` t = sigmoid(n), n ~ N(m, s^2)
+  (Esser et al. 2024, "Scaling Rectified Flow Transformers", Sec. 3.1), which spends more of the
+  training on the middle of the path.
+"""
+from __future__ import annotations
+
+import torch
+
+from .diffusion import q_sample, target
+
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+class FlowPath:
+    """alpha_t = 1 - t, sigma_t = t for t in [0, 1]; ``t_clean = 0`` is the data end."""
+
+    t_clean = 0.0
+    time_scale = 1000.0          # the network sees 1000 t, the range of diffusion timesteps
+
+    def alpha_sigma(self, t):
+        if isinstance(t, (int, float)):
+            t = float(t)
+            return 1.0 - t, t
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return 1.0 - t, t
+
+    def d_alpha_sigma(self, t):
+        """(d alpha/dt, d sigma/dt) = (-1, 1): the velocity is u = -x0 + eps."""
+        return -1.0, 1.0
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32) * self.time_scale
+
+    def sampling_times(self, n: int) -> torch.Tensor:
+        """n uniform steps from t = 1 (noise) down to t = 1/n; the samplers' last step goes to 0."""
+        if n < 1:
+            raise ValueError(f"number of sampling steps must be >= 1, got {n}")
+        return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
+
+
+def sample_t(B: int, how: str, generator: torch.Generator | None, mean: float = 0.0, std: float = 1.0
+             ) -> torch.Tensor:
+    """(B,) training times in (0, 1), float64."""
+    device = generator.device if generator is not None else "cpu"
+    if how == "uniform":
+        return torch.rand(B, generator=generator, device=device, dtype=torch.float64)
+    if how == "logit_normal":
+        n = torch.randn(B, generator=generator, device=device, dtype=torch.float64)
+        return torch.sigmoid(mean + std * n)
+    raise ValueError(f"unknown t sampling {how!r}; choose one of {', '.join(T_SAMPLINGS)}")
+
+
+def training_loss(net, x0: torch.Tensor, y: torch.Tensor, path: FlowPath, t_sampling: str = "logit_normal",
+                  logit_mean: float = 0.0, logit_std: float = 1.0, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Conditional flow-matching loss (Lipman et al. 2023, Eq. 9 with the OT path):
+    t ~ p(t), x1 ~ N(0, I), x_t = (1 - t) x0 + t x1, loss = ||net(x_t, t, y) - (x1 - x0)||^2."""
+    B = x0.shape[0]
+    t = sample_t(B, t_sampling, generator, logit_mean, logit_std).to(x0.device)
+    device = generator.device if generator is not None else "cpu"
+    x1 = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
+    alpha, sigma = path.alpha_sigma(t)
+    x_t = q_sample(x0, x1, alpha, sigma)                                  # (B, C, H, W)
+    out = net(x_t, path.model_time(t), y)
+    return (out.float() - target(x0, x1, alpha, sigma, "u").float()).pow(2).mean()
