@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo.
+"""``difflo`` command line: train, sample, demo, data.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
 printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=_positive_float, default=DEMO_MINUTES,
                    help=f"training time budget in minutes (default {DEMO_MINUTES:g})")
     d.add_argument("--resume", action="store_true", help="continue a demo run in --out")
+
+    from .data import cli as data_cli
+    data_cli.add_parser(sub)
     return p
 
 
@@ -232,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "data":
+            from .data import cli as data_cli
+            return data_cli.run(args)
         return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except DiffloError as e:
         print(f"difflo: error: {e}", file=sys.stderr)

