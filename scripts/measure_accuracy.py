@@ -1,12 +1,15 @@
 """Class accuracy of a difflo model's samples, judged by a classifier trained on real digits.
 
-    python scripts/measure_accuracy.py --ckpt runs/demo/run [--per-class 100] [--steps 50] [--w 3]
+    python scripts/measure_accuracy.py --ckpt runs/demo/run [--per-class 50] [--sampler ddim]
+                                       [--steps 50] [--w 3] [--json out.json]
 
-Trains (once, cached beside the script's --cache path) a small CNN on the mnist10k train split,
-reports its accuracy on the 2,000 held-out real digits, then generates --per-class samples of every
-digit with DDIM and prints the fraction the classifier assigns to the digit they were asked for.
+``--sampler``, ``--steps`` and ``--w`` take comma-separated lists; every combination is measured and
+printed as a markdown table. The classifier (a small CNN, :mod:`difflo.eval.classifier`) is trained
+once on the mnist10k train split and cached; its accuracy on the 2,000 held-out real digits is
+printed first. Samples use seeds ``--seed + i``, so every setting sees the same starting noise.
 """
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -27,37 +30,39 @@ def get_classifier(cache: Path):
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_classifier(clf, cache, {"data": "mnist10k/train"})
     x, y = test.batch(range(len(test)))
-    real = accuracy(clf, x, y, test.num_classes)
-    return clf, real
+    return clf, accuracy(clf, x, y, test.num_classes)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--w", type=float, default=3.0)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--sampler", default=None, help="default: the checkpoint's own sample.sampler")
+    p.add_argument("--steps", default="50")
+    p.add_argument("--w", default="3")
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "difflo" / "mnist10k_classifier.safetensors")
-    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     clf, real = get_classifier(args.cache)
     print(f"classifier accuracy on the 2,000 held-out real mnist10k digits: {real['accuracy']:.4f}")
     model = load_model(args.ckpt)
+    samplers = (args.sampler or model.cfg.sample.sampler).split(",")
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    t0 = time.time()
-    images = generate(model, labels, [args.seed + i for i in range(len(labels))], sampler=args.sampler,
-                      steps=args.steps, w=args.w)
-    res = accuracy(clf, images, labels, 10)
-    res.update(real_test_accuracy=real["accuracy"], sampler=args.sampler, steps=args.steps, w=args.w,
-               sampling_seconds=round(time.time() - t0, 1), ckpt=str(args.ckpt))
-    print(f"samples: {len(labels)} ({args.per_class} per digit), {args.sampler} {args.steps} steps, w={args.w}: "
-          f"class accuracy {res['accuracy']:.4f}")
-    print("per digit: " + " ".join(f"{c}:{a:.2f}" for c, a in res["per_class"].items()))
+    seeds = [args.seed + i for i in range(len(labels))]
+    results = []
+    print(f"| sampler | steps | w | class accuracy | N | seconds |\n|---|---|---|---|---|---|")
+    for sampler, steps, w in itertools.product(samplers, args.steps.split(","), args.w.split(",")):
+        t0 = time.time()
+        images = generate(model, labels, seeds, sampler=sampler, steps=int(steps), w=float(w),
+                          spacing=model.cfg.sample.spacing)
+        res = accuracy(clf, images, labels, 10)
+        res.update(sampler=sampler, steps=int(steps), w=float(w), seconds=round(time.time() - t0, 1))
+        results.append(res)
+        print(f"| {sampler} | {steps} | {w} | {res['accuracy']:.3f} | {len(labels)} | {res['seconds']} |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
+        args.json.write_text(json.dumps({"ckpt": str(args.ckpt), "real_test_accuracy": real["accuracy"],
+                                         "per_class_samples": args.per_class, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

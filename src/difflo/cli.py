@@ -132,8 +132,7 @@ def cmd_train(args) -> int:
     from . import config as config_mod
     from .train import train
 
-    cfg = config_mod.load(args.config, args.overrides)
-    cfg.validate()
+    cfg = config_mod.load(args.config, args.overrides)   # train() validates it once the data is known
     name = Path(args.config).stem if args.config else "mnist10k"
     out = Path(args.out or f"runs/{name}")
     ckpt = train(cfg, out, resume=args.resume)
