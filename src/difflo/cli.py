@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data.
+"""``difflo`` command line: train, sample, demo, data, edit.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
 printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
@@ -93,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training time budget in minutes (default {DEMO_MINUTES:g})")
     d.add_argument("--resume", action="store_true", help="continue a demo run in --out")
 
+    from . import edit_cli
     from .data import cli as data_cli
     data_cli.add_parser(sub)
+    edit_cli.add_parser(sub)
     return p
 
 
@@ -237,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from .data import cli as data_cli
             return data_cli.run(args)
+        if args.command == "edit":
+            from . import edit_cli
+            return edit_cli.run(args)
         return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except DiffloError as e:
         print(f"difflo: error: {e}", file=sys.stderr)

@@ -1,0 +1,279 @@
+"""Image editing in the sampling loop: denoiser wrappers and sampler callbacks, never a copied loop.
+
+Every technique reuses a sampler from :data:`difflo.samplers.SAMPLERS` unchanged:
+
+* **anagram** and **hybrid** are denoiser wrappers. Because eps and x0 are affine in each other at
+  fixed ``(x, t)`` (``eps = (x - alpha x0) / sigma``), combining x0 predictions with *linear* maps
+  that are undone on the output is the same as combining eps predictions:
+
+  - anagram (Geng et al. 2024, "Visual Anagrams"):
+    ``eps = mean_i V_i^-1 eps(V_i x, c_i)``  <=>  ``x0 = mean_i V_i^-1 D(V_i x, c_i)`` for
+    orthogonal views V_i (flips, rotations: permutations of pixels, so ``V x_t`` is still a noisy
+    image at the same t);
+  - hybrid (Geng et al. "Factorized Diffusion"):
+    ``eps = lowpass(eps(x, A)) + highpass(eps(x, B))`` <=> ``x0 = lowpass(D(x, A)) + highpass(D(x, B))``
+    since ``lowpass + highpass = identity``.
+
+  Guidance is applied inside each branch (the wrapped denoiser is a :class:`~difflo.guidance.CFGDenoiser`),
+  then the branches are combined. ``tests/test_editing.py`` checks both identities against an
+  explicit eps computation.
+* **inpaint** (Lugmayr et al. 2022, "RePaint") is a sampler callback that, after every step to
+  ``t_prev``, replaces the known region of ``x`` by the forward-noised original at ``t_prev``; the
+  last step goes to the clean data, where the known pixels are the original exactly. Resampling
+  jumps run the sampler in chunks (a path whose clean end is the chunk's last time), re-noising
+  between repeats with ``q(x_t | x_t')``.
+* **sdedit** (Meng et al. 2022, "SDEdit") noises the input to the k-th time from the clean end of
+  the sampling times and runs the sampler over the last k times.
+
+Conventions: masks are 1 where the image is *regenerated* (white in a mask file), 0 where known.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import q_sample
+from .errors import DiffloError
+from .samplers import SAMPLERS, SeededNoise
+
+# ----------------------------------------------------------------------------- views
+VIEWS = ("identity", "flip", "hflip", "rot90", "rot180", "rot270")
+
+
+def apply_view(x: torch.Tensor, view: str, inverse: bool = False) -> torch.Tensor:
+    """An orthogonal view of a (B, C, H, W) batch: ``flip`` = upside down, ``hflip`` = mirror,
+    ``rotK`` = rotation by K degrees counter-clockwise; ``inverse`` undoes it."""
+    if view == "identity":
+        return x
+    if view == "flip":
+        return x.flip(-2)
+    if view == "hflip":
+        return x.flip(-1)
+    if view in ("rot90", "rot180", "rot270"):
+        k = int(view[3:]) // 90
+        return torch.rot90(x, -k if inverse else k, dims=(-2, -1))
+    raise DiffloError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+
+
+# ----------------------------------------------------------------------------- filters
+def gaussian_kernel1d(size: int, sigma: float) -> torch.Tensor:
+    if size < 1 or size % 2 == 0:
+        raise DiffloError(f"Gaussian kernel size must be odd and >= 1, got {size}")
+    if size == 1 or sigma <= 0:
+        k = torch.zeros(size, dtype=torch.float64)
+        k[size // 2] = 1.0
+        return k
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    k = torch.exp(-0.5 * (r / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflect padding; size 1 or sigma 0 is the identity."""
+    k = gaussian_kernel1d(size, sigma).to(x)
+    if size == 1:
+        return x
+    c = x.shape[1]
+    p = size // 2
+    mode = "reflect" if p < min(x.shape[-2:]) else "replicate"
+    y = F.pad(x, (p, p, p, p), mode=mode)
+    y = F.conv2d(y, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+# ----------------------------------------------------------------------------- denoiser wrappers
+class AnagramDenoiser:
+    """x0 = mean_i V_i^-1 D(V_i x, y[:, i]): one class per view, all views in one batched call.
+    Called with ``y`` of shape (B, len(views))."""
+
+    def __init__(self, denoiser, views):
+        for v in views:
+            apply_view(torch.zeros(1, 1, 2, 2), v)          # validate names
+        self.denoiser, self.views, self.path = denoiser, list(views), denoiser.path
+
+    def __call__(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
+        n = len(self.views)
+        xs = torch.cat([apply_view(x, v) for v in self.views])               # (nB, C, H, W)
+        ys = torch.cat([y[:, i] for i in range(n)])
+        outs = self.denoiser(xs, t, y=ys).chunk(n)
+        return sum(apply_view(o, v, inverse=True) for o, v in zip(outs, self.views)) / n
+
+
+class HybridDenoiser:
+    """x0 = lowpass(D(x, y[:, 0])) + highpass(D(x, y[:, 1])), highpass = identity - lowpass.
+    Called with ``y`` of shape (B, 2): (low-frequency class, high-frequency class)."""
+
+    def __init__(self, denoiser, kernel_size: int = 13, sigma: float = 2.0):
+        gaussian_kernel1d(kernel_size, sigma)
+        self.denoiser, self.kernel_size, self.sigma, self.path = denoiser, kernel_size, sigma, denoiser.path
+
+    def lowpass(self, x):
+        return gaussian_blur(x, self.kernel_size, self.sigma)
+
+    def __call__(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
+        low, high = self.denoiser(torch.cat([x, x]), t, y=torch.cat([y[:, 0], y[:, 1]])).chunk(2)
+        return high + self.lowpass(low - high)             # = lp(low) + (high - lp(high))
+
+
+class _PathEndingAt:
+    """The same path, but with its 'clean' end moved to ``t_end``: a sampler given it stops there."""
+
+    def __init__(self, path, t_end):
+        self.path = path
+        self.t_clean = type(path.t_clean)(t_end)
+
+    def __getattr__(self, name):
+        return getattr(self.path, name)
+
+
+class _EndAt:
+    def __init__(self, denoiser, t_end):
+        self.denoiser, self.path = denoiser, _PathEndingAt(denoiser.path, t_end)
+
+    def __call__(self, x, t, **extra_args):
+        return self.denoiser(x, t, **extra_args)
+
+
+# ----------------------------------------------------------------------------- times
+def strided_times(path, stride: int) -> list:
+    """Diffusion: k * stride for k = (T-1)//stride .. 0 (stride 30, T 1000: 990, 960, ..., 0).
+    Flow: the same per-mille times / 1000, without t = 0 (the clean end): 0.99, 0.96, ..., 0.03."""
+    if stride < 1:
+        raise DiffloError(f"--stride must be >= 1, got {stride}")
+    if path.t_clean == -1:
+        return list(range((path.T - 1) // stride * stride, -1, -stride))
+    return [k * stride / 1000.0 for k in range(1000 // stride, 0, -1)]
+
+
+def cli_time(path, t: float):
+    """A CLI timestep in the model's time: an integer 0..T-1 for diffusion; for flow models the
+    same per-mille scale, t/1000 in (0, 1] (``--t 500`` is t = 0.5)."""
+    if path.t_clean == -1:
+        if t != int(t) or not 0 <= t <= path.T - 1:
+            raise DiffloError(f"timestep {t:g} out of range: this diffusion model has timesteps 0..{path.T - 1}")
+        return int(t)
+    if not 0 < t <= 1000:
+        raise DiffloError(f"timestep {t:g} out of range: for flow models give t in (0, 1000] (per mille)")
+    return t / 1000.0
+
+
+def _time_after(ts, i, path):
+    return ts[i + 1] if i + 1 < len(ts) else path.t_clean
+
+
+def renoise(x: torch.Tensor, path, t_from, t_to, z: torch.Tensor) -> torch.Tensor:
+    """A draw of q(x_{t_to} | x_{t_from}) for t_to later (noisier) than t_from:
+    x_to = (a_to / a_from) x_from + sqrt(s_to^2 - (a_to s_from / a_from)^2) z."""
+    a_f, s_f = path.alpha_sigma(t_from)
+    a_t, s_t = path.alpha_sigma(t_to)
+    r = a_t / a_f
+    return r * x + max(s_t**2 - (r * s_f) ** 2, 0.0) ** 0.5 * z
+
+
+# ----------------------------------------------------------------------------- techniques
+def _ts_list(ts):
+    return [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def _run(sampler: str, denoiser, x, ts, extra_args, callback, noise, **kw):
+    if sampler not in SAMPLERS:
+        raise DiffloError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[sampler](denoiser, x, ts, extra_args=extra_args, callback=callback, noise=noise, **kw)
+
+
+def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "ddim", callback=None, **kw):
+    """Noise ``x_in`` to ``ts[-k]`` (the k-th time from the clean end) and sample over ``ts[-k:]``.
+    k = 0 returns the input; k = len(ts) starts from pure noise, exactly as plain sampling."""
+    ts = _ts_list(ts)
+    if not 0 <= k <= len(ts):
+        raise DiffloError(f"SDEdit start level {k} out of range 0..{len(ts)}")
+    noise = SeededNoise(seeds, x_in.shape[1:], x_in.device)
+    z = noise()
+    if k == 0:
+        return x_in.clone()
+    if k == len(ts):
+        x = z                                                  # x_T ~ N(0, I), as difflo.sample.generate
+    else:
+        a, s = denoiser.path.alpha_sigma(ts[-k])
+        x = q_sample(x_in, z, a, s)
+    return _run(sampler, denoiser, x, ts[-k:], {"y": y}, callback, noise, **kw)
+
+
+class RePaintCallback:
+    """After each step to t_prev: x <- mask * x + (1 - mask) * q_sample(x_known, z, t_prev).
+    ``t_prevs[i]`` is the time step i went to (the path's clean end for the last step)."""
+
+    def __init__(self, x_known, mask, path, t_prevs, noise, user_callback=None):
+        self.x_known, self.mask, self.path, self.t_prevs = x_known, mask, path, t_prevs
+        self.noise, self.user_callback = noise, user_callback
+
+    def __call__(self, d):
+        t_prev = self.t_prevs[d["i"]]
+        a, s = self.path.alpha_sigma(t_prev)
+        known = self.x_known if s == 0 else q_sample(self.x_known, self.noise(), a, s)
+        d["x"].copy_(self.mask * d["x"] + (1 - self.mask) * known)      # in place: the sampler goes on with it
+        if self.user_callback is not None:
+            self.user_callback(d)
+
+
+def repaint_chunks(n: int, jump_length: int, jump_n_sample: int) -> list[tuple[int, int, bool]]:
+    """(start, end, renoise_before) index ranges over n times (index n = the clean end): each chunk
+    of ``jump_length`` steps is run ``jump_n_sample`` times, re-noised back to its start between runs."""
+    out = []
+    for start in range(0, n, jump_length):
+        end = min(start + jump_length, n)
+        for r in range(jump_n_sample):
+            out.append((start, end, r > 0))
+    return out
+
+
+def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, sampler: str = "ddpm",
+            jump_length: int = 1, jump_n_sample: int = 1, callback=None, **kw):
+    """RePaint: mask (B or 1, 1, H, W), 1 = regenerate. With ``jump_n_sample`` = 1 there are no jumps."""
+    if jump_length < 1 or jump_n_sample < 1:
+        raise DiffloError("--jump-length and --jump-n-sample must be >= 1")
+    ts = _ts_list(ts)
+    path = denoiser.path
+    noise = SeededNoise(seeds, x_known.shape[1:], x_known.device)
+    x = noise()
+    mask = mask.to(x)
+    if jump_n_sample == 1:
+        cb = RePaintCallback(x_known, mask, path, [_time_after(ts, i, path) for i in range(len(ts))], noise, callback)
+        return _run(sampler, denoiser, x, ts, {"y": y}, cb, noise, **kw)
+    full = ts + [path.t_clean]
+    for start, end, jump in repaint_chunks(len(ts), jump_length, jump_n_sample):
+        if jump:
+            x = renoise(x, path, full[end], full[start], noise())
+        seg = _EndAt(denoiser, full[end])
+        t_prevs = full[start + 1:end + 1]
+        cb = RePaintCallback(x_known, mask, path, t_prevs, noise, callback)
+        x = _run(sampler, seg, x, ts[start:end], {"y": y}, cb, noise, **kw)
+    return x
+
+
+def sample_plain(denoiser, y, ts, seeds, shape, sampler: str = "ddim", callback=None, **kw):
+    """Sampling from pure noise with per-sample seeds (for the anagram and hybrid wrappers)."""
+    noise = SeededNoise(seeds, shape)
+    return _run(sampler, denoiser, noise(), _ts_list(ts), {"y": y}, callback, noise, **kw)
+
+
+# ----------------------------------------------------------------------------- metrics, baselines
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak 1 on the [0, 1] scale)."""
+    mse = (((x.clamp(-1, 1) - ref) / 2) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def best_blur(noisy: torch.Tensor, clean: torch.Tensor, sigmas=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)):
+    """The Gaussian blur (kernel size 2 ceil(3 sigma) + 1) with the best PSNR against the clean image
+    (an oracle choice, so the baseline is as strong as it can be): (image, size, sigma, psnr)."""
+    best = None
+    for s in sigmas:
+        size = 2 * math.ceil(3 * s) + 1
+        out = gaussian_blur(noisy, size, s)
+        p = psnr(out, clean)
+        if best is None or p > best[3]:
+            best = (out, size, s, p)
+    return best
