@@ -11,36 +11,12 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .argtypes import nonneg_float as _nonneg_float
+from .argtypes import positive_float as _positive_float
+from .argtypes import positive_int as _positive_int
 from .errors import DiffloError
 
 DEMO_MINUTES = 5.0
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = _nonneg_float(s)
-    if v == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return v
 
 
 class _Parser(argparse.ArgumentParser):

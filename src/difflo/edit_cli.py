@@ -11,7 +11,6 @@ Timesteps are the model's own (0..T-1) for diffusion; for flow models the same p
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np

@@ -5,11 +5,14 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from ..errors import DataError
+
+if TYPE_CHECKING:                       # torch is imported lazily: `difflo data info` starts fast
+    import torch
 
 
 @dataclass

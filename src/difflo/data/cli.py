@@ -12,26 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-
-
-def _size(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _seconds(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+from ..argtypes import positive_float as _seconds
+from ..argtypes import positive_int as _size
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -1,0 +1,32 @@
+"""argparse ``type=`` validators shared by every difflo command: a bad number is a one-line usage error."""
+from __future__ import annotations
+
+import argparse
+
+
+def _number(s: str, kind, what: str):
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+
+
+def positive_int(s: str) -> int:
+    v = _number(s, int, "a whole number")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonneg_float(s: str) -> float:
+    v = _number(s, float, "a number")
+    if not v >= 0:                       # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = _number(s, float, "a number")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
