@@ -75,10 +75,16 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, eta:
 @torch.no_grad()
 def sample_ddim(denoiser, x, ts, extra_args=None, callback=None, noise=None, eta: float = 0.0):
     """DDIM sampling over the given timesteps (eta = 0: the probability-flow ODE's DDIM solver)."""
+    step = lambda x, x0, t, t_prev: ddim_step(x, x0, denoiser.path, t, t_prev, eta, noise)
+    return _one_eval_per_step(denoiser, x, ts, step, extra_args, callback)
+
+
+def _one_eval_per_step(denoiser, x, ts, step, extra_args, callback):
+    """The loop of every first-order sampler: denoise at t, then x <- step(x, x0_hat, t, t_prev)."""
     extra_args = extra_args or {}
     for i, t, t_prev in _steps(ts, denoiser.path):
         x0 = denoiser(x, t, **extra_args)
-        x = ddim_step(x, x0, denoiser.path, t, t_prev, eta, noise)
+        x = step(x, x0, t, t_prev)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x0})
     return x
@@ -112,13 +118,8 @@ def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, vari
 @torch.no_grad()
 def sample_ddpm(denoiser, x, ts, extra_args=None, callback=None, noise=None, variance: str = "fixed_small"):
     """DDPM ancestral sampling; with all T timesteps this is Ho et al.'s Algorithm 2."""
-    extra_args = extra_args or {}
-    for i, t, t_prev in _steps(ts, denoiser.path):
-        x0 = denoiser(x, t, **extra_args)
-        x = ddpm_step(x, x0, denoiser.path, t, t_prev, variance, noise)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
-    return x
+    step = lambda x, x0, t, t_prev: ddpm_step(x, x0, denoiser.path, t, t_prev, variance, noise)
+    return _one_eval_per_step(denoiser, x, ts, step, extra_args, callback)
 
 
 # Euler and Heun ODE solvers in the path's own time (for flow matching: the straight path, where
@@ -137,13 +138,8 @@ def _velocity(x: torch.Tensor, x0: torch.Tensor, path, t) -> torch.Tensor:
 @torch.no_grad()
 def sample_euler(denoiser, x, ts, extra_args=None, callback=None, noise=None):
     """Euler's method for dx/dt = u(x, t) from t = ts[0] down to the clean end: x += (t_prev - t) u."""
-    extra_args = extra_args or {}
-    for i, t, t_prev in _steps(ts, denoiser.path):
-        x0 = denoiser(x, t, **extra_args)
-        x = x + (t_prev - t) * _velocity(x, x0, denoiser.path, t)
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
-    return x
+    step = lambda x, x0, t, t_prev: x + (t_prev - t) * _velocity(x, x0, denoiser.path, t)
+    return _one_eval_per_step(denoiser, x, ts, step, extra_args, callback)
 
 
 @torch.no_grad()
