@@ -1,0 +1,9 @@
+"""Small, self-contained studies that train something for a few minutes on 2 CPU cores and write
+figures, a ``results.json`` with the raw numbers and a markdown summary into an output folder.
+
+- ``denoiser`` (``difflo study denoiser``): a single-step denoising UNet on mnist10k: the noising
+  strip, training at one sigma, out-of-distribution sigmas, denoising pure noise, and a learning-
+  rate schedule comparison for the class-conditional flow model (``denoiser.py``).
+
+``cli.add_parser(sub)`` adds the ``study`` command to the ``difflo`` parser; ``cli.run(args)`` runs it.
+"""
