@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from difflo.errors import DiffloError
 from difflo.study import cli
-from difflo.study.denoiser import PARTS, SIGMAS, DenoisingUNet, load_digits, parse_parts
+from difflo.study.denoiser import PARTS, SIGMAS, DenoisingUNet, fmt, load_digits, parse_parts
 from conftest import TINY
 
 FILES = ["noising_strip.png", "train_loss.png", "denoised_epoch1.png", "denoised_last.png", "ood.png", "ood_mse.csv",
@@ -68,7 +68,7 @@ def test_tiny_study_writes_every_file_and_the_summary_has_its_numbers(tiny_study
     numbers += [row[k] for row in r["ood"] for k in ("mse_noisy", "mse_denoised")]
     numbers += [run_["final_loss"] for run_ in r["lr"]["runs"].values()]
     for v in numbers:
-        assert f"{v:.4f}" in summary, v
+        assert fmt(v) in summary, v
     assert f"{r['timing_s']['total']:.0f} s" in summary and "--seed 0" in summary
     for schedule in ("constant", "exponential"):                  # both flow runs trained; checkpoints removed
         run_dir = tiny_study / f"lr_{schedule}"

@@ -309,7 +309,7 @@ def part_train(o: StudyOptions, train_x, test_x, test_eps, show, out: Path, log)
         log(f"  epoch {epoch}/{o.epochs}" + (f": test MSE {test_mse[epoch]:.4f}" if epoch in test_mse else ""))
 
     log(f"train: UNet D={o.hidden} ({sum(p.numel() for p in net.parameters()):,} parameters) at sigma "
-        f"{o.train_sigma:g}, {o.epochs} epochs on {len(train_x)} digits")
+        f"{o.train_sigma:g}, {plural(o.epochs, 'epoch')} on {len(train_x)} digits")
     losses = fit(net, train_x, lambda x, eps: x + o.train_sigma * eps, o.epochs, o.batch_size, o.lr, o.seed,
                  after_epoch)
     per_epoch = len(losses) // o.epochs
@@ -340,7 +340,7 @@ def part_ood(net: nn.Module, test_x, test_eps, show, out: Path) -> list[dict]:
 def part_noise(o: StudyOptions, train_x, test_x, out: Path, log) -> dict:
     """Train on z ~ N(0, I) -> x; compare the outputs on fresh noise with the per-pixel training mean."""
     net = new_unet(o.hidden, o.seed)
-    log(f"noise: UNet D={o.hidden} trained on pure noise -> digit, {o.noise_epochs} epochs")
+    log(f"noise: UNet D={o.hidden} trained on pure noise -> digit, {plural(o.noise_epochs, 'epoch')}")
     losses = fit(net, train_x, lambda x, eps: eps, o.noise_epochs, o.batch_size, o.lr, o.seed)
     mean = train_x.mean(dim=0, keepdim=True)                                          # (1, 1, 28, 28)
     x_hat = denoise(net, eval_noise((o.test_images, 1, 28, 28), o.seed + 1))          # (N, 1, 28, 28)
@@ -408,8 +408,9 @@ def part_lr(o: StudyOptions, out: Path, log) -> dict:
 # Summary and driver
 # ---------------------------------------------------------------------------------------------
 
-def f4(v: float) -> str:
-    return f"{v:.4f}"
+def fmt(v: float) -> str:
+    """A number in the summary: 4 significant digits."""
+    return f"{v:.4g}"
 
 
 def plural(n: int, word: str) -> str:
@@ -438,12 +439,12 @@ def summary_markdown(o: StudyOptions, r: dict) -> str:
                   f"batch {o.batch_size}, {plural(o.epochs, 'epoch')} ({tr['steps']} steps), L2 loss.", "",
                   "![training loss](train_loss.png)", "",
                   "| epoch | mean training loss |", "|---|---|"]
-        lines += [f"| {e + 1} | {f4(v)} |" for e, v in enumerate(tr["epoch_mean_loss"])]
-        last = (f", after epoch {o.epochs} {f4(tr['test_mse_last'])} ("
+        lines += [f"| {e + 1} | {fmt(v)} |" for e, v in enumerate(tr["epoch_mean_loss"])]
+        last = (f", after epoch {o.epochs} {fmt(tr['test_mse_last'])} ("
                 + ("lower" if tr["test_mse_last"] < tr["test_mse_epoch1"] else "not lower") + " than after epoch 1)"
                 if o.epochs > 1 else "")
-        lines += ["", f"Test MSE at sigma {tr['sigma']:g}: noisy input {f4(tr['test_mse_noisy_input'])}, denoised "
-                  f"after epoch 1 {f4(tr['test_mse_epoch1'])}{last}.", "",
+        lines += ["", f"Test MSE at sigma {tr['sigma']:g}: noisy input {fmt(tr['test_mse_noisy_input'])}, denoised "
+                  f"after epoch 1 {fmt(tr['test_mse_epoch1'])}{last}.", "",
                   "![denoised after epoch 1](denoised_epoch1.png)", "",
                   f"![denoised after epoch {o.epochs}](denoised_last.png)", "",
                   "Rows: clean test digits, noisy input, denoised output.", ""]
@@ -454,13 +455,13 @@ def summary_markdown(o: StudyOptions, r: dict) -> str:
         lines += [f"## Out of distribution: the sigma = {o.train_sigma:g} model at every sigma", "",
                   "![out of distribution](ood.png)", "",
                   "| sigma | MSE noisy input | MSE denoised |", "|---|---|---|"]
-        lines += [f"| {row['sigma']:g} | {f4(row['mse_noisy'])} | {f4(row['mse_denoised'])} |" for row in table]
+        lines += [f"| {row['sigma']:g} | {fmt(row['mse_noisy'])} | {fmt(row['mse_denoised'])} |" for row in table]
         top = table[-1]
         helped = [f"{row['sigma']:g}" for row in table if row["mse_denoised"] < row["mse_noisy"]]
         lines += ["", f"(also in `ood_mse.csv`). The denoised MSE is lowest at sigma {best['sigma']:g} "
-                  f"({f4(best['mse_denoised'])})"
-                  + (f"; at the training sigma it is {f4(trained['mse_denoised'])}" if trained else "")
-                  + f"; at sigma {top['sigma']:g} it is {f4(top['mse_denoised'])}, "
+                  f"({fmt(best['mse_denoised'])})"
+                  + (f"; at the training sigma it is {fmt(trained['mse_denoised'])}" if trained else "")
+                  + f"; at sigma {top['sigma']:g} it is {fmt(top['mse_denoised'])}, "
                   + f"{top['mse_denoised'] / best['mse_denoised']:.1f}x the lowest. The output is closer to the "
                   f"clean digit than the input was at sigma " + (", ".join(helped) or "none") + ". Rows of the "
                   f"figure: noisy input and denoised output for each sigma.", ""]
@@ -471,13 +472,13 @@ def summary_markdown(o: StudyOptions, r: dict) -> str:
                   f"to map "
                   f"z ~ N(0, I) to a training digit. z says nothing about x, so the L2-optimal output is E[x], "
                   f"the per-pixel mean of the training set (bottom row). On {nz['samples']} fresh noise inputs:", "",
-                  f"- MSE between the outputs and the training-set mean: **{f4(nz['mse_to_train_mean'])}** "
-                  f"(MSE between the average output and the mean: {f4(nz['mse_output_average_to_train_mean'])}; "
+                  f"- MSE between the outputs and the training-set mean: **{fmt(nz['mse_to_train_mean'])}** "
+                  f"(MSE between the average output and the mean: {fmt(nz['mse_output_average_to_train_mean'])}; "
                   f"per-pixel standard deviation of the outputs across inputs: "
-                  f"{f4(nz['output_std_across_noise'])});",
+                  f"{fmt(nz['output_std_across_noise'])});",
                   f"- for scale, the MSE between a test digit and the mean (about the smallest loss a pure-noise "
-                  f"denoiser can reach) is {f4(nz['mse_test_to_train_mean'])}; the model's mean training loss in "
-                  f"its last epoch was {f4(nz['last_epoch_mean_loss'])}.", "",
+                  f"denoiser can reach) is {fmt(nz['mse_test_to_train_mean'])}; the model's mean training loss in "
+                  f"its last epoch was {fmt(nz['last_epoch_mean_loss'])}.", "",
                   f"The outputs are {nz['mse_test_to_train_mean'] / max(nz['mse_to_train_mean'], 1e-12):.1f}x "
                   f"closer (in MSE) to the training mean than test digits are.", ""]
     if "lr" in r:
@@ -494,8 +495,8 @@ def summary_markdown(o: StudyOptions, r: dict) -> str:
                   + ", ".join(f"`{v['run_dir']}/`" for v in runs.values()) + ".", "",
                   "| lr schedule | lr at first / last log | final logged loss | mean loss, last 10% of steps |",
                   "|---|---|---|---|"]
-        lines += [f"| {s} | {v['lr_first']:.3g} / {v['lr_last']:.3g} | {f4(v['final_loss'])} | "
-                  f"{f4(v['loss_last_10pct'])} |" for s, v in runs.items()]
+        lines += [f"| {s} | {v['lr_first']:.3g} / {v['lr_last']:.3g} | {fmt(v['final_loss'])} | "
+                  f"{fmt(v['loss_last_10pct'])} |" for s, v in runs.items()]
         (a, ra), (b, rb) = runs.items()
         diff = rb["loss_last_10pct"] - ra["loss_last_10pct"]
         lines += ["", f"Over the last 10% of steps the {b} schedule's mean loss minus the {a} schedule's: "
