@@ -321,8 +321,9 @@ def test_sampler_callback(sampler):
     assert len(seen) == N_STEPS
     assert [d["i"] for d in seen] == list(range(N_STEPS))
     assert [d["t"] for d in seen] == sampler.ts.tolist()
+    assert [d["t_prev"] for d in seen] == sampler.ts.tolist()[1:] + [sampler.path.t_clean]
     for d in seen:
-        assert set(d) == {"i", "t", "x", "denoised"}
+        assert set(d) == {"i", "t", "t_prev", "x", "denoised"}
         assert isinstance(d["t"], int if isinstance(sampler.path.t_clean, int) else float)
         assert d["x"].shape == d["denoised"].shape == (2, *SAMPLE_SHAPE)
     assert torch.equal(seen[-1]["x"], out)

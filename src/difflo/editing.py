@@ -159,10 +159,6 @@ def cli_time(path, t: float):
     return t / 1000.0
 
 
-def _time_after(ts, i, path):
-    return ts[i + 1] if i + 1 < len(ts) else path.t_clean
-
-
 def renoise(x: torch.Tensor, path, t_from, t_to, z: torch.Tensor) -> torch.Tensor:
     """A draw of q(x_{t_to} | x_{t_from}) for t_to later (noisier) than t_from:
     x_to = (a_to / a_from) x_from + sqrt(s_to^2 - (a_to s_from / a_from)^2) z."""
@@ -202,16 +198,14 @@ def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "d
 
 
 class RePaintCallback:
-    """After each step to t_prev: x <- mask * x + (1 - mask) * q_sample(x_known, z, t_prev).
-    ``t_prevs[i]`` is the time step i went to (the path's clean end for the last step)."""
+    """After each step to t_prev: x <- mask * x + (1 - mask) * q_sample(x_known, z, t_prev)."""
 
-    def __init__(self, x_known, mask, path, t_prevs, noise, user_callback=None):
-        self.x_known, self.mask, self.path, self.t_prevs = x_known, mask, path, t_prevs
+    def __init__(self, x_known, mask, path, noise, user_callback=None):
+        self.x_known, self.mask, self.path = x_known, mask, path
         self.noise, self.user_callback = noise, user_callback
 
     def __call__(self, d):
-        t_prev = self.t_prevs[d["i"]]
-        a, s = self.path.alpha_sigma(t_prev)
+        a, s = self.path.alpha_sigma(d["t_prev"])
         known = self.x_known if s == 0 else q_sample(self.x_known, self.noise(), a, s)
         d["x"].copy_(self.mask * d["x"] + (1 - self.mask) * known)      # in place: the sampler goes on with it
         if self.user_callback is not None:
@@ -240,15 +234,14 @@ def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, s
     x = noise()
     mask = mask.to(x)
     if jump_n_sample == 1:
-        cb = RePaintCallback(x_known, mask, path, [_time_after(ts, i, path) for i in range(len(ts))], noise, callback)
+        cb = RePaintCallback(x_known, mask, path, noise, callback)
         return _run(sampler, denoiser, x, ts, {"y": y}, cb, noise, **kw)
     full = ts + [path.t_clean]
     for start, end, jump in repaint_chunks(len(ts), jump_length, jump_n_sample):
         if jump:
             x = renoise(x, path, full[end], full[start], noise())
-        seg = _EndAt(denoiser, full[end])
-        t_prevs = full[start + 1:end + 1]
-        cb = RePaintCallback(x_known, mask, path, t_prevs, noise, callback)
+        seg = _EndAt(denoiser, full[end])                       # its last step goes to full[end]
+        cb = RePaintCallback(x_known, mask, path, noise, callback)
         x = _run(sampler, seg, x, ts[start:end], {"y": y}, cb, noise, **kw)
     return x
 

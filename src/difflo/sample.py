@@ -67,7 +67,6 @@ def load_model(path, ema: bool = True, device="cpu") -> Model:
         net = build_net(cfg)
     except (DiffloError, ValueError) as e:
         raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None
-    missing, unexpected = [], []
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -10,7 +10,8 @@ Every sampler has the signature::
   ``denoiser.path.t_clean``, the clean data (alpha = 1, sigma = 0): t = -1 for discrete diffusion,
   t = 0 for flow matching.
 * ``extra_args``: keyword arguments passed to the denoiser on every call (e.g. ``{"y": labels}``).
-* ``callback``: called after every step with ``{"i", "t", "x", "denoised"}``; editing methods
+* ``callback``: called after every step from ``t`` to ``t_prev`` with
+  ``{"i", "t", "t_prev", "x", "denoised"}`` (``x`` is the new state at ``t_prev``); editing methods
   (inpainting, SDEdit) plug in there.
 * ``noise``: a callable returning a fresh standard-normal tensor shaped like ``x`` (stochastic
   samplers only). :class:`SeededNoise` draws it from one generator per sample, so an image
@@ -86,7 +87,7 @@ def _one_eval_per_step(denoiser, x, ts, step, extra_args, callback):
         x0 = denoiser(x, t, **extra_args)
         x = step(x, x0, t, t_prev)
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+            callback({"i": i, "t": t, "t_prev": t_prev, "x": x, "denoised": x0})
     return x
 
 
@@ -158,7 +159,7 @@ def sample_heun(denoiser, x, ts, extra_args=None, callback=None, noise=None):
             x_next = x + (t_prev - t) * 0.5 * (d + d_next)
         x = x_next
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0})
+            callback({"i": i, "t": t, "t_prev": t_prev, "x": x, "denoised": x0})
     return x
 
 
