@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data, edit, study.
+"""``difflo`` command line: train, sample, demo, data, edit, eval, study.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
 printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import edit_cli
     from .data import cli as data_cli
+    from .eval import cli as eval_cli
     from .study import cli as study_cli
     data_cli.add_parser(sub)
     edit_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     study_cli.add_parser(sub)
     return p
 
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "edit":
             from . import edit_cli
             return edit_cli.run(args)
+        if args.command == "eval":
+            from .eval import cli as eval_cli
+            return eval_cli.run(args)
         if args.command == "study":
             from .study import cli as study_cli
             return study_cli.run(args)

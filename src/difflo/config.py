@@ -81,12 +81,26 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (off unless ``every`` > 0); see ``difflo eval``."""
+    every: int = 0                     # evaluate the EMA weights every K steps (0: never)
+    n: int = 500                       # samples per evaluation, class-balanced, seeds seed..seed+n-1
+    steps: int = 25                    # sampler steps (sampler and w: the sample section's)
+    features: str = "classifier"       # classifier: fd_classifier (fast) | inception: FID (~3 img/s on 2 CPU cores)
+    classifier: str | None = None      # None: ~/.cache/difflo/classifiers/<data>.safetensors, trained on first use
+    ref_split: str = "test"            # reference statistics: this split of the training data set
+    ref_n: int | None = None           # reference images (None: the whole split)
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -106,7 +120,8 @@ class Config:
                    ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
                    ("sample.sampler", s.sampler, samplers.SAMPLERS_FOR.get(d.objective, tuple(samplers.SAMPLERS))),
                    ("sample.spacing", s.spacing, schedules.SPACINGS),
-                   ("sample.variance", s.variance, ("fixed_small", "fixed_large"))]
+                   ("sample.variance", s.variance, ("fixed_small", "fixed_large")),
+                   ("eval.features", self.eval.features, ("classifier", "inception"))]
         for key, value, allowed in choices:
             if value not in allowed:
                 why = f" for diffusion.objective={d.objective}" if key != "diffusion.objective" else ""
@@ -114,11 +129,12 @@ class Config:
         positive = [("diffusion.timesteps", d.timesteps), ("train.steps", t.steps),
                     ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.log_every", t.log_every),
                     ("train.ckpt_every", t.ckpt_every), ("train.keep_checkpoints", t.keep_checkpoints),
-                    ("sample.steps", s.steps)]
+                    ("sample.steps", s.steps), ("eval.steps", self.eval.steps)]
         problems += [f"{k}={v} must be > 0" for k, v in positive if v <= 0]
         nonneg = [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
                   ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
-                  ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma)]
+                  ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma),
+                  ("eval.every", self.eval.every)]
         problems += [f"{k}={v} must be >= 0" for k, v in nonneg if v < 0]
         if t.lr_schedule == "exponential" and t.min_lr_ratio <= 0:
             problems.append("train.min_lr_ratio must be > 0 for the exponential lr schedule")
@@ -132,6 +148,8 @@ class Config:
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             problems.append(f"train.max_minutes={t.max_minutes} must be > 0")
+        if self.eval.n < 2 or (self.eval.ref_n is not None and self.eval.ref_n < 2):
+            problems.append("eval.n and eval.ref_n must be >= 2 (a covariance needs two samples)")
         if len(t.adam_betas) != 2:
             problems.append("train.adam_betas must have two values, e.g. [0.9, 0.999]")
         if problems:

@@ -61,7 +61,7 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     with open(metrics_csv) as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]     # evaluation rows have no loss
     if not rows:
         return
     steps = np.array([int(r["step"]) for r in rows])

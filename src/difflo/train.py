@@ -24,7 +24,7 @@ from .errors import DiffloError
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .sample import Model, build_net, generate, make_path, pick_device
 
-METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s"]
+METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", "fid", "fd_classifier", "class_accuracy"]
 
 
 def lr_at(step: int, t: config_mod.TrainConfig) -> float:
@@ -154,6 +154,23 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
                    run_dir / "samples" / f"step_{step:07d}.png")
 
+    evaluator = None
+
+    def evaluate(step: int) -> None:
+        """eval.every: score the EMA weights, log them to metrics.csv, keep the best checkpoint."""
+        nonlocal evaluator, last_saved
+        from .eval.periodic import PeriodicEval
+        evaluator = evaluator or PeriodicEval(cfg, run_dir, device, log)
+        res = evaluator(Model(ema, cfg), step)
+        with open(metrics_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, "", "", "", f"{time.time() - start:.1f}"] +
+                                   [f"{res[k]:.4f}" if k in res else "" for k in METRICS_FIELDS[5:]])
+        if evaluator.is_best(res):
+            if last_saved != step:
+                save(step)
+                last_saved = step
+            evaluator.keep_best(checkpoint.list_checkpoints(run_dir)[-1], res, step)
+
     # 4) The loop.
     if progress is None:
         progress = sys.stderr.isatty()
@@ -203,6 +220,10 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             last_saved = step
         if t.sample_every and step % t.sample_every == 0:
             sample_grid(step)
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            t_eval = time.time()
+            evaluate(step)
+            window_t += time.time() - t_eval                # evaluation time is not training throughput
         if out_of_time:
             log(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
             break

@@ -6,16 +6,19 @@ this classifier, trained only on real data, assigns to c. On mnist10k the classi
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..data import ArrayDataset
+from ..errors import DiffloError
 
 
 class Classifier(nn.Module):
@@ -32,12 +35,21 @@ class Classifier(nn.Module):
         self.features = nn.Sequential(block(in_channels, width), block(width, 2 * width))
         self.head = nn.Linear(2 * width, num_classes)
 
+    def features_of(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [-1, 1] -> (B, 2 * width)
+        return self.features(x).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:      # (B, C, H, W) in [-1, 1] -> (B, classes)
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        return self.head(self.features_of(x))
 
 
-def train_classifier(train: ArrayDataset, epochs: int = 8, batch_size: int = 128, lr: float = 3e-3,
+def default_epochs(n: int, batch_size: int = 128, target_steps: int = 1000) -> int:
+    """Enough epochs for about target_steps optimizer steps, between 1 and 8 (8 on mnist10k)."""
+    return max(1, min(8, math.ceil(target_steps / max(1, n // batch_size))))
+
+
+def train_classifier(train: ArrayDataset, epochs: int | None = None, batch_size: int = 128, lr: float = 3e-3,
                      seed: int = 0, log=print) -> Classifier:
+    epochs = epochs or default_epochs(len(train), batch_size)
     torch.manual_seed(seed)
     clf = Classifier(train.channels, train.num_classes)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr)
@@ -98,3 +110,57 @@ def load_classifier(path: Path, in_channels: int, num_classes: int) -> Classifie
     clf = Classifier(in_channels, num_classes)
     clf.load_state_dict(load_file(str(path)))
     return clf.eval()
+
+
+def default_classifier_path(data_name: str) -> Path:
+    """Where `difflo eval train-classifier --data NAME` puts its classifier by default."""
+    return Path.home() / ".cache" / "difflo" / "classifiers" / f"{data_name}.safetensors"
+
+
+def load_classifier_file(path: str | Path) -> tuple[Classifier, dict]:
+    """A classifier written by `difflo eval train-classifier` (shape and data set in its metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffloError(f"classifier {path} not found; train one with `difflo eval train-classifier --data NAME "
+                          f"--out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DiffloError(f"{path} is not a readable safetensors file ({e})") from None
+    if meta.get("kind") != "difflo-classifier":
+        raise DiffloError(f"{path} is not a difflo classifier (make one with `difflo eval train-classifier`)")
+    clf = Classifier(int(meta["in_channels"]), int(meta["num_classes"]))
+    try:
+        clf.load_state_dict(state)
+    except RuntimeError as e:
+        raise DiffloError(f"{path}: weights do not fit the classifier ({str(e).splitlines()[0]})") from None
+    return clf.eval(), meta
+
+
+def train_and_save(data_name: str, out: str | Path, root: str | None = None, split: str = "train",
+                   test_split: str = "test", epochs: int | None = None, seed: int = 0, image_size: int | None = None,
+                   log=print) -> dict:
+    """Train the classifier on a data set's train split, measure it on the test split, save it."""
+    from .. import data as data_mod
+    train = data_mod.load(data_name, split, root=root, image_size=image_size)
+    if train.num_classes < 2:
+        raise DiffloError(f"{data_name} has no class labels: a classifier needs a labelled data set")
+    log(f"training a classifier on {data_name}/{split} ({len(train)} images, {train.num_classes} classes)")
+    clf = train_classifier(train, epochs=epochs, seed=seed, log=log)
+    meta = {"kind": "difflo-classifier", "data": data_name, "split": split, "in_channels": train.channels,
+            "num_classes": train.num_classes, "image_size": train.image_size, "seed": seed}
+    try:
+        test = data_mod.load(data_name, test_split, root=root, image_size=image_size)
+        x, y = test.batch(range(len(test)))
+        res = accuracy(clf, x, y, test.num_classes)
+        meta.update(test_split=test_split, test_accuracy=f"{res['accuracy']:.4f}", test_n=res["n"])
+        log(f"classifier accuracy on {data_name}/{test_split} (real, held out): {res['accuracy']:.4f} "
+            f"(N={res['n']})")
+    except DiffloError as e:
+        log(f"note: no held-out accuracy ({e})")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(clf, out, meta)
+    return meta

@@ -1,0 +1,137 @@
+"""Scoring generated images: a Frechet distance to reference statistics and class accuracy.
+
+Used by ``difflo eval`` and by the periodic evaluation during training (``eval.every``). Every
+result records what it was measured with: N, the feature extractor, sampler, steps and w.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import DiffloError
+from . import fid as fid_mod
+from .classifier import accuracy, load_classifier_file, uint8_to_tensor
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., C-1, 0, 1, ... (n labels): every class equally often (+-1)."""
+    return torch.arange(n) % max(num_classes, 1)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                     w: float | None = None, batch_size: int = 250, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used."""
+    from ..images import to_uint8
+    from ..sample import generate
+
+    sc = model.cfg.sample
+    settings = {"sampler": sampler or sc.sampler, "steps": steps or sc.steps, "w": sc.w if w is None else w,
+                "eta": sc.eta, "spacing": sc.spacing, "clip_x0": sc.clip_x0, "variance": sc.variance}
+    labels = balanced_labels(n, model.num_classes)
+    with _bar(n, "sampling", progress) as bar:
+        images = generate(model, labels, [seed + i for i in range(n)], batch_size=batch_size, progress=bar, **settings)
+    return to_uint8(images), labels.numpy(), {**settings, "seed": seed}
+
+
+def reference_stats(dataset, extractor, n: int | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """Feature statistics of (a seeded random subset of n images of) a data set."""
+    idx = np.arange(len(dataset))
+    if n is not None and n < len(dataset):
+        idx = np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False))
+    with _bar(len(idx), "reference features", progress) as bar:
+        feats = extractor(dataset.images[idx], progress=bar)
+    mu, sigma = fid_mod.feature_stats(feats)
+    return {"mu": mu, "sigma": sigma, "n": len(idx), "extractor": extractor.name}
+
+
+def extractor_for_stats(stats: dict, inception: str | None = None, classifier: str | None = None, device="cpu"):
+    """The feature extractor that made a statistics file (its path is recorded in the file)."""
+    if str(stats["extractor"]).startswith("difflo-classifier"):
+        path = classifier or stats.get("classifier")
+        if not path:
+            raise DiffloError("these statistics use a difflo classifier's features: pass --classifier PATH")
+        return fid_mod.ClassifierFeatures(path, device)
+    return fid_mod.InceptionFeatures(inception or stats.get("inception") or None, device)
+
+
+def score(images: np.ndarray, labels: np.ndarray | None, *, ref: dict | None = None, extractor=None,
+          classifier: str | Path | None = None, progress: bool = False) -> dict:
+    """{fid or fd_classifier, class_accuracy, per_class, n, ...} for uint8 (N, H, W, C) images."""
+    out: dict = {"n": int(len(images))}
+    if ref is not None:
+        with _bar(len(images), "features", progress) as bar:
+            feats = extractor(images, progress=bar)
+        name = fid_mod.metric_name(extractor)
+        out[name] = fid_mod.distance_to(ref, feats, extractor.name)
+        out.update(feature_extractor=extractor.name, ref_n=int(ref["n"]))
+    if classifier is not None:
+        if labels is None:
+            raise DiffloError("class accuracy needs the samples' labels (an .npz with 'labels', as written by "
+                              "`difflo sample --n N --out X.npz`)")
+        clf, meta = load_classifier_file(classifier)
+        if images.shape[-1] != int(meta["in_channels"]) or (meta.get("image_size") and
+                                                           images.shape[1] != int(meta["image_size"])):
+            raise DiffloError(f"classifier {classifier} is for {meta['image_size']}x{meta['image_size']}x"
+                              f"{meta['in_channels']} images, the samples are {images.shape[1]}x{images.shape[2]}x"
+                              f"{images.shape[3]}")
+        num_classes = int(meta["num_classes"])
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise DiffloError(f"sample labels out of range for the classifier's {num_classes} classes")
+        acc = accuracy(clf, uint8_to_tensor(images), labels, num_classes)
+        out.update(class_accuracy=acc["accuracy"], per_class=acc["per_class"], classifier=str(classifier),
+                   classifier_data=meta.get("data"), classifier_test_accuracy=meta.get("test_accuracy"))
+    return out
+
+
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 (N, H, W, C) images and labels (or None) from an .npz sample set or a folder of images."""
+    path = Path(path)
+    if path.is_dir():
+        from ..data.imaging import decode, is_image_file, probe
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+        if not files:
+            raise DiffloError(f"{path} holds no images (.png/.jpg); give an .npz from `difflo sample --n N`")
+        channels = 1 if probe(files[0])[0] in ("L", "I;16", "I", "1") else 3
+        images = [decode(f, None, channels) for f in files]
+        if len({im.shape for im in images}) > 1:
+            raise DiffloError(f"images in {path} differ in size or channels; all samples must share one shape")
+        return np.stack(images), None
+    if not path.is_file():
+        raise DiffloError(f"samples {path} not found: give an .npz written by `difflo sample --n N --out X.npz` "
+                          f"or a folder of images")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images = z["images"]
+            labels = z["labels"] if "labels" in z.files else None
+    except (OSError, ValueError, KeyError) as e:
+        raise DiffloError(f"{path} is not a sample set .npz with an 'images' array ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DiffloError(f"{path}: 'images' must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} "
+                          f"{images.shape}")
+    return images, labels
+
+
+def format_result(res: dict) -> str:
+    """One line per metric, each naming N and how it was measured."""
+    lines = []
+    how = ", ".join(f"{k}={res[k]}" for k in ("sampler", "steps", "w") if k in res)
+    how = f" ({how})" if how else ""
+    for name in ("fid", "fd_classifier"):
+        if name in res:
+            label = "FID" if name == "fid" else "FD (difflo classifier features; not FID)"
+            lines.append(f"{label}: {res[name]:.2f}  [N={res['n']} samples vs {res['ref_n']} reference images, "
+                         f"{res['feature_extractor']}]{how}")
+    if "class_accuracy" in res:
+        per = " ".join(f"{c}:{a:.2f}" for c, a in res["per_class"].items())
+        lines.append(f"class accuracy: {res['class_accuracy']:.4f}  [N={res['n']}, classifier "
+                     f"{res['classifier']} (held-out real accuracy {res.get('classifier_test_accuracy')})]{how}")
+        lines.append(f"  per class: {per}")
+    return "\n".join(lines)

