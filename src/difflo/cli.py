@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a trained model",
                        description="Sample a labelled grid (.png) or a sample set (.npz) from a checkpoint.")
     s.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
-    s.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dpmpp"],
                    help="default: the run's sample.sampler (ddim for diffusion, euler for flow)")
     s.add_argument("--steps", type=_positive_int, help="sampling steps (default: the run's, 50)")
     s.add_argument("--eta", type=_nonneg_float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
