@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflo import checkpoint, distributed
+from difflo import distributed
 from difflo.errors import DiffloError
 from difflo.train import train
 from conftest import TINY, tiny_config
