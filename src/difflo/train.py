@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
 import sys
 import time
@@ -50,10 +51,18 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     """Indices of step's batch: epoch e = step // (n // B) is a permutation seeded by (seed, e)."""
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm = _permutation(n, seed, epoch)
     if batch_size > n:                                    # tiny data sets: sample with repeats
         return np.random.default_rng([seed, epoch, 1]).choice(n, batch_size)
     return perm[k * batch_size:(k + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=1)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order, computed once per epoch rather than at every step (read-only)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 def objective_loss(net, x0, y, path, d: config_mod.DiffusionConfig, gen: torch.Generator,
@@ -128,7 +137,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     torch.manual_seed(t.seed)
     net = build_net(cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+                            foreach=True)              # one multi-tensor kernel per op (same numbers as the loop)
     path = make_path(cfg.diffusion)
     n_params = sum(p.numel() for p in net.parameters())
     model = ddp.wrap(net)                             # DistributedDataParallel when data-parallel
@@ -248,9 +258,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * net for parameters (one multi-tensor lerp); buffers are copied."""
     with torch.no_grad():
-        for pe, p in zip(ema.parameters(), net.parameters()):
-            pe.lerp_(p, 1 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
         for be, b in zip(ema.buffers(), net.buffers()):
             be.copy_(b)
