@@ -115,3 +115,13 @@ def test_usage_errors_are_one_line(capsys):
     assert_clean_error(*run(capsys, "sample")[::2], "--ckpt")
     assert_clean_error(*run(capsys, "frobnicate")[::2], "invalid choice")
     assert_clean_error(*run(capsys, "demo", "--minutes", "0")[::2], "must be > 0")
+
+
+def test_sample_dpmpp(tiny_run, tmp_path, capsys):
+    """--sampler dpmpp is selectable on the command line and as the config's sample.sampler."""
+    from difflo import config as config_mod
+    code, out, err = run(capsys, "sample", "--ckpt", str(tiny_run), "--n", "3", "--steps", "4", "--sampler", "dpmpp",
+                         "--out", str(tmp_path / "d.npz"))
+    assert code == 0, err
+    assert "sampler=dpmpp" in out and np.load(tmp_path / "d.npz")["images"].shape == (3, 28, 28, 1)
+    config_mod.load(None, ["sample.sampler=dpmpp"]).validate()

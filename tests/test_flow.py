@@ -148,7 +148,7 @@ def test_flow_trains_resumes_and_samples(tmp_path, capsys):
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     run = str(tmp_path / "full")
-    for sampler in ("euler", "heun"):
+    for sampler in ("euler", "heun", "dpmpp"):
         assert main(["sample", "--ckpt", run, "--sampler", sampler, "--steps", "3", "--n", "4", "--w", "5",
                      "--out", str(tmp_path / f"{sampler}.npz")]) == 0
         assert np.load(tmp_path / f"{sampler}.npz")["images"].shape == (4, 28, 28, 1)

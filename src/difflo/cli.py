@@ -6,6 +6,7 @@ printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a trained model",
                        description="Sample a labelled grid (.png) or a sample set (.npz) from a checkpoint.")
     s.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
-    s.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dpmpp"],
                    help="default: the run's sample.sampler (ddim for diffusion, euler for flow)")
     s.add_argument("--steps", type=_positive_int, help="sampling steps (default: the run's, 50)")
     s.add_argument("--eta", type=_nonneg_float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
     s.add_argument("--batch-size", type=_positive_int, default=250)
     s.add_argument("--device", default="auto")
+    s.add_argument("--compile", action="store_true", help="torch.compile the network (pays off for large --n)")
     s.add_argument("--gif", help="also write the denoising trajectory of the first batch as a GIF")
     s.add_argument("--out", required=True, help="grid.png, or samples.npz (images uint8 NxHxWxC, labels)")
 
@@ -118,7 +120,8 @@ def cmd_train(args) -> int:
     name = Path(args.config).stem if args.config else "mnist10k"
     out = Path(args.out or f"runs/{name}")
     ckpt = train(cfg, out, resume=args.resume)
-    print(f"done: checkpoint {ckpt}\n  sample with: difflo sample --ckpt {out} --out {out}/grid.png")
+    if os.environ.get("RANK", "0") == "0":            # torchrun: rank 0 reports
+        print(f"done: checkpoint {ckpt}\n  sample with: difflo sample --ckpt {out} --out {out}/grid.png")
     return 0
 
 
@@ -156,6 +159,9 @@ def cmd_sample(args) -> int:
     out = _check_out(Path(args.out), (".png", ".npz"))
     gif = _check_out(Path(args.gif), (".gif",)) if args.gif else None
     model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
+    if args.compile:
+        from .precision import compile_net
+        model.net = compile_net(model.net, pick_device(args.device))
     sc = model.cfg.sample
     settings = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,
                 "eta": sc.eta if args.eta is None else args.eta, "w": sc.w if args.w is None else args.w,

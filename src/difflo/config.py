@@ -66,6 +66,8 @@ class TrainConfig:
     sample_every: int = 1000           # 0 disables the sample grids during training
     max_minutes: float | None = None   # stop (with a checkpoint) after this much wall time
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    compile: bool = False              # torch.compile the network (first steps are slow: compilation)
+    precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler); CUDA only
 
 
 @dataclass
@@ -118,6 +120,7 @@ class Config:
                    ("diffusion.loss_weighting", d.loss_weighting, ("none",) if flow_obj else diffusion.LOSS_WEIGHTINGS),
                    ("diffusion.t_sampling", d.t_sampling, flow.T_SAMPLINGS if flow_obj else ("uniform",)),
                    ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
+                   ("train.precision", t.precision, ("fp32", "bf16", "fp16")),
                    ("sample.sampler", s.sampler, samplers.SAMPLERS_FOR.get(d.objective, tuple(samplers.SAMPLERS))),
                    ("sample.spacing", s.spacing, schedules.SPACINGS),
                    ("sample.variance", s.variance, ("fixed_small", "fixed_large")),

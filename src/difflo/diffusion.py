@@ -139,15 +139,18 @@ def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float
 
 
 def training_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule: DiscreteSchedule, prediction: str,
-                  weighting: str = "none", gamma: float = 5.0, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+                  weighting: str = "none", gamma: float = 5.0, generator: torch.Generator | None = None,
+                  rows: slice = slice(None)) -> torch.Tensor:
     """Monte-Carlo estimate of the denoising loss (Ho et al. 2020, Algorithm 1) over a batch:
-    t ~ U{0..T-1}, eps ~ N(0, I), loss = w(t) * ||net(x_t, t, y) - target||^2 (mean over pixels)."""
+    t ~ U{0..T-1}, eps ~ N(0, I), loss = w(t) * ||net(x_t, t, y) - target||^2 (mean over pixels).
+    ``rows``: the loss over these rows of the batch only (one data-parallel rank's share); t and eps
+    are drawn for the whole batch first, so each row gets the draws it gets in the whole batch."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), generator=generator, device=generator.device if generator else "cpu")
     t = t.to(x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
     eps = eps.to(x0.device, x0.dtype)
+    x0, y, t, eps = x0[rows], y[rows] if y is not None else None, t[rows], eps[rows]
     alpha, sigma = schedule.alpha_sigma(t)
     x_t = q_sample(x0, eps, alpha, sigma)                                # (B, C, H, W)
     out = net(x_t, schedule.model_time(t), y)                            # (B, C, H, W)

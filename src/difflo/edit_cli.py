@@ -109,7 +109,7 @@ def add_parser(sub) -> None:
         p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
         if classes:
             p.add_argument("--w", type=_nonneg_float, default=3.0, help="CFG scale in each branch (default 3)")
-            p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+            p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun", "dpmpp"],
                            help="default ddpm for diffusion, euler for flow")
             p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
         if times == "steps":

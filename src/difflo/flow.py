@@ -64,14 +64,16 @@ def sample_t(B: int, how: str, generator: torch.Generator | None, mean: float = 
 
 
 def training_loss(net, x0: torch.Tensor, y: torch.Tensor, path: FlowPath, t_sampling: str = "logit_normal",
-                  logit_mean: float = 0.0, logit_std: float = 1.0, generator: torch.Generator | None = None
-                  ) -> torch.Tensor:
+                  logit_mean: float = 0.0, logit_std: float = 1.0, generator: torch.Generator | None = None,
+                  rows: slice = slice(None)) -> torch.Tensor:
     """Conditional flow-matching loss (Lipman et al. 2023, Eq. 9 with the OT path):
-    t ~ p(t), x1 ~ N(0, I), x_t = (1 - t) x0 + t x1, loss = ||net(x_t, t, y) - (x1 - x0)||^2."""
+    t ~ p(t), x1 ~ N(0, I), x_t = (1 - t) x0 + t x1, loss = ||net(x_t, t, y) - (x1 - x0)||^2.
+    ``rows``: as for :func:`difflo.diffusion.training_loss` (draws for the whole batch, loss over rows)."""
     B = x0.shape[0]
     t = sample_t(B, t_sampling, generator, logit_mean, logit_std).to(x0.device)
     device = generator.device if generator is not None else "cpu"
     x1 = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
+    x0, y, t, x1 = x0[rows], y[rows] if y is not None else None, t[rows], x1[rows]
     alpha, sigma = path.alpha_sigma(t)
     x_t = q_sample(x0, x1, alpha, sigma)                                  # (B, C, H, W)
     out = net(x_t, path.model_time(t), y)

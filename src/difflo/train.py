@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import math
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from . import diffusion, flow
+from . import diffusion, distributed, flow, precision
 from .errors import DiffloError
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .sample import Model, build_net, generate, make_path, pick_device
@@ -50,17 +51,29 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     """Indices of step's batch: epoch e = step // (n // B) is a permutation seeded by (seed, e)."""
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm = _permutation(n, seed, epoch)
     if batch_size > n:                                    # tiny data sets: sample with repeats
         return np.random.default_rng([seed, epoch, 1]).choice(n, batch_size)
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
-def objective_loss(net, x0, y, path, d: config_mod.DiffusionConfig, gen: torch.Generator) -> torch.Tensor:
-    """The training loss of the configured objective (DDPM denoising or flow matching)."""
+@functools.lru_cache(maxsize=1)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order, computed once per epoch rather than at every step (read-only)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
+
+
+def objective_loss(net, x0, y, path, d: config_mod.DiffusionConfig, gen: torch.Generator,
+                   rows: slice = slice(None)) -> torch.Tensor:
+    """The training loss of the configured objective (DDPM denoising or flow matching), over ``rows``
+    of the batch (this process's share when data-parallel)."""
     if d.objective == "flow":
-        return flow.training_loss(net, x0, y, path, d.t_sampling, d.logit_mean, d.logit_std, generator=gen)
-    return diffusion.training_loss(net, x0, y, path, d.prediction, d.loss_weighting, d.min_snr_gamma, generator=gen)
+        return flow.training_loss(net, x0, y, path, d.t_sampling, d.logit_mean, d.logit_std, generator=gen,
+                                  rows=rows)
+    return diffusion.training_loss(net, x0, y, path, d.prediction, d.loss_weighting, d.min_snr_gamma, generator=gen,
+                                   rows=rows)
 
 
 def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mod.Config:
@@ -71,6 +84,20 @@ def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mo
     cfg.model.num_classes = dataset.num_classes
     cfg.validate()
     return cfg
+
+
+def _start_metrics(metrics_path: Path, step: int) -> None:
+    """A fresh metrics.csv, or on resume the old one without the rows logged after ``step``."""
+    if step == 0 or not metrics_path.exists():
+        with open(metrics_path, "w", newline="") as f:
+            csv.writer(f).writerow(METRICS_FIELDS)
+    else:                                    # drop rows logged after the checkpoint we resume from
+        with open(metrics_path) as f:
+            rows = [r for r in csv.reader(f)][1:]
+        with open(metrics_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(METRICS_FIELDS)
+            w.writerows(r for r in rows if int(r[0]) <= step)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -88,7 +115,12 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     """Train a model as configured into ``run_dir``; returns the last checkpoint directory."""
     run_dir = Path(run_dir)
     t = cfg.train
-    device = pick_device(t.device)
+    ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
+    device = ddp.device
+    precision.check(t.precision, device)
+    rows = ddp.rows(t.batch_size)                     # this process's rows of the global batch
+    if not ddp.main:                                  # logging, samples, checkpoints: rank 0 only
+        log, progress = (lambda *a, **k: None), False
     dataset = data_mod.from_config(cfg.data)
     cfg = resolve(cfg, dataset)
 
@@ -97,16 +129,22 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if existing and not resume:
         raise DiffloError(f"{run_dir} already holds a run (checkpoint {existing[-1].name}); "
                           f"pass --resume to continue it or choose another --out")
-    _check_writable(run_dir)
-    (run_dir / "samples").mkdir(exist_ok=True)
+    if ddp.main:
+        _check_writable(run_dir)
+        (run_dir / "samples").mkdir(exist_ok=True)
 
     # 2) Model, EMA copy, optimizer.
     torch.manual_seed(t.seed)
     net = build_net(cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+                            foreach=True)              # one multi-tensor kernel per op (same numbers as the loop)
     path = make_path(cfg.diffusion)
     n_params = sum(p.numel() for p in net.parameters())
+    model = ddp.wrap(net)                             # DistributedDataParallel when data-parallel
+    if t.compile:
+        model = precision.compile_net(model, device)
+    scaler = precision.grad_scaler(t.precision, device)
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
     step = 0
@@ -121,31 +159,30 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         ema.load_state_dict(checkpoint.load_weights(ckpt / "ema.safetensors")[0])
         ts = checkpoint.load_train_state(ckpt)
         opt.load_state_dict(ts["optimizer"])
+        if "scaler" in ts:
+            scaler.load_state_dict(ts["scaler"])
         step = int(ts["step"])
         log(f"resuming {run_dir} from step {step} ({ckpt.name})")
-    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     cfg_dict = cfg.to_dict()
-
     metrics_path = run_dir / "metrics.csv"
-    if step == 0 or not metrics_path.exists():
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(METRICS_FIELDS)
-    else:                                    # drop rows logged after the checkpoint we resume from
-        with open(metrics_path) as f:
-            rows = [r for r in csv.reader(f)][1:]
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(METRICS_FIELDS)
-            w.writerows(r for r in rows if int(r[0]) <= step)
+    if ddp.main:
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        _start_metrics(metrics_path, step)
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Path | None:
+        if not ddp.main:
+            return None
         state = {"optimizer": opt.state_dict(), "step": step}
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
         path = checkpoint.save_checkpoint(run_dir, step, cfg_dict, net.state_dict(), ema.state_dict(), state,
                                           keep=t.keep_checkpoints)
         plot_loss(metrics_path, run_dir / "loss.png")
         return path
 
     def sample_grid(step: int) -> None:
+        if not ddp.main:
+            return
         n_cls = max(cfg.model.num_classes, 1)
         per_class = 8
         labels = torch.arange(n_cls).repeat_interleave(per_class)
@@ -176,7 +213,9 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         progress = sys.stderr.isatty()
     log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
-        f"steps {step}..{t.steps}, run dir {run_dir}")
+        f"steps {step}..{t.steps}, run dir {run_dir}"
+        + (f", data-parallel over {ddp.world} processes ({ddp.backend}), {rows.stop - rows.start} of the "
+           f"{t.batch_size} images per step each" if ddp.active else ""))
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     start, window_t, window_loss, window_n = time.time(), time.time(), 0.0, 0
     last_saved = step
@@ -187,34 +226,37 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             g["lr"] = lr
         gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)
         x0, y = dataset.batch(batch_indices(step, len(dataset), t.batch_size, t.seed), device, gen)  # (B, C, H, W)
-        torch.manual_seed(t.seed * 1_000_003 + step)                           # dropout
+        torch.manual_seed((t.seed * 1_000_003 + step) * ddp.world + ddp.rank)   # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
-        loss = objective_loss(net, x0, y, path, cfg.diffusion, gen)
+        with precision.autocast(t.precision, device):
+            loss = objective_loss(model, x0, y, path, cfg.diffusion, gen, rows)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if t.grad_clip > 0:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            decay = ema_decay_at(step, t)
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
-            for be, b in zip(ema.buffers(), net.buffers()):
-                be.copy_(b)
+        scaler.step(opt)
+        scaler.update()
+        if ddp.main:
+            _ema_update(ema, net, ema_decay_at(step, t))
         step += 1
-        window_loss, window_n = window_loss + loss.item(), window_n + 1
+        window_loss, window_n = window_loss + loss.detach().double(), window_n + 1   # no host sync per step
 
         if step % t.log_every == 0 or step == t.steps:
+            window_loss = ddp.mean(window_loss).item()       # the mean over ranks; syncs once per log
             now = time.time()
             ips = window_n * t.batch_size / (now - window_t)
-            with open(metrics_path, "a", newline="") as f:
-                csv.writer(f).writerow([step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
-                                        f"{now - start:.1f}"])
+            if ddp.main:
+                with open(metrics_path, "a", newline="") as f:
+                    csv.writer(f).writerow([step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
+                                            f"{now - start:.1f}"])
             bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{ips:.0f}")
             window_t, window_loss, window_n = now, 0.0, 0
         bar.update(1)
         out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
+        if t.max_minutes is not None:
+            out_of_time = ddp.any(out_of_time)              # every rank stops at the same step
         if step % t.ckpt_every == 0 or step == t.steps or out_of_time:
             save(step)
             last_saved = step
@@ -222,7 +264,9 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             sample_grid(step)
         if cfg.eval.every and step % cfg.eval.every == 0:
             t_eval = time.time()
-            evaluate(step)
+            if ddp.main:                                    # rank 0 evaluates; the others wait for it
+                evaluate(step)
+            ddp.barrier()
             window_t += time.time() - t_eval                # evaluation time is not training throughput
         if out_of_time:
             log(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
@@ -230,5 +274,15 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     bar.close()
     if last_saved != step:
         save(step)
+    ddp.barrier()                                           # rank 0 has written the last checkpoint
+    ddp.close()
     ckpts = checkpoint.list_checkpoints(run_dir)
     return ckpts[-1]
+
+
+def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net for parameters (one multi-tensor lerp); buffers are copied."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)

@@ -113,7 +113,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)                # each (B, heads, HW, C/heads)
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)   # each (B, heads, HW, C/heads)
+        # contiguous q, k, v: SDPA takes its fused (flash) CPU kernel, not the math fallback that
+        # materialises the (HW, HW) attention matrix (about half the time at 16x16 in an A/B)
         h = F.scaled_dot_product_attention(q, k, v)                   # (B, heads, HW, C/heads)
         h = h.permute(0, 1, 3, 2).reshape(B, C, H, W)
         return x + self.proj(h)
