@@ -21,12 +21,11 @@ import json
 import re
 import sys
 import threading
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from ..errors import DiffloError
-from .app import App, LIMITS, RequestError
+from .app import App, LIMITS
 from .jobs import Busy
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
