@@ -337,9 +337,8 @@ class App:
             lines = [ln for ln in log if not ln.startswith(("wrote ", "note: "))]
             result_files = {"png": "figure.png", "npz": "raw.npz", "result": "result.png",
                             **{k.split(".")[0]: k for k in files}}
-            inputs = " ".join(f"{k} (download it from this page)" for k in files)
             return {"files": result_files, "command": _cmd(args + ["--out", out_name]),
-                    "command_note": f"uses {inputs}" if files else "",
+                    "command_note": f"{' and '.join(files)}: the download buttons above" if files else "",
                     "summary": "\n".join(notes + lines)}
 
         _parse(args + ["--out", out_name])                            # the shown command parses

@@ -34,19 +34,25 @@ def why_not() -> str | None:
 
 
 @contextmanager
-def browser_page(width: int = 1200, height: int = 900):
-    """A fresh headless page. ``bypass_csp``: the page's Content-Security-Policy forbids eval, which
-    Playwright's wait_for_function needs; the page itself is unchanged."""
+def launch():
+    """Headless Chromium (the system's), closed on exit."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": width, "height": height}, bypass_csp=True)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.js_errors = errors
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+def new_page(browser, width: int = 1200, height: int = 900):
+    """A page in a fresh context; ``page.js_errors`` collects uncaught script errors. ``bypass_csp``:
+    the page's Content-Security-Policy forbids eval, which Playwright's wait_for_function needs; the
+    page itself is unchanged."""
+    context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+    page = context.new_page()
+    page.js_errors = []
+    page.on("pageerror", lambda e: page.js_errors.append(str(e)))
+    return page
