@@ -278,3 +278,33 @@ def test_two_clients_at_once(server, tiny_run):
         assert got["labels"].tolist() == labels.tolist()
         assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                               .permute(0, 2, 3, 1).numpy())
+
+
+def test_flow_checkpoint(tmp_path):
+    """A flow model: its samplers, Heun (two evaluations a step) in sampling and SDEdit, as the CLI."""
+    from conftest import tiny_config
+
+    from difflo.serve.app import App
+    from difflo.train import train
+
+    flow = ["diffusion.objective=flow", "diffusion.prediction=u", "sample.sampler=euler", "sample.steps=4"]
+    train(tiny_config(*flow, "train.steps=2", "train.ckpt_every=2"), tmp_path / "run", log=lambda *a: None)
+    app = App(tmp_path / "run", device="cpu", jobs_root=tmp_path / "jobs")
+    try:
+        info = app.info()
+        assert info["samplers"] == list(SAMPLERS_FOR["flow"]) and info["defaults"]["edit_sampler"] == "euler"
+        jobs = [app.submit_sample({"classes": 2, "n": 1, "steps": 3, "sampler": "heun"}),
+                app.submit_edit({"technique": "sdedit", "image": png_url(digit()), "class": 5, "strength": 1.0,
+                                 "steps": 4, "sampler": "heun", "n": 1})]
+        t0 = time.time()
+        while any(j.status in ("queued", "running") for j in jobs):
+            assert time.time() - t0 < 60
+            time.sleep(0.02)
+        assert [j.status for j in jobs] == ["done", "done"], [j.error for j in jobs]
+        edit = jobs[1]
+        assert edit.total == 2 * 4 and "--stride 250 --levels 4" in edit.result["command"]
+        (tmp_path / "input.png").write_bytes((edit.dir / "input.png").read_bytes())
+        run_shown(edit.result["command"], tmp_path / "out", **{"input.png": str(tmp_path / "input.png")})
+        assert (tmp_path / "out" / "figure.png").read_bytes() == (edit.dir / "figure.png").read_bytes()
+    finally:
+        app.close()

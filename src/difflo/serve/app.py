@@ -389,9 +389,10 @@ def _class_names(m: Model) -> list[str]:
 
 
 def _display_path(p: Path) -> str:
-    p = Path(p).resolve()
+    """Relative to the working directory when inside it (as the user would type it), else absolute."""
+    p = Path(os.path.abspath(p))
     try:
-        return str(p.relative_to(Path.cwd().resolve()))
+        return str(p.relative_to(Path(os.path.abspath(Path.cwd()))))
     except ValueError:
         return str(p)
 
