@@ -121,20 +121,24 @@ def test_port_in_use_is_an_error(server, tiny_run, capsys):
     ({"n": 17}, "n must be a whole number from 1 to 16"),
     ({"w": -1}, "w must be a number from 0 to 20"),
     ({"w": "abc"}, "w must be a number"),
-    ({"w": float("nan")}, None),
+    ({"steps": float("inf")}, "steps must be a whole number from 1 to 1000, got inf"),
+    ({"w": float("nan")}, "w must be a number from 0 to 20, got nan"),
     ({"sampler": "euler"}, "sampler must be one of ddpm, ddim"),
     ({"classes": 10}, "classes must be a whole number from 0 to 9"),
     ({"seed": -1}, "seed must be a whole number from 0"),
 ])
 def test_sample_validation(server, body, words):
     url, _ = server
-    if words is None:                                                    # NaN is not JSON: a parse error
-        code, out = call(url + "/api/sample", "POST", raw=b'{"w": NaN-}')
-        assert code == 400 and "not valid JSON" in out["error"]
-        return
     code, out = call(url + "/api/sample", "POST", {"steps": 2, **body})
     assert code == 400, out
     assert words in out["error"]
+
+
+def test_bad_json(server):
+    url, _ = server
+    for raw in (b'{"w": 3,', b"[1, 2]", b"\xff"):
+        code, out = call(url + "/api/sample", "POST", raw=raw)
+        assert code == 400 and ("not valid JSON" in out["error"] or "must be a JSON object" in out["error"])
 
 
 def test_image_validation(server, tmp_path):

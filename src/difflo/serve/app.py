@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import shlex
 from pathlib import Path
@@ -77,7 +78,8 @@ class Fields:
         v = self._get(name, default)
         if isinstance(v, str) and v.strip().lstrip("-").isdigit():
             v = int(v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not lo <= v <= hi:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) \
+                or not lo <= v <= hi:
             raise RequestError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         return int(v)
 

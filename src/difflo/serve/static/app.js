@@ -96,6 +96,7 @@ class JobRunner {
   status(text) { $(this.p + "-status").textContent = text; }
 
   async start(url, body) {
+    if (this.job && this.running) this.cancel();       // a new request replaces the one running
     showError("");
     $(this.p + "-progress").value = 0;
     this.status("sending ...");
@@ -108,6 +109,7 @@ class JobRunner {
       return;
     }
     this.job = job.id;
+    this.running = true;
     $(this.p + "-cancel").disabled = false;
     this.poll(job);
   }
@@ -131,6 +133,7 @@ class JobRunner {
         return;
       }
     }
+    this.running = false;
     $(this.p + "-cancel").disabled = true;
     if (job.status === "error") {
       this.status("error");
