@@ -85,7 +85,7 @@ def test_page_and_info(server):
         assert "http://" not in text and "https://" not in text          # nothing from the network
     code, info = call(url + "/api/info")
     assert code == 200
-    assert info["samplers"] == list(SAMPLERS_FOR["diffusion"])
+    assert info["samplers"] == info["edit_samplers"] == list(SAMPLERS_FOR["diffusion"])
     assert info["num_classes"] == 10 and info["class_names"][3] == "3"
     assert info["image_size"] == 28 and info["channels"] == 1
 

@@ -193,7 +193,11 @@ class App:
         self.queue = JobQueue(jobs_root)
         m = self.model
         self.C, self.S = m.cfg.model.in_channels, m.cfg.model.image_size
-        self.samplers = tuple(SAMPLERS_FOR[m.objective])          # read live: new samplers appear here
+        # The samplers that fit the objective (read live, so new ones appear) and that the command
+        # shown under a result accepts.
+        self.samplers = tuple(s for s in SAMPLERS_FOR[m.objective] if s in _cli_choices("sample", "--sampler"))
+        self.edit_samplers = tuple(s for s in SAMPLERS_FOR[m.objective]
+                                   if s in _cli_choices("edit", "sdedit", "--sampler"))
         self.max_steps = LIMITS["steps"] if m.objective == "flow" else min(LIMITS["steps"], m.cfg.diffusion.timesteps)
 
     def close(self) -> None:
@@ -203,23 +207,25 @@ class App:
     def info(self) -> dict:
         m, sc = self.model, self.model.cfg.sample
         default = sc.sampler if sc.sampler in self.samplers else self.samplers[0]
-        edit_default = "ddpm" if m.objective == "diffusion" else "euler"
+        edit_default = "ddpm" if m.objective == "diffusion" else "euler"           # as difflo edit
         return {
             "ckpt": self.ckpt_arg, "weights": "ema" if self.ema else "raw", "objective": m.objective,
             "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": _class_names(m),
             "image_size": self.S, "channels": self.C, "samplers": list(self.samplers),
+            "edit_samplers": list(self.edit_samplers),
             "defaults": {"sampler": default, "steps": min(sc.steps, self.max_steps), "w": sc.w,
-                         "edit_sampler": edit_default if edit_default in self.samplers else default},
+                         "edit_sampler": edit_default if edit_default in self.edit_samplers
+                         else self.edit_samplers[0]},
             "views": [v for v in editing.VIEWS if v != "identity"],
             "limits": {**LIMITS, "steps": self.max_steps, "upload_mb": LIMITS["upload_bytes"] >> 20},
         }
 
     # ------------------------------------------------------------------ fields shared by both tabs
-    def _common(self, f: Fields, sampler_default: str) -> dict:
+    def _common(self, f: Fields, samplers, sampler_default: str) -> dict:
         return {"steps": f.int("steps", 1, self.max_steps, self.model.cfg.sample.steps),
                 "w": f.float("w", 0.0, LIMITS["w"], self.model.cfg.sample.w),
                 "seed": f.int("seed", 0, LIMITS["seed"], 0),
-                "sampler": f.choice("sampler", self.samplers, sampler_default)}
+                "sampler": f.choice("sampler", samplers, sampler_default)}
 
     def _cls(self, f: Fields, name: str, default=0) -> int:
         k = self.model.num_classes
@@ -231,7 +237,7 @@ class App:
     # ------------------------------------------------------------------ sample
     def submit_sample(self, body) -> Job:
         f = Fields(body)
-        p = self._common(f, self.info()["defaults"]["sampler"])
+        p = self._common(f, self.samplers, self.info()["defaults"]["sampler"])
         k = self.model.num_classes
         spec = body.get("classes", "all")
         spec = "all" if spec in ("all", "", None) or not k else str(self._cls(f, "classes"))
@@ -279,7 +285,7 @@ class App:
         f = Fields(body)
         tech = f.choice("technique", EDIT_TECHNIQUES)
         info = self.info()
-        p = self._common(f, info["defaults"]["edit_sampler"])
+        p = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
         n = f.int("n", 1, LIMITS["n"], 1)
         heun = 2 if p["sampler"] == "heun" else 1
         args = ["edit", tech, "--ckpt", self.ckpt_arg, "--n", str(n), "--seed", str(p["seed"]), "--w", _num(p["w"]),
@@ -401,6 +407,19 @@ def _display_path(p: Path) -> str:
 
 def _cmd(argv: list[str]) -> str:
     return "difflo " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _cli_choices(*names: str) -> tuple:
+    """The choices of an option of a ``difflo`` subcommand, e.g. ("sample", "--sampler")."""
+    import argparse
+
+    from ..cli import build_parser
+
+    p = build_parser()
+    *subs, option = names
+    for name in subs:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return tuple(next(a for a in p._actions if option in a.option_strings).choices)
 
 
 def _parse(argv: list[str]):

@@ -349,7 +349,7 @@ function setupEdit() {
   ["e-class", "e-a", "e-b", "e-low", "e-high"].forEach((id) => fillClassSelect($(id), false));
   if (INFO.num_classes > 9) { $("e-a").value = "6"; $("e-b").value = "9"; $("e-high").value = "1"; }
   fillSelect($("e-view"), INFO.views, "rot180");
-  fillSelect($("e-sampler"), INFO.samplers, INFO.defaults.edit_sampler);
+  fillSelect($("e-sampler"), INFO.edit_samplers, INFO.defaults.edit_sampler);
   $("e-steps").value = INFO.defaults.steps;
   $("e-steps").max = INFO.limits.steps;
   $("e-n").max = INFO.limits.n;
