@@ -179,6 +179,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)              # `kill` also stops cleanly (removes the job files)
     app = App(args.ckpt, ema=args.ema, device=args.device)
     httpd = make_server(app, args.host, args.port)
     h, p = httpd.server_address[:2]
