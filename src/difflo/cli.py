@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data, edit, eval, study.
+"""``difflo`` command line: train, sample, demo, data, edit, eval, study, serve.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
 printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     from . import edit_cli
     from .data import cli as data_cli
     from .eval import cli as eval_cli
+    from .serve import server as serve_cli
     from .study import cli as study_cli
     data_cli.add_parser(sub)
     edit_cli.add_parser(sub)
     eval_cli.add_parser(sub)
     study_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     return p
 
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             from .study import cli as study_cli
             return study_cli.run(args)
+        if args.command == "serve":
+            from .serve import server as serve_cli
+            return serve_cli.run(args)
         return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except DiffloError as e:
         print(f"difflo: error: {e}", file=sys.stderr)

@@ -166,7 +166,9 @@ def add_parser(sub) -> None:
 
 # ----------------------------------------------------------------------------- running
 class _Ctx:
-    def __init__(self, args):
+    def __init__(self, args, model=None, log=print):
+        """``model``: an already loaded :class:`~difflo.sample.Model` (``difflo serve``), else ``args.ckpt``
+        is loaded; ``log`` receives the lines the command prints."""
         from .sample import load_model, pick_device
 
         self.args = args
@@ -175,12 +177,13 @@ class _Ctx:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DiffloError(f"cannot create --out {self.out}: {e.strerror}") from None
-        self.model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
+        self.model = model or load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
         self.device = next(self.model.net.parameters()).device
         self.path = self.model.path
         self.C, self.S = self.model.cfg.model.in_channels, self.model.cfg.model.image_size
         self.seeds = [args.seed + i for i in range(args.n)]
         self.notes: list[str] = []
+        self.log = log
         sampler = getattr(args, "sampler", None) or ("ddpm" if self.model.objective == "diffusion" else "euler")
         from .samplers import SAMPLERS_FOR
         if sampler not in SAMPLERS_FOR[self.model.objective]:
@@ -239,10 +242,10 @@ class _Ctx:
         np.savez_compressed(tmp, **{k: to_uint8(v.cpu()) for k, v in raw.items()}, seeds=np.array(self.seeds))
         tmp.replace(self.out / "raw.npz")
         for n in self.notes:
-            print(f"note: {n}")
-        print(summary)
-        print(f"wrote {self.out / 'figure.png'}, {self.out / 'raw.npz'} and {len(u8)} result PNGs"
-              + (f"; figure also at {self.args.figure}" if self.args.figure else ""))
+            self.log(f"note: {n}")
+        self.log(summary)
+        self.log(f"wrote {self.out / 'figure.png'}, {self.out / 'raw.npz'} and {len(u8)} result PNGs"
+                 + (f"; figure also at {self.args.figure}" if self.args.figure else ""))
 
 
 def _t_label(t):
@@ -374,8 +377,8 @@ def cmd_hybrid(ctx: _Ctx) -> int:
     return 0
 
 
-def run(args) -> int:
-    ctx = _Ctx(args)
+def run(args, model=None, log=print) -> int:
+    ctx = _Ctx(args, model, log)
     return {"forward": cmd_forward, "denoise": cmd_denoise, "sdedit": cmd_sdedit, "inpaint": cmd_inpaint,
             "anagram": cmd_anagram, "hybrid": cmd_hybrid}[args.technique](ctx)
 
