@@ -54,7 +54,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     perm = _permutation(n, seed, epoch)
     if batch_size > n:                                    # tiny data sets: sample with repeats
         return np.random.default_rng([seed, epoch, 1]).choice(n, batch_size)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    return perm[k * batch_size:(k + 1) * batch_size].copy()          # the cached order stays read-only
 
 
 @functools.lru_cache(maxsize=1)
