@@ -1,16 +1,19 @@
 """``difflo`` command line: train, sample, demo, data, edit, study.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
-printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
+printed as one line ``difflo: error: ...`` with exit code 2; never a traceback. SIGINT/SIGTERM
+during ``train``/``demo`` training write a checkpoint, print how to resume and exit with 130/143.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, faults
 from .argtypes import nonneg_float as _nonneg_float
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
@@ -115,7 +118,12 @@ def cmd_train(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)   # train() validates it once the data is known
     name = Path(args.config).stem if args.config else "mnist10k"
     out = Path(args.out or f"runs/{name}")
-    ckpt = train(cfg, out, resume=args.resume)
+    with faults.graceful_stop() as stop:
+        ckpt = train(cfg, out, resume=args.resume)
+    if stop.signum:
+        again = ["difflo", "train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
+        print(faults.stop_message(stop, ckpt, shlex.join(again + ["--out", str(out), "--resume"])), file=sys.stderr)
+        return stop.exit_code
     print(f"done: checkpoint {ckpt}\n  sample with: difflo sample --ckpt {out} --out {out}/grid.png")
     return 0
 
@@ -195,7 +203,12 @@ def cmd_demo(args) -> int:
     cfg.train.steps = 100_000                      # bounded by time, not steps
     cfg.train.lr_schedule = "constant"
     print(f"difflo demo: training on the embedded mnist10k digits for {args.minutes:g} minutes ...")
-    ckpt = train(cfg, out / "run", resume=args.resume)
+    with faults.graceful_stop() as stop:
+        ckpt = train(cfg, out / "run", resume=args.resume)
+    if stop.signum:
+        again = shlex.join(["difflo", "demo", "--out", str(out), "--minutes", f"{args.minutes:g}", "--resume"])
+        print(faults.stop_message(stop, ckpt, again), file=sys.stderr)
+        return stop.exit_code
     model = load_model(ckpt, ema=True)
     import torch
     labels = torch.arange(10).repeat_interleave(10)
@@ -208,6 +221,13 @@ def cmd_demo(args) -> int:
           f"checkpoint {ckpt}\n"
           f"sample more with: difflo sample --ckpt {out / 'run'} --out grid.png")
     return 0
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             return study_cli.run(args)
         return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except DiffloError as e:
-        print(f"difflo: error: {e}", file=sys.stderr)
+        print(f"difflo: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:                     # the disk filled up or became read-only mid-run
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"difflo: error: {e.strerror}{where}; free disk space or fix the permissions, then run again "
+              f"(difflo train: with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflo: interrupted", file=sys.stderr)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import config as config_mod
-from .checkpoint import load_weights, resolve_weights
+from .checkpoint import load_weights, resolve_weights, verify_file
 from .diffusion import DiscreteSchedule
 from .flow import FlowPath
 from .errors import CheckpointError, DiffloError
@@ -61,9 +61,11 @@ def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
 def load_model(path, ema: bool = True, device="cpu") -> Model:
     """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
     weights = resolve_weights(path, ema)
+    verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
     state, cfg_dict, _ = load_weights(weights)
     try:
         cfg = config_mod.from_dict(cfg_dict)
+        cfg.validate()
         net = build_net(cfg)
     except (DiffloError, ValueError) as e:
         raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
 from . import diffusion, flow
+from . import faults
 from .errors import DiffloError
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .sample import Model, build_net, generate, make_path, pick_device
@@ -84,7 +85,7 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          log=print) -> Path:
+          log=print) -> Path | None:
     """Train a model as configured into ``run_dir``; returns the last checkpoint directory."""
     run_dir = Path(run_dir)
     t = cfg.train
@@ -107,12 +108,12 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     opt = torch.optim.AdamW(net.parameters(), lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     path = make_path(cfg.diffusion)
     n_params = sum(p.numel() for p in net.parameters())
+    faults.check_free_space(run_dir, n_params, t.keep_checkpoints)
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
     step = 0
     if resume and existing:
-        ckpt = existing[-1]
-        checkpoint.verify(ckpt)
+        ckpt = checkpoint.latest_intact(existing, log)          # a corrupt newest one: the previous
         state, saved_cfg, _ = checkpoint.load_weights(ckpt / "model.safetensors")
         if saved_cfg["model"] != cfg.to_dict()["model"] or saved_cfg["diffusion"] != cfg.to_dict()["diffusion"]:
             raise DiffloError(f"--resume: the model/diffusion config differs from the run's ({ckpt}); "
@@ -123,7 +124,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         opt.load_state_dict(ts["optimizer"])
         step = int(ts["step"])
         log(f"resuming {run_dir} from step {step} ({ckpt.name})")
-    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    checkpoint.write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
     cfg_dict = cfg.to_dict()
 
     metrics_path = run_dir / "metrics.csv"
@@ -133,6 +134,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     else:                                    # drop rows logged after the checkpoint we resume from
         with open(metrics_path) as f:
             rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if len(r) == len(METRICS_FIELDS) and r[0].isdigit()]   # a row cut by a kill
         with open(metrics_path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(METRICS_FIELDS)
@@ -163,8 +165,9 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     start, window_t, window_loss, window_n = time.time(), time.time(), 0.0, 0
     last_saved = step
+    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     net.train()
-    while step < t.steps:
+    while step < t.steps and not faults.stop_requested():         # SIGINT/SIGTERM: save, stop (faults.py)
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -176,11 +179,13 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         loss = objective_loss(net, x0, y, path, cfg.diffusion, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        finite = guard.check(step, loss, net)          # NaN/inf loss or gradients: skip the update (faults.py)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        opt.step()
+        if finite:
+            opt.step()
         with torch.no_grad():
-            decay = ema_decay_at(step, t)
+            decay = ema_decay_at(step, t) if finite else 1.0         # 1.0: a skipped step leaves the EMA as is
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - decay)
             for be, b in zip(ema.buffers(), net.buffers()):
@@ -210,4 +215,4 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if last_saved != step:
         save(step)
     ckpts = checkpoint.list_checkpoints(run_dir)
-    return ckpts[-1]
+    return ckpts[-1] if ckpts else None           # None: stopped by a signal before the first step
