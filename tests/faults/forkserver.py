@@ -13,8 +13,11 @@ Protocol, one JSON object per line: ``{"run": ARGV, "log": PATH, "env": {...}}``
 """
 from __future__ import annotations
 
+import atexit
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -115,7 +118,61 @@ class ForkServer:
 
     def close(self) -> None:
         self.proc.stdin.close()
+        self.proc.kill()                   # its children have all been waited for; skip torch's teardown
         self.proc.wait(timeout=30)
+
+
+_shared: ForkServer | None = None
+
+
+def shared() -> ForkServer:
+    """One server for the whole test session (starting one costs a torch import)."""
+    global _shared
+    if _shared is None:
+        _shared = ForkServer()
+        atexit.register(_shared.close)
+    return _shared
+
+
+# ----------------------------------------------------------------------------- watching a run
+def done_steps(run) -> int:
+    """The last step whose metrics row was written completely (log_every=1)."""
+    try:
+        with open(run / "metrics.csv") as f:
+            rows = list(csv.reader(f))[1:]
+    except FileNotFoundError:
+        return 0
+    steps = [int(r[0]) for r in rows if len(r) == 5 and r[0].isdigit()]
+    return max(steps, default=0)
+
+
+def wait_for(cond, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.003)
+
+
+def stat_or_none(path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:               # a zombie has exited already
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def resumed_from(log) -> int | None:
+    m = re.search(r"resuming .* from step (\d+)", log.read_text())
+    return int(m.group(1)) if m else None
 
 
 if __name__ == "__main__":

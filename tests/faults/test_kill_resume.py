@@ -10,7 +10,6 @@ the run, resumed to completion, has the weights and the per-step losses of an un
 import csv
 import os
 import random
-import re
 import signal
 import time
 
@@ -20,7 +19,8 @@ from safetensors.torch import load_file
 
 from difflo import checkpoint
 from conftest import TINY
-from forkserver import ForkServer
+import forkserver
+from forkserver import alive, done_steps, resumed_from, stat_or_none, wait_for
 
 KILLS = 20
 CKPT_EVERY = 2
@@ -30,22 +30,9 @@ ARGS = TINY + ["model.attn_resolutions=[]", "train.batch_size=4", f"train.steps=
                f"train.ckpt_every={CKPT_EVERY}", "train.keep_checkpoints=2"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def server():
-    s = ForkServer()
-    yield s
-    s.close()
-
-
-def done_steps(run) -> int:
-    """The last step whose metrics row was written completely (log_every=1)."""
-    try:
-        with open(run / "metrics.csv") as f:
-            rows = list(csv.reader(f))[1:]
-    except FileNotFoundError:
-        return 0
-    steps = [int(r[0]) for r in rows if len(r) == 5 and r[0].isdigit()]
-    return max(steps, default=0)
+    return forkserver.shared()
 
 
 def ckpt_step(ckpt) -> int:
@@ -65,35 +52,6 @@ def check_every_checkpoint(run) -> int:
         if (run / "checkpoints").is_dir() else []
     assert not leftovers, f"incomplete checkpoint directories visible under a final name: {leftovers}"
     return ckpt_step(ckpts[-1]) if ckpts else 0
-
-
-def wait_for(cond, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.003)
-
-
-def stat_or_none(path):
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-def alive(pid) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:               # a zombie has exited already
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def resumed_from(log) -> int | None:
-    m = re.search(r"resuming .* from step (\d+)", log.read_text())
-    return int(m.group(1)) if m else None
 
 
 def writing_since(run, t0_ns) -> bool:
