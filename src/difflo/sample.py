@@ -50,7 +50,13 @@ class Model:
 
 
 def build_net(cfg: config_mod.Config) -> UNet:
-    return UNet(cfg.model)
+    try:
+        return UNet(cfg.model)
+    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:     # an allocation too large to make
+        m = cfg.model
+        raise DiffloError(f"cannot build the UNet (model.channels={m.channels}, channel_mult={list(m.channel_mult)}, "
+                          f"in_channels={m.in_channels}): {str(e).splitlines()[0][:120]}; choose a smaller "
+                          f"model") from None
 
 
 def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
