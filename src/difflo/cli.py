@@ -17,6 +17,7 @@ from . import __version__, faults
 from .argtypes import nonneg_float as _nonneg_float
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
+from .argtypes import seed as _seed
 from .errors import DiffloError
 
 DEMO_MINUTES = 5.0
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--grid", type=_positive_int, metavar="K", help="K images per class in a grid (default 8)")
     n.add_argument("--n", type=_positive_int, help="N images in total (for .npz sample sets)")
     s.add_argument("--classes", default="all", help="comma-separated class indices, or 'all' (default)")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
     s.add_argument("--batch-size", type=_positive_int, default=250)
