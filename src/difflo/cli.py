@@ -98,9 +98,11 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
     return classes
 
 
-def _check_out(path: Path, suffixes: tuple[str, ...]) -> Path:
+def _check_out(path: Path, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
     if path.suffix.lower() not in suffixes:
-        raise DiffloError(f"--out {path}: the file name must end in {' or '.join(suffixes)}")
+        raise DiffloError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise DiffloError(f"{flag} {path} is a directory; give a file name ending in {' or '.join(suffixes)}")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def _check_out(path: Path, suffixes: tuple[str, ...]) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise DiffloError(f"cannot write --out {path}: {e.strerror}") from None
+        raise DiffloError(f"cannot write {flag} {path}: {e.strerror}") from None
     return path
 
 
@@ -161,7 +163,7 @@ def cmd_sample(args) -> int:
     from .sample import load_model, pick_device
 
     out = _check_out(Path(args.out), (".png", ".npz"))
-    gif = _check_out(Path(args.gif), (".gif",)) if args.gif else None
+    gif = _check_out(Path(args.gif), (".gif",), "--gif") if args.gif else None
     model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
     sc = model.cfg.sample
     settings = {"sampler": args.sampler or sc.sampler, "steps": args.steps or sc.steps,

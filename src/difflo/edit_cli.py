@@ -200,6 +200,9 @@ class _Ctx:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DiffloError(f"cannot create --out {self.out}: {e.strerror}") from None
+        if args.figure is not None:
+            from .cli import _check_out
+            _check_out(Path(args.figure), (".png",), "--figure")
         self.model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
         self.device = next(self.model.net.parameters()).device
         self.path = self.model.path

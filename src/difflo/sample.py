@@ -25,9 +25,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DiffloError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
         raise DiffloError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DiffloError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise DiffloError(f"device {name!r} asked for, but this PyTorch has no MPS support; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DiffloError(f"device {name!r} cannot run difflo; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass
