@@ -45,7 +45,12 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 def _to_8bit(img: Image.Image) -> Image.Image:
     """16-bit (I;16*), 32-bit integer (I) and float (F) greyscale -> 8-bit L, scaled to the range the
-    values use (PIL's convert clips instead: a 16-bit mid-grey would become white)."""
+    values use (PIL's convert clips instead: a 16-bit mid-grey would become white); LAB -> RGB."""
+    if img.mode == "LAB":                              # PIL converts LAB only through a colour profile
+        from PIL import ImageCms
+        lab_to_rgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                             "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_rgb)
     if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
         return img
     a = np.asarray(img, dtype=np.float64)
@@ -71,7 +76,7 @@ def load_image(path, channels: int, size: int, notes: list | None = None) -> tor
                      + (" (alpha composited on black)" if "A" in img.mode else ""))
         try:
             img = _flatten_alpha(_to_8bit(img)).convert(mode)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise DiffloError(f"cannot convert image {path} from mode {img.mode} to {mode} ({e}); "
                               f"save it as an 8-bit RGB or greyscale PNG") from None
     if img.size != (size, size):
@@ -90,7 +95,7 @@ def load_mask(path, image_path, size: int) -> torch.Tensor:
                           f"{im.size[0]}x{im.size[1]}; give a mask of the image's size")
     try:
         m = _flatten_alpha(_to_8bit(m)).convert("L")
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise DiffloError(f"cannot read mask {path} (mode {m.mode}) as greyscale ({e}); save it as an 8-bit "
                           f"PNG") from None
     if m.size != (size, size):
