@@ -192,7 +192,7 @@ small = {"model.channels": st.sampled_from([4, 8, 12]), "model.channel_mult": st
          "train.steps": st.integers(1, 2)}
 
 
-@fuzz(25)
+@fuzz(15)
 @given(data=st.data())
 def test_valid_random_configs_train_without_a_traceback(tmp_path_factory, data):
     """Random small configs through `difflo train` for 1-2 steps: exit 0, or one clean line."""

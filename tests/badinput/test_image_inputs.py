@@ -83,6 +83,7 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path, value):
     assert torch.allclose(x, torch.full_like(x, value / 65535 * 2 - 1), atol=1 / 127)
 
 
+@pytest.mark.filterwarnings("ignore:Truncated File Read")
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF"])
 @fuzz(25)
 @given(cut=st.floats(0, 0.999), seed=st.integers(0, 100))
