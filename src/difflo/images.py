@@ -84,6 +84,11 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     ax.legend(loc="upper right")
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.96)   # not tight_layout: drawn at every checkpoint
     tmp = Path(out_png).with_name(f".{Path(out_png).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except BaseException:                  # e.g. the disk is full: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
