@@ -88,7 +88,7 @@ def png(tmp_path_factory):
 
 def cases(ckpt, png, tmp):
     """(argv, needle) of missing, conflicting and malformed arguments, command by command."""
-    out, img, mask = str(tmp / "o.png"), str(png / "digit.png"), str(png / "mask.png")
+    out, img = str(tmp / "o.png"), str(png / "digit.png")
     e = ["--ckpt", ckpt, "--out", str(tmp / "edit")]
     return [
         # train
