@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _number(s: str, kind, what: str):
@@ -20,13 +21,24 @@ def positive_int(s: str) -> int:
 
 def nonneg_float(s: str) -> float:
     v = _number(s, float, "a number")
-    if not v >= 0:                       # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    if not v >= 0 or math.isinf(v):      # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {s}")
     return v
 
 
 def positive_float(s: str) -> float:
     v = _number(s, float, "a number")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {s}")
+    return v
+
+
+MAX_SEED = 2**62
+
+
+def seed(s: str) -> int:
+    """A random seed: 0 <= seed < 2^62 (image i of a command uses seed + i in a 64-bit generator)."""
+    v = _number(s, int, "a whole number")
+    if not 0 <= v < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 2^62, got {v}")
     return v

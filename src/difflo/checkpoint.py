@@ -12,7 +12,13 @@ A run directory looks like::
 
 A checkpoint is written into ``checkpoints/.tmp-step_N`` and renamed into place, so a directory
 named ``step_N`` is always complete; a kill during the write leaves only a ``.tmp-*`` directory,
-which the next save removes. No code is pickled: weights + config rebuild the model.
+which the next save removes. Replacing or deleting a checkpoint first renames it to ``.tmp-*`` too.
+A failed write (disk full) removes the partial ``.tmp-*`` directory and raises CheckpointError.
+No code is pickled: weights + config rebuild the model.
+
+Test hook: with ``DIFFLO_FAULT_SLEEP_IN_SAVE=SECONDS`` in the environment, every save sleeps that
+long after each file it writes (before the rename), to widen the window in which
+tests/faults/ kill a run in the middle of a checkpoint write. Never set it otherwise.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +67,20 @@ def weights_metadata(config: dict, step: int, kind: str) -> dict[str, str]:
             "step": str(step), "weights": kind, "config": json.dumps(config)}
 
 
+def _fault_sleep() -> None:
+    """The test-only DIFFLO_FAULT_SLEEP_IN_SAVE hook (see the module docstring)."""
+    seconds = os.environ.get("DIFFLO_FAULT_SLEEP_IN_SAVE")
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def _discard(path: Path, root: Path) -> None:
+    """Remove a directory so that no half-deleted copy is ever visible under its name."""
+    doomed = root / f".tmp-del-{path.name}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, ema_state: dict,
                     train_state: dict, keep: int = 2) -> Path:
     """Write RUN/checkpoints/step_N atomically; keep the newest `keep` checkpoints."""
@@ -69,27 +90,54 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, e
         shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".tmp-step_{step:07d}"
-    tmp.mkdir()
-    for name, state in (("model.safetensors", model_state), ("ema.safetensors", ema_state)):
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / name), metadata=weights_metadata(config, step, name.split(".")[0]))
-    torch.save(train_state, tmp / "state.pt")
-    files = ("model.safetensors", "ema.safetensors", "state.pt")
-    for name in files:
-        with open(tmp / name, "rb") as f:
+    try:
+        tmp.mkdir()
+        for name, state in (("model.safetensors", model_state), ("ema.safetensors", ema_state)):
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / name), metadata=weights_metadata(config, step, name.split(".")[0]))
+            _fault_sleep()
+        torch.save(train_state, tmp / "state.pt")
+        _fault_sleep()
+        files = ("model.safetensors", "ema.safetensors", "state.pt")
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f)
+            f.flush()
             os.fsync(f.fileno())
-    manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
-    with open(tmp / "manifest.json", "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():                       # re-saving the same step (e.g. after a resume)
-        shutil.rmtree(final)
+        _fsync_dir(tmp)
+        _fault_sleep()
+    except (OSError, SafetensorError, RuntimeError) as e:     # disk full, quota, I/O error (torch.save: RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {final} ({why}); the partial write was removed and "
+                              f"{kept}: free disk space, then continue with --resume") from None
+    except BaseException:                    # e.g. a second Ctrl-C: leave no partial directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():                       # re-saving the same step (e.g. after falling back to an older one)
+        _discard(final, ckpt_root)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old, ckpt_root)
     return final
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename (a kill never leaves half of it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -104,16 +152,53 @@ def verify(ckpt_dir: Path) -> None:
     """Raise CheckpointError if a file of the checkpoint is missing or its checksum differs."""
     try:
         manifest = json.loads((ckpt_dir / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
+        digests = dict(manifest["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no readable manifest.json ({e})") from None
-    for name, digest in manifest["sha256"].items():
+    for name, digest in digests.items():
         path = ckpt_dir / name
         if not path.is_file() or _sha256(path) != digest:
             raise CheckpointError(f"checkpoint file {path} is missing or corrupt (sha256 mismatch)")
 
 
+def verify_file(path: Path) -> None:
+    """Check one file against the manifest.json beside it, if it has one (a bare .safetensors has none)."""
+    path = Path(path)
+    manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        digest = json.loads(manifest.read_text())["sha256"][path.name]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path.parent} has an unreadable manifest.json ({e})") from None
+    if _sha256(path) != digest:
+        raise CheckpointError(f"checkpoint file {path} is corrupt (its sha256 differs from {manifest}); "
+                              f"use an earlier checkpoint directory of the run")
+
+
+def latest_intact(ckpts: list[Path], log=print) -> Path:
+    """The newest checkpoint that passes verify(); says so for each corrupt one it skips."""
+    problems = []
+    for ckpt in reversed(ckpts):
+        try:
+            verify(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log(f"warning: {e}; falling back to the previous checkpoint")
+            continue
+        if problems:
+            log(f"warning: resuming from {ckpt.name}, the newest intact checkpoint")
+        return ckpt
+    raise CheckpointError(f"no intact checkpoint to resume from ({'; '.join(problems)}); "
+                          f"start a new run with another --out")
+
+
 def load_train_state(ckpt_dir: Path) -> dict:
-    return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    path = Path(ckpt_dir) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                   # torch raises RuntimeError / UnpicklingError / EOFError ...
+        raise CheckpointError(f"{path} is not a readable difflo training state ({type(e).__name__})") from None
 
 
 def resolve_weights(path: str | Path, ema: bool = True) -> Path:
@@ -146,8 +231,21 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a difflo checkpoint (no difflo config in "
                               f"its metadata)")
-    version = int(meta.get("format_version", "0"))
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CheckpointError(f"{path} has no valid checkpoint format_version in its metadata "
+                              f"(got {meta.get('format_version')!r}); it was not written by difflo") from None
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer difflo (checkpoint format {version}, this difflo "
                               f"reads up to {FORMAT_VERSION}): upgrade difflo")
-    return state, json.loads(meta["config"]), meta
+    if version < 1:
+        raise CheckpointError(f"{path} has checkpoint format {version}, which no difflo writes (this difflo "
+                              f"reads 1..{FORMAT_VERSION})")
+    try:
+        config = json.loads(meta["config"])
+    except ValueError:
+        raise CheckpointError(f"{path}: the config in its metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the config in its metadata is not a mapping")
+    return state, config, meta

@@ -1,20 +1,24 @@
 """``difflo`` command line: train, sample, demo, data, edit, eval, study, serve.
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
-printed as one line ``difflo: error: ...`` with exit code 2; never a traceback.
+printed as one line ``difflo: error: ...`` with exit code 2; never a traceback. SIGINT/SIGTERM
+during ``train``/``demo`` training write a checkpoint, print how to resume and exit with 130/143.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, faults
 from .argtypes import nonneg_float as _nonneg_float
 from .argtypes import positive_float as _positive_float
 from .argtypes import positive_int as _positive_int
+from .argtypes import seed as _seed
 from .errors import DiffloError
 
 DEMO_MINUTES = 5.0
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--grid", type=_positive_int, metavar="K", help="K images per class in a grid (default 8)")
     n.add_argument("--n", type=_positive_int, help="N images in total (for .npz sample sets)")
     s.add_argument("--classes", default="all", help="comma-separated class indices, or 'all' (default)")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
     s.add_argument("--batch-size", type=_positive_int, default=250)
@@ -100,9 +104,11 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
     return classes
 
 
-def _check_out(path: Path, suffixes: tuple[str, ...]) -> Path:
+def _check_out(path: Path, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
     if path.suffix.lower() not in suffixes:
-        raise DiffloError(f"--out {path}: the file name must end in {' or '.join(suffixes)}")
+        raise DiffloError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise DiffloError(f"{flag} {path} is a directory; give a file name ending in {' or '.join(suffixes)}")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +116,7 @@ def _check_out(path: Path, suffixes: tuple[str, ...]) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise DiffloError(f"cannot write --out {path}: {e.strerror}") from None
+        raise DiffloError(f"cannot write {flag} {path}: {e.strerror}") from None
     return path
 
 
@@ -121,7 +127,12 @@ def cmd_train(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)   # train() validates it once the data is known
     name = Path(args.config).stem if args.config else "mnist10k"
     out = Path(args.out or f"runs/{name}")
-    ckpt = train(cfg, out, resume=args.resume)
+    with faults.graceful_stop() as stop:
+        ckpt = train(cfg, out, resume=args.resume)
+    if stop.signum:
+        again = ["difflo", "train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
+        print(faults.stop_message(stop, ckpt, shlex.join(again + ["--out", str(out), "--resume"])), file=sys.stderr)
+        return stop.exit_code
     if os.environ.get("RANK", "0") == "0":            # torchrun: rank 0 reports
         print(f"done: checkpoint {ckpt}\n  sample with: difflo sample --ckpt {out} --out {out}/grid.png")
     return 0
@@ -159,7 +170,7 @@ def cmd_sample(args) -> int:
     from .sample import load_model, pick_device
 
     out = _check_out(Path(args.out), (".png", ".npz"))
-    gif = _check_out(Path(args.gif), (".gif",)) if args.gif else None
+    gif = _check_out(Path(args.gif), (".gif",), "--gif") if args.gif else None
     model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
     if args.compile:
         from .precision import compile_net
@@ -205,7 +216,12 @@ def cmd_demo(args) -> int:
     cfg.train.steps = 100_000                      # bounded by time, not steps
     cfg.train.lr_schedule = "constant"
     print(f"difflo demo: training on the embedded mnist10k digits for {args.minutes:g} minutes ...")
-    ckpt = train(cfg, out / "run", resume=args.resume)
+    with faults.graceful_stop() as stop:
+        ckpt = train(cfg, out / "run", resume=args.resume)
+    if stop.signum:
+        again = shlex.join(["difflo", "demo", "--out", str(out), "--minutes", f"{args.minutes:g}", "--resume"])
+        print(faults.stop_message(stop, ckpt, again), file=sys.stderr)
+        return stop.exit_code
     model = load_model(ckpt, ema=True)
     import torch
     labels = torch.arange(10).repeat_interleave(10)
@@ -218,6 +234,13 @@ def cmd_demo(args) -> int:
           f"checkpoint {ckpt}\n"
           f"sample more with: difflo sample --ckpt {out / 'run'} --out grid.png")
     return 0
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             return serve_cli.run(args)
         return {"train": cmd_train, "sample": cmd_sample, "demo": cmd_demo}[args.command](args)
     except DiffloError as e:
-        print(f"difflo: error: {e}", file=sys.stderr)
+        print(f"difflo: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:                     # the disk filled up or became read-only mid-run
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"difflo: error: {e.strerror}{where}; free disk space or fix the permissions, then run again "
+              f"(difflo train: with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("difflo: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class TrainConfig:
     log_every: int = 25
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10      # stop after this many steps in a row with a NaN/inf loss or gradient
     sample_every: int = 1000           # 0 disables the sample grids during training
     max_minutes: float | None = None   # stop (with a checkpoint) after this much wall time
     device: str = "auto"               # auto | cpu | cuda | cuda:N
@@ -132,7 +134,8 @@ class Config:
         positive = [("diffusion.timesteps", d.timesteps), ("train.steps", t.steps),
                     ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.log_every", t.log_every),
                     ("train.ckpt_every", t.ckpt_every), ("train.keep_checkpoints", t.keep_checkpoints),
-                    ("sample.steps", s.steps), ("eval.steps", self.eval.steps)]
+                    ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("sample.steps", s.steps),
+                    ("eval.steps", self.eval.steps)]
         problems += [f"{k}={v} must be > 0" for k, v in positive if v <= 0]
         nonneg = [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
                   ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
@@ -155,6 +158,10 @@ class Config:
             problems.append("eval.n and eval.ref_n must be >= 2 (a covariance needs two samples)")
         if len(t.adam_betas) != 2:
             problems.append("train.adam_betas must have two values, e.g. [0.9, 0.999]")
+        elif not all(0.0 <= b < 1.0 for b in t.adam_betas):
+            problems.append(f"train.adam_betas={list(t.adam_betas)} must lie in [0, 1), e.g. [0.9, 0.999]")
+        if not 0 <= t.seed < 2**32:
+            problems.append(f"train.seed={t.seed} must be in 0..2^32-1")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -191,13 +198,21 @@ def _coerce(value, tp, key: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):          # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:           # an int beyond float's range
+                number = math.inf
+        elif isinstance(value, str):        # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

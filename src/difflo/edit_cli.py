@@ -31,7 +31,7 @@ def _open(path) -> Image.Image:
         return img
     except FileNotFoundError:
         raise DiffloError(f"image {path} not found") from None
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise DiffloError(f"cannot read image {path}: {e} (give a PNG or JPG)") from None
 
 
@@ -41,6 +41,27 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I) and float (F) greyscale -> 8-bit L, scaled to the range the
+    values use (PIL's convert clips instead: a 16-bit mid-grey would become white); LAB -> RGB."""
+    if img.mode == "LAB":                              # PIL converts LAB only through a colour profile
+        from PIL import ImageCms
+        lab_to_rgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                             "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_rgb)
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+        top = 1.0                                     # float images in [0, 1]
+    else:
+        top = 255.0 if not a.size or a.max() <= 255 else 65535.0 if a.max() <= 65535 else a.max()
+    return Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
 
 
 def load_image(path, channels: int, size: int, notes: list | None = None) -> torch.Tensor:
@@ -53,7 +74,11 @@ def load_image(path, channels: int, size: int, notes: list | None = None) -> tor
     if img.mode != mode:
         notes.append(f"{path}: converted {img.mode} to {mode} for a {channels}-channel model"
                      + (" (alpha composited on black)" if "A" in img.mode else ""))
-        img = _flatten_alpha(img).convert(mode)
+        try:
+            img = _flatten_alpha(_to_8bit(img)).convert(mode)
+        except (ValueError, OSError) as e:
+            raise DiffloError(f"cannot convert image {path} from mode {img.mode} to {mode} ({e}); "
+                              f"save it as an 8-bit RGB or greyscale PNG") from None
     if img.size != (size, size):
         notes.append(f"{path}: resized {img.size[0]}x{img.size[1]} to the model's {size}x{size}")
         img = img.resize((size, size), Image.LANCZOS)
@@ -68,7 +93,11 @@ def load_mask(path, image_path, size: int) -> torch.Tensor:
     if m.size != im.size:
         raise DiffloError(f"mask {path} is {m.size[0]}x{m.size[1]} but image {image_path} is "
                           f"{im.size[0]}x{im.size[1]}; give a mask of the image's size")
-    m = _flatten_alpha(m).convert("L")
+    try:
+        m = _flatten_alpha(_to_8bit(m)).convert("L")
+    except (ValueError, OSError) as e:
+        raise DiffloError(f"cannot read mask {path} (mode {m.mode}) as greyscale ({e}); save it as an 8-bit "
+                          f"PNG") from None
     if m.size != (size, size):
         m = m.resize((size, size), Image.NEAREST)
     a = (np.asarray(m) >= 128).astype(np.float32)
@@ -92,7 +121,7 @@ def _int_list(s: str, flag: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- parser
 def add_parser(sub) -> None:
-    from .cli import _nonneg_float, _positive_int
+    from .cli import _nonneg_float, _positive_int, _seed
 
     e = sub.add_parser("edit", help="edit images in the sampling loop (SDEdit, inpainting, anagrams, ...)",
                        description="Image editing with a trained model; class labels are the prompt. "
@@ -103,7 +132,7 @@ def add_parser(sub) -> None:
         p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
         p.add_argument("--out", required=True, help="output directory (figure.png, raw.npz, result_XX.png)")
         p.add_argument("--figure", help="also write the figure to this PNG path")
-        p.add_argument("--seed", type=int, default=0, help="try i uses seed + i (default 0)")
+        p.add_argument("--seed", type=_seed, default=0, help="try i uses seed + i (default 0)")
         p.add_argument("--n", type=_positive_int, default=1, help="number of tries (default 1)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
@@ -113,8 +142,9 @@ def add_parser(sub) -> None:
                            help="default ddpm for diffusion, euler for flow")
             p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
         if times == "steps":
-            p.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
-            p.add_argument("--stride", type=_positive_int, help="instead of --steps: timesteps T' , T'-S, ..., 0")
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--steps", type=_positive_int, default=50, help="sampling steps (default 50)")
+            g.add_argument("--stride", type=_positive_int, help="instead of --steps: timesteps T' , T'-S, ..., 0")
         elif times == "stride":
             p.add_argument("--stride", type=_positive_int, default=30,
                            help="timestep stride: 990, 960, ..., 0 for 30 (default 30)")
@@ -177,6 +207,9 @@ class _Ctx:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DiffloError(f"cannot create --out {self.out}: {e.strerror}") from None
+        if args.figure is not None:
+            from .cli import _check_out
+            _check_out(Path(args.figure), (".png",), "--figure")
         self.model = model or load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
         self.device = next(self.model.net.parameters()).device
         self.path = self.model.path
@@ -256,7 +289,10 @@ def cmd_forward(ctx: _Ctx) -> int:
     from .samplers import SeededNoise
 
     a = ctx.args
-    ts = [editing.cli_time(ctx.path, float(v)) for v in a.t.split(",") if v.strip()] if a.t else []
+    try:
+        ts = [editing.cli_time(ctx.path, float(v)) for v in a.t.split(",") if v.strip()] if a.t else []
+    except ValueError:
+        raise DiffloError(f"--t must be comma-separated timesteps like 250,500,750; got {a.t!r}") from None
     if not ts:
         raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
     x0 = ctx.input_image(a.image, a.cls)

@@ -59,6 +59,7 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     with open(metrics_csv) as f:
         rows = [r for r in csv.DictReader(f) if r.get("loss")]     # evaluation rows have no loss
@@ -75,10 +76,19 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FormatStrFormatter("%g")      # 0.9, not mathtext 9x10^-1 (slow to render)
+    ok = loss[np.isfinite(loss) & (loss > 0)]
+    ax.yaxis.set_major_formatter(plain)                      # minor ticks labelled within one decade only
+    ax.yaxis.set_minor_formatter(plain if ok.size and ok.max() < 10 * ok.min() else matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper right")
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.96)   # not tight_layout: drawn at every checkpoint
     tmp = Path(out_png).with_name(f".{Path(out_png).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    except BaseException:                  # e.g. the disk is full: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import config as config_mod
-from .checkpoint import load_weights, resolve_weights
+from .checkpoint import load_weights, resolve_weights, verify_file
 from .diffusion import DiscreteSchedule
 from .flow import FlowPath
 from .errors import CheckpointError, DiffloError
@@ -25,9 +25,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DiffloError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
         raise DiffloError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DiffloError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise DiffloError(f"device {name!r} asked for, but this PyTorch has no MPS support; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DiffloError(f"device {name!r} cannot run difflo; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass
@@ -50,7 +58,13 @@ class Model:
 
 
 def build_net(cfg: config_mod.Config) -> UNet:
-    return UNet(cfg.model)
+    try:
+        return UNet(cfg.model)
+    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:     # an allocation too large to make
+        m = cfg.model
+        raise DiffloError(f"cannot build the UNet (model.channels={m.channels}, channel_mult={list(m.channel_mult)}, "
+                          f"in_channels={m.in_channels}): {str(e).splitlines()[0][:120]}; choose a smaller "
+                          f"model") from None
 
 
 def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
@@ -61,9 +75,11 @@ def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
 def load_model(path, ema: bool = True, device="cpu") -> Model:
     """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
     weights = resolve_weights(path, ema)
+    verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
     state, cfg_dict, _ = load_weights(weights)
     try:
         cfg = config_mod.from_dict(cfg_dict)
+        cfg.validate()
         net = build_net(cfg)
     except (DiffloError, ValueError) as e:
         raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
 from . import diffusion, distributed, flow, precision
+from . import faults
 from .errors import DiffloError
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .sample import Model, build_net, generate, make_path, pick_device
@@ -94,6 +95,7 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
     else:                                    # drop rows logged after the checkpoint we resume from
         with open(metrics_path) as f:
             rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if len(r) == len(METRICS_FIELDS) and r[0].isdigit()]   # a row cut by a kill
         with open(metrics_path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(METRICS_FIELDS)
@@ -111,7 +113,7 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          log=print) -> Path:
+          log=print) -> Path | None:
     """Train a model as configured into ``run_dir``; returns the last checkpoint directory."""
     run_dir = Path(run_dir)
     t = cfg.train
@@ -145,12 +147,12 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if t.compile:
         model = precision.compile_net(model, device)
     scaler = precision.grad_scaler(t.precision, device)
+    faults.check_free_space(run_dir, n_params, t.keep_checkpoints)
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
     step = 0
     if resume and existing:
-        ckpt = existing[-1]
-        checkpoint.verify(ckpt)
+        ckpt = checkpoint.latest_intact(existing, log)          # a corrupt newest one: the previous
         state, saved_cfg, _ = checkpoint.load_weights(ckpt / "model.safetensors")
         if saved_cfg["model"] != cfg.to_dict()["model"] or saved_cfg["diffusion"] != cfg.to_dict()["diffusion"]:
             raise DiffloError(f"--resume: the model/diffusion config differs from the run's ({ckpt}); "
@@ -166,7 +168,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     cfg_dict = cfg.to_dict()
     metrics_path = run_dir / "metrics.csv"
     if ddp.main:
-        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+        checkpoint.write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
         _start_metrics(metrics_path, step)
 
     def save(step: int) -> Path | None:
@@ -219,8 +221,9 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     start, window_t, window_loss, window_n = time.time(), time.time(), 0.0, 0
     last_saved = step
+    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     net.train()
-    while step < t.steps:
+    while step < t.steps and not faults.stop_requested():         # SIGINT/SIGTERM: save, stop (faults.py)
         lr = lr_at(step, t)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -233,13 +236,16 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             loss = objective_loss(model, x0, y, path, cfg.diffusion, gen, rows)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        finite = scaler.is_enabled() or guard.check(step, loss, net)   # NaN/inf: skip the update (faults.py);
+                                                                        # with fp16 the grad scaler skips them
         if t.grad_clip > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        if ddp.main:
-            _ema_update(ema, net, ema_decay_at(step, t))
+        if finite:
+            scaler.step(opt)
+            scaler.update()
+        if ddp.main:                                    # decay 1.0: a skipped step leaves the EMA as is
+            _ema_update(ema, net, ema_decay_at(step, t) if finite else 1.0)
         step += 1
         window_loss, window_n = window_loss + loss.detach().double(), window_n + 1   # no host sync per step
 
@@ -250,7 +256,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             if ddp.main:
                 with open(metrics_path, "a", newline="") as f:
                     csv.writer(f).writerow([step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
-                                            f"{now - start:.1f}"])
+                                            f"{now - start:.1f}", "", "", ""])
             bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{ips:.0f}")
             window_t, window_loss, window_n = now, 0.0, 0
         bar.update(1)
@@ -277,7 +283,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     ddp.barrier()                                           # rank 0 has written the last checkpoint
     ddp.close()
     ckpts = checkpoint.list_checkpoints(run_dir)
-    return ckpts[-1]
+    return ckpts[-1] if ckpts else None           # None: stopped by a signal before the first step
 
 
 def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:

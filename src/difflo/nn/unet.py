@@ -49,7 +49,12 @@ class UNetConfig:
             errors.append("model.channels and model.channel_mult must be positive")
         if self.num_res_blocks < 1:
             errors.append("model.num_res_blocks must be >= 1")
-        for m in self.channel_mult:
+        if self.in_channels < 1 or self.image_size < 1 or self.num_classes < 0:
+            errors.append(f"model.in_channels={self.in_channels}, image_size={self.image_size} must be >= 1 and "
+                          f"num_classes={self.num_classes} >= 0")
+        if self.attn_heads < 1:
+            errors.append("model.attn_heads must be >= 1")
+        for m in self.channel_mult if self.attn_heads >= 1 else ():
             if (self.channels * m) % self.attn_heads:
                 errors.append(f"model.attn_heads={self.attn_heads} must divide every level's width")
                 break

@@ -90,8 +90,8 @@ class StudyOptions:
             raise DiffloError(f"--lr must be > 0, got {self.lr}")
         if not (self.train_sigma >= 0 and math.isfinite(self.train_sigma)):
             raise DiffloError(f"--train-sigma must be a noise level >= 0, got {self.train_sigma}")
-        if self.seed < 0:
-            raise DiffloError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**62:
+            raise DiffloError(f"--seed must be >= 0 and < 2^62, got {self.seed}")
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise DiffloError(f"--parts: unknown part {', '.join(map(repr, unknown)) or '(none given)'}; "

@@ -1,0 +1,132 @@
+"""SIGINT / SIGTERM during training: a checkpoint, a message with the exact resume command, exit 130 / 143."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difflo import checkpoint, faults
+from difflo import train as train_mod
+from difflo.cli import main
+from conftest import TINY
+import forkserver
+from forkserver import alive, done_steps, wait_for
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+
+
+def run_cli(capfd, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def signal_at_step(monkeypatch, k: int, signum: int) -> None:
+    """The process sends itself `signum` while computing step k (0-based)."""
+    real = train_mod.objective_loss
+    calls = []
+
+    def loss(*a, **kw):
+        calls.append(1)
+        if len(calls) == k + 1:
+            os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "objective_loss", loss)
+
+
+def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capfd, monkeypatch):
+    run = tmp_path / "run"
+    args = [*TINY, "train.steps=8", "train.ckpt_every=4"]
+    signal_at_step(monkeypatch, 2, signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)
+    code, out, err = run_cli(capfd, "train", *args, "--out", run)
+    assert code == 130
+    assert signal.getsignal(signal.SIGINT) is before                  # the handler is only there while training
+    assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000003"]    # the step in flight finished
+    checkpoint.verify(checkpoint.list_checkpoints(run)[0])
+    assert "SIGINT received" in err and "stopped by SIGINT; checkpoint " in err and "Traceback" not in err
+    command = err.split("resume with: ")[1].strip()
+    assert command == shlex.join(["difflo", "train", *args, "--out", str(run), "--resume"])
+    monkeypatch.undo()
+    code, out, err = run_cli(capfd, *shlex.split(command)[1:])         # the printed command works as given
+    assert code == 0, err
+    assert "resuming" in out and "from step 3" in out
+    assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000004", "step_0000008"]
+
+
+def test_demo_prints_its_own_resume_command(tmp_path, capfd, monkeypatch):
+    def fake_train(cfg, run_dir, resume=False, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert faults.stop_requested()
+        return None
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    code, out, err = run_cli(capfd, "demo", "--out", tmp_path / "demo", "--minutes", "0.5")
+    assert code == 143
+    assert f"resume with: difflo demo --out {tmp_path / 'demo'} --minutes 0.5 --resume" in err
+    assert "no checkpoint was written yet" in err
+
+
+def test_signal_outside_training_is_untouched():
+    assert not faults.stop_requested()
+    with faults.graceful_stop() as stop:
+        assert not faults.stop_requested()
+    assert stop.signum is None and stop.exit_code == 0
+
+
+@pytest.fixture
+def server():
+    return forkserver.shared()
+
+
+def test_second_sigint_interrupts_a_checkpoint_write_and_leaves_nothing_half_written(server, tmp_path):
+    """First SIGINT: finish the step, start the checkpoint; second SIGINT inside that write: quit at
+    once (exit 130) and remove the partial .tmp directory; earlier checkpoints stay intact."""
+    run = tmp_path / "run"
+    log = tmp_path / "log"
+    log.touch()
+    pid = server.run(["train", *TINY, "train.steps=500", "train.ckpt_every=2", "--out", run], log,
+                     env={"DIFFLO_FAULT_SLEEP_IN_SAVE": "0.3"})
+    wait_for(lambda: done_steps(run) >= 3 or not alive(pid), "step 3")
+    os.kill(pid, signal.SIGINT)
+    ckpts = run / "checkpoints"
+    wait_for(lambda: any(p.name.startswith(".tmp-step_") for p in ckpts.iterdir()) or not alive(pid),
+             "the checkpoint write after SIGINT")
+    os.kill(pid, signal.SIGINT)
+    assert server.wait(pid) == 130
+    text = log.read_text()
+    assert "SIGINT received" in text and "difflo: interrupted" in text and "Traceback" not in text
+    assert not list(ckpts.glob(".tmp-*"))
+    assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000002"]
+    checkpoint.verify(checkpoint.list_checkpoints(run)[0])
+
+
+def test_sigterm_to_a_real_difflo_process(tmp_path):
+    """`python -m difflo train` as a user starts it: SIGTERM -> checkpoint, resume hint, exit 143."""
+    run = tmp_path / "run"
+    src = str(Path(__file__).parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    args = [*TINY, "train.steps=500", "train.ckpt_every=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "difflo", "train", *args, "--out", str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: done_steps(run) >= 2 or proc.poll() is not None, "step 2", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    ckpts = checkpoint.list_checkpoints(run)
+    assert len(ckpts) == 1 and int(ckpts[0].name.split("_")[1]) >= 2
+    checkpoint.verify(ckpts[0])
+    assert f"stopped by SIGTERM; checkpoint {ckpts[0]}" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].strip() == "resume with: " + shlex.join(
+        ["difflo", "train", *args, "--out", str(run), "--resume"])
