@@ -9,6 +9,24 @@ TINY = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=
         "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2"]
 
 
+def run_cli(capture, *argv) -> tuple[int, str, str]:
+    """Run `difflo ARGV` in-process; (exit code, stdout, stderr) read from a capsys/capfd fixture."""
+    from difflo.cli import main
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capture.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The single `difflo: error: ...` line of err (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("difflo: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 def tiny_config(*overrides: str) -> config_mod.Config:
     """A config whose model trains in milliseconds per step (for tests)."""
     return config_mod.load(None, TINY + list(overrides))

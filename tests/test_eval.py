@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
-from difflo import cli, data
+from conftest import one_error_line, run_cli, tiny_config
+from difflo import data
 from difflo.errors import DiffloError
 from difflo.eval import evaluate, fid
 from difflo.eval.classifier import Classifier, accuracy, save_classifier
@@ -102,22 +102,15 @@ def test_balanced_labels():
     assert evaluate.balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
 
 
-def _run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, capsys):
     ref = tmp_path / "ref.npz"
-    code, out, err = _run(["eval", "fid-ref", "--data", "mnist10k", "--n", "60", "--features", "classifier",
-                           "--classifier", str(clf_file), "--out", str(ref)], capsys)
+    code, out, err = run_cli(capsys, "eval", "fid-ref", "--data", "mnist10k", "--n", "60", "--features", "classifier",
+                             "--classifier", clf_file, "--out", ref)
     assert code == 0, err
     assert "60 images of mnist10k/test" in out
     res_json, samples = tmp_path / "res.json", tmp_path / "s.npz"
-    code, out, err = _run(["eval", "model", "--ckpt", str(tiny_run), "--n", "20", "--steps", "2", "--ref", str(ref),
-                           "--classifier", str(clf_file), "--save-samples", str(samples), "--json", str(res_json)],
-                          capsys)
+    code, out, err = run_cli(capsys, "eval", "model", "--ckpt", tiny_run, "--n", "20", "--steps", "2", "--ref", ref,
+                             "--classifier", clf_file, "--save-samples", samples, "--json", res_json)
     assert code == 0, err
     assert "not FID" in out and "N=20" in out and "class accuracy" in out
     res = json.loads(res_json.read_text())
@@ -125,10 +118,10 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
     assert np.isfinite(res["fd_classifier"]) and 0.0 <= res["class_accuracy"] <= 1.0
     assert len(res["per_class"]) == 10
     # The same samples scored from the file give the same numbers.
-    code, out, err = _run(["eval", "fid", "--samples", str(samples), "--ref", str(ref)], capsys)
+    code, out, err = run_cli(capsys, "eval", "fid", "--samples", str(samples), "--ref", str(ref))
     assert code == 0, err
     assert f"{res['fd_classifier']:.2f}" in out
-    code, out, err = _run(["eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file)], capsys)
+    code, out, err = run_cli(capsys, "eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file))
     assert code == 0, err
     assert f"{res['class_accuracy']:.4f}" in out
 
@@ -146,10 +139,9 @@ def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
         (["eval", "model", "--ckpt", str(tiny_run), "--no-accuracy"], "nothing to measure"),
     ]
     for argv, msg in cases:
-        code, out, err = _run(argv, capsys)
+        code, out, err = run_cli(capsys, *argv)
         assert code == 2, argv
-        assert err.startswith("difflo: error:") and msg in err and "Traceback" not in err, (argv, err)
-        assert len(err.strip().splitlines()) == 1
+        assert msg in one_error_line(err), (argv, err)
 
 
 def test_unlabelled_samples_have_no_accuracy(tmp_path, clf_file):

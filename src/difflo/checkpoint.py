@@ -219,15 +219,20 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
     return ckpts[-1] / name
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(state_dict, config dict, metadata) of a difflo weights file, with clear errors."""
-    path = Path(path)
+def read_safetensors(path: str | Path, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file; a one-line CheckpointError naming it if unreadable."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
+        return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors weights file ({e})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors {what} ({e})") from None
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state_dict, config dict, metadata) of a difflo weights file, with clear errors."""
+    path = Path(path)
+    state, meta = read_safetensors(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a difflo checkpoint (no difflo config in "
                               f"its metadata)")

@@ -8,27 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from difflo import checkpoint
-from difflo.cli import main
 from difflo.errors import CheckpointError
 from difflo.train import train
-from conftest import TINY, tiny_config
+from conftest import TINY, tiny_config, run_cli, one_error_line
 
 ARGS = ("train.steps=6", "train.ckpt_every=2", "train.keep_checkpoints=3")
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("difflo: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,11 @@ import pytest
 from difflo import checkpoint
 from difflo import faults
 from difflo import train as train_mod
-from difflo.cli import main
-from conftest import TINY
+from conftest import TINY, run_cli, one_error_line
 
 ARGS = [*TINY, "train.steps=4", "train.ckpt_every=2"]
 
 
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("difflo: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def enospc(path=None):

@@ -10,21 +10,12 @@ import pytest
 
 from difflo import checkpoint, faults
 from difflo import train as train_mod
-from difflo.cli import main
-from conftest import TINY
+from conftest import TINY, run_cli
 import forkserver
 from forkserver import alive, done_steps, wait_for
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
 
-
-def run_cli(capfd, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def signal_at_step(monkeypatch, k: int, signum: int) -> None:

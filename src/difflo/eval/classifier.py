@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import ArrayDataset
+from ..checkpoint import read_safetensors
 from ..errors import DiffloError
 
 
@@ -123,12 +123,7 @@ def load_classifier_file(path: str | Path) -> tuple[Classifier, dict]:
     if not path.is_file():
         raise DiffloError(f"classifier {path} not found; train one with `difflo eval train-classifier --data NAME "
                           f"--out {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DiffloError(f"{path} is not a readable safetensors file ({e})") from None
+    state, meta = read_safetensors(path, "file")
     if meta.get("kind") != "difflo-classifier":
         raise DiffloError(f"{path} is not a difflo classifier (make one with `difflo eval train-classifier`)")
     clf = Classifier(int(meta["in_channels"]), int(meta["num_classes"]))

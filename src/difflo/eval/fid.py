@@ -167,9 +167,6 @@ def make_extractor(kind: str, inception: str | None = None, classifier: str | No
     raise DiffloError(f"--features must be inception or classifier, got {kind!r}")
 
 
-METRIC_NAME = {"inception": "fid", "classifier": "fd_classifier"}
-
-
 def metric_name(extractor) -> str:
     return "fid" if isinstance(extractor, InceptionFeatures) else "fd_classifier"
 

@@ -91,7 +91,7 @@ class PeriodicEval:
         tmp, final = self.run_dir / ".tmp-best", self.run_dir / "best"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(ckpt, tmp)
-        (tmp / "eval.json").write_text(json.dumps({"step": step, **{k: v for k, v in res.items()}}, default=str))
+        (tmp / "eval.json").write_text(json.dumps({"step": step, **res}, default=str))
         old = self.run_dir / ".old-best"
         if final.exists():
             os.replace(final, old)
