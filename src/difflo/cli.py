@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     from . import edit_cli
     from .data import cli as data_cli
     from .eval import cli as eval_cli
+    from .experiments import cli as experiment_cli
     from .serve import server as serve_cli
     from .study import cli as study_cli
     data_cli.add_parser(sub)
     edit_cli.add_parser(sub)
     eval_cli.add_parser(sub)
+    experiment_cli.add_parser(sub)
     study_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     return p
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from .eval import cli as eval_cli
             return eval_cli.run(args)
+        if args.command == "experiment":
+            from .experiments import cli as experiment_cli
+            return experiment_cli.run(args)
         if args.command == "study":
             from .study import cli as study_cli
             return study_cli.run(args)

@@ -31,6 +31,7 @@ class DataConfig:
     flip: bool = False                 # random horizontal flips (not for digits)
     attribute: str | None = None       # CelebA: condition on this attribute (None: unconditional)
     cache_dir: str | None = None       # where decoded, resized arrays are cached (None: ~/.cache/difflo)
+    per_class: int | None = None       # keep only the first k images of each class (tiny-data studies)
 
 
 @dataclass
@@ -154,6 +155,8 @@ class Config:
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             problems.append(f"train.max_minutes={t.max_minutes} must be > 0")
+        if self.data.per_class is not None and self.data.per_class < 1:
+            problems.append(f"data.per_class={self.data.per_class} must be >= 1 (or null for every image)")
         if self.eval.n < 2 or (self.eval.ref_n is not None and self.eval.ref_n < 2):
             problems.append("eval.n and eval.ref_n must be >= 2 (a covariance needs two samples)")
         if len(t.adam_betas) != 2:

@@ -113,8 +113,11 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          log=print) -> Path | None:
-    """Train a model as configured into ``run_dir``; returns the last checkpoint directory."""
+          log=print, on_step=None) -> Path | None:
+    """Train a model as configured into ``run_dir``; returns the last checkpoint directory.
+
+    ``on_step(step, net)``, if given, is called on rank 0 after every update with the number of steps
+    done and the raw network (e.g. to keep extra EMA copies, as ``difflo experiment`` does)."""
     run_dir = Path(run_dir)
     t = cfg.train
     ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
@@ -247,6 +250,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         if ddp.main:                                    # decay 1.0: a skipped step leaves the EMA as is
             _ema_update(ema, net, ema_decay_at(step, t) if finite else 1.0)
         step += 1
+        if on_step is not None and ddp.main:
+            on_step(step, net)
         window_loss, window_n = window_loss + loss.detach().double(), window_n + 1   # no host sync per step
 
         if step % t.log_every == 0 or step == t.steps:

@@ -79,6 +79,26 @@ def from_config(cfg) -> ArrayDataset:
     ds = load(cfg.name, cfg.split, cfg.root, image_size=getattr(cfg, "image_size", None),
               attribute=getattr(cfg, "attribute", None), cache_dir=getattr(cfg, "cache_dir", None))
     ds.flip = bool(getattr(cfg, "flip", False))
+    k = getattr(cfg, "per_class", None)
+    if k is not None:
+        ds = first_per_class(ds, k)
+    return ds
+
+
+def first_per_class(ds: ArrayDataset, k: int) -> ArrayDataset:
+    """The first k images of each class, in the data set's order (tiny-data experiments)."""
+    if k < 1:
+        raise DataError(f"data.per_class={k} must be >= 1")
+    counts = np.zeros(max(ds.num_classes, 1), dtype=np.int64)
+    keep = np.zeros(len(ds), dtype=bool)
+    for i, y in enumerate(ds.labels):
+        if counts[y] < k:
+            keep[i], counts[y] = True, counts[y] + 1
+    short = [c for c, n in enumerate(counts) if n < k]
+    if short:
+        raise DataError(f"data.per_class={k}: class(es) {short[:5]} of {ds.name} have fewer images; choose a "
+                        f"smaller k")
+    ds.images, ds.labels = ds.images[keep], ds.labels[keep]
     return ds
 
 

@@ -22,10 +22,14 @@ from .classifier import default_classifier_path, train_and_save
 EVAL_FIELDS = ["step", "fid", "fd_classifier", "class_accuracy", "n", "seconds"]
 
 
-class PeriodicEval:
-    def __init__(self, cfg, run_dir: Path, device, log=print):
+class Judge:
+    """What scores a data set's samples: its classifier (class accuracy), a feature extractor and the
+    reference statistics of ``eval.ref_split`` (cached as ``ref_dir/eval_ref_<features>.npz``).
+    Shared by the periodic evaluation and ``difflo experiment``."""
+
+    def __init__(self, cfg, ref_dir: Path, device, log=print):
         e, d = cfg.eval, cfg.data
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self.cfg, self.ref_dir, self.log = cfg, Path(ref_dir), log
         self.classifier = None
         if cfg.model.num_classes > 0:
             self.classifier = Path(e.classifier) if e.classifier else default_classifier_path(
@@ -44,12 +48,10 @@ class PeriodicEval:
             self.extractor = fid_mod.InceptionFeatures(None, device)
         self.metric = fid_mod.metric_name(self.extractor)
         self.ref = self._reference()
-        best = self.run_dir / "best" / "eval.json"
-        self.best = json.loads(best.read_text())[self.metric] if best.is_file() else float("inf")
 
     def _reference(self) -> dict:
         e, d = self.cfg.eval, self.cfg.data
-        path = self.run_dir / f"eval_ref_{e.features}.npz"
+        path = self.ref_dir / f"eval_ref_{e.features}.npz"
         if path.is_file():
             st = fid_mod.load_stats(path)
             if st["extractor"] == self.extractor.name:
@@ -58,17 +60,31 @@ class PeriodicEval:
                            cache_dir=d.cache_dir)
         t0 = time.time()
         st = evaluate.reference_stats(ds, self.extractor, e.ref_n)
+        self.ref_dir.mkdir(parents=True, exist_ok=True)
         fid_mod.save_stats(path, st["mu"], st["sigma"], st["n"], st["extractor"], data=d.name, split=e.ref_split)
         self.log(f"eval: reference statistics of {d.name}/{e.ref_split} ({st['n']} images, {self.extractor.name}) "
                  f"in {time.time() - t0:.0f}s -> {path}")
         return st
+
+    def score(self, images, labels) -> dict:
+        """{metric, class_accuracy, per_class, n, ...} of uint8 (N, H, W, C) samples."""
+        return evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier)
+
+
+class PeriodicEval:
+    def __init__(self, cfg, run_dir: Path, device, log=print):
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self.judge = Judge(cfg, run_dir, device, log)
+        self.metric = self.judge.metric
+        best = self.run_dir / "best" / "eval.json"
+        self.best = json.loads(best.read_text())[self.metric] if best.is_file() else float("inf")
 
     def __call__(self, model, step: int) -> dict:
         """Score the model (a :class:`difflo.sample.Model` over the EMA net) at this step."""
         e = self.cfg.eval
         t0 = time.time()
         images, labels, _ = evaluate.generate_samples(model, e.n, e.seed, steps=e.steps)
-        res = evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier)
+        res = self.judge.score(images, labels)
         res["seconds"] = round(time.time() - t0, 1)
         path = self.run_dir / "eval.csv"
         new = not path.exists()

@@ -1,0 +1,1 @@
+"""difflo experiment: schedules, ema, steps, guidance, failure-modes (see cli.py)."""

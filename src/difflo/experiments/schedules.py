@@ -1,0 +1,114 @@
+"""``difflo experiment schedules``: linear vs cosine vs sigmoid noise schedules.
+
+The schedules (``difflo.schedules``): linear betas (Ho et al. 2020, beta 1e-4 .. 0.02), cosine
+alpha_bar (Nichol & Dhariwal 2021, Eq. 17) and sigmoid alpha_bar (Jabri et al. 2022). Shown: alpha_bar_t
+and log SNR_t = log(alpha_bar / (1 - alpha_bar)) against t, one digit noised with the same eps at
+matched t under each, and the same model trained with each schedule for the same number of steps
+(equal training compute), sampled with the same sampler, steps, w and seeds.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from .. import data as data_mod, schedules
+from .common import Options, Report, base_config, judge_for, measure, plt, sample_grid, short, trained
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+SHOW_T = (0, 100, 250, 500, 750, 900, 999)
+
+
+def run(opts: Options, log=print):
+    t0 = time.time()
+    base = base_config(opts)
+    names = opts.extra.get("schedules", SCHEDULES)
+    T = base.diffusion.timesteps
+    rep = Report(opts.out, "schedules", "Noise schedules: linear vs cosine vs sigmoid")
+    rep.setup(opts, base, schedules=", ".join(names), sampler=f"{base.sample.sampler} {opts.eval_steps} steps, "
+              f"w={base.sample.w}", prediction=base.diffusion.prediction)
+
+    # 1) The curves.
+    abar = {s: schedules.alphas_cumprod(schedules.get_betas(s, T)).numpy() for s in names}
+    P = plt()
+    fig, ax = P.subplots(1, 2, figsize=(10, 3.6))
+    t = np.arange(T)
+    for s in names:
+        ax[0].plot(t, abar[s], label=s)
+        ax[1].plot(t, np.log(abar[s] / (1 - abar[s])), label=s)
+    ax[0].set(xlabel="t", ylabel="alpha_bar_t", title="signal kept: alpha_bar_t")
+    ax[1].set(xlabel="t", ylabel="log SNR_t", title="log SNR_t = log(alpha_bar / (1 - alpha_bar))")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
+    fig.savefig(opts.out / "curves.png", dpi=100)
+    P.close(fig)
+    rows = [{"schedule": s, **{f"t={k}": float(abar[s][k]) for k in SHOW_T},
+             "t_half": int(np.argmin(np.abs(abar[s] - 0.5)))} for s in names]
+    rep.text("## 1. alpha_bar and SNR")
+    rep.figure("curves.png", "alpha_bar_t and log SNR_t of each schedule (T = %d)" % T)
+    rep.table("alpha_bar", rows, [("schedule", "schedule", "")] + [(f"t={k}", f"t={k}", ".4f") for k in SHOW_T]
+              + [("t_half", "t where alpha_bar = 0.5", "")], "alpha_bar_t at matched t")
+
+    # 2) The forward process at matched t: one training digit per schedule, the same eps.
+    ds = data_mod.from_config(base.data)
+    x0, _ = ds.batch([0])                                               # (1, C, H, W)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(opts.seed), dtype=torch.float64)
+    strip = []
+    for s in names:
+        for k in SHOW_T:
+            a = float(abar[s][k])
+            strip.append((a ** 0.5 * x0.double() + (1 - a) ** 0.5 * eps).float())
+    from ..images import to_uint8
+    rep.text("## 2. The forward process at matched t")
+    rep.save_grid("forward.png", to_uint8(torch.cat(strip)), len(SHOW_T), list(names))
+    rep.figure("forward.png", "x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps at t = "
+               + ", ".join(map(str, SHOW_T)) + " (columns), the same eps for every schedule (rows)")
+
+    # 3) The same model trained with each schedule.
+    judge = judge_for(opts, base, log)
+    results, losses = [], {}
+    for s in names:
+        cfg = copy.deepcopy(base)
+        cfg.diffusion.schedule = s
+        r = trained(opts, cfg, f"schedule-{s}", log)
+        losses[s] = r.loss_curve()
+        model = r.model()
+        res = measure(model, judge, opts.n, opts.seed, sampler=base.sample.sampler, steps=opts.eval_steps,
+                      w=base.sample.w)
+        results.append({"schedule": s, **short(res, judge.metric), "train_minutes": r.train_seconds / 60})
+        rep.save_grid(f"samples_{s}.png", sample_grid(model, model.num_classes, 8, opts.seed,
+                                                      sampler=base.sample.sampler, steps=opts.eval_steps,
+                                                      w=base.sample.w), 8)
+        log(f"schedules: {s}: {judge.metric} {res[judge.metric]:.2f}, accuracy {res['class_accuracy']:.3f}")
+    fig, ax = P.subplots(figsize=(6, 3.6))
+    for s, (st, lo) in losses.items():
+        k = max(1, len(lo) // 20)
+        smooth = np.convolve(lo, np.ones(k) / k, mode="valid")
+        ax.plot(st[k - 1:], smooth, label=s)
+    ax.set(xlabel="step", ylabel=f"{base.diffusion.prediction}-prediction MSE (moving average)", yscale="log",
+           title="training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.14, top=0.9)
+    fig.savefig(opts.out / "loss.png", dpi=100)
+    P.close(fig)
+    rep.text(f"## 3. The same model trained with each schedule ({opts.train_steps} steps each)")
+    rep.figure("loss.png", "training loss per schedule (the loss scale depends on the schedule: its t-distribution "
+               "of SNRs differs, so the curves compare speed of descent, not quality)")
+    rep.table("quality", results, [("schedule", "schedule", ""), (judge.metric, judge.metric, ".2f"),
+                                   ("class_accuracy", "class accuracy", ".3f"), ("train_minutes", "train min", ".1f"),
+                                   ("seconds", "sampling s", ".1f")],
+              f"N = {opts.n} samples each, {base.sample.sampler} {opts.eval_steps} steps, w = {base.sample.w}; "
+              f"{judge.metric} against {judge.ref['n']} held-out images")
+    for s in names:
+        rep.figure(f"samples_{s}.png", f"{s} schedule: 8 samples per class (rows 0-9), same seeds")
+    best = min(results, key=lambda r: r[judge.metric])
+    rep.text(f"**Result.** At equal training compute the {best['schedule']} schedule gives the lowest "
+             f"{judge.metric} ({best[judge.metric]:.2f}); class accuracies: "
+             + ", ".join(f"{r['schedule']} {r['class_accuracy']:.3f}" for r in results) + ".")
+    rep.results["quality"] = results
+    return rep.write(time.time() - t0)
