@@ -33,6 +33,17 @@ def tiny_config(*overrides: str) -> config_mod.Config:
 
 
 @pytest.fixture(scope="session")
+def clf_file(tmp_path_factory):
+    """A (randomly initialised) classifier file for mnist10k's 28x28x1 digits."""
+    from difflo.eval.classifier import Classifier, save_classifier
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
+    save_classifier(Classifier(1, 10).eval(), path, {"kind": "difflo-classifier", "data": "mnist10k",
+                                                     "in_channels": 1, "num_classes": 10, "image_size": 28})
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A run directory with a 4-step tiny model (two checkpoints)."""
     from difflo.train import train

@@ -10,7 +10,7 @@ from conftest import one_error_line, run_cli, tiny_config
 from difflo import data
 from difflo.errors import DiffloError
 from difflo.eval import evaluate, fid
-from difflo.eval.classifier import Classifier, accuracy, save_classifier
+from difflo.eval.classifier import accuracy
 
 
 def _gaussian_features(n, d, seed, shift=0.0):
@@ -41,16 +41,6 @@ def test_feature_stats_need_two_vectors_and_matching_sizes():
         fid.feature_stats(np.zeros((1, 4)))
     with pytest.raises(DiffloError, match="different sizes"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-
-
-@pytest.fixture(scope="module")
-def clf_file(tmp_path_factory):
-    """A (randomly initialised) classifier file for mnist10k's 28x28x1 digits."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
-    save_classifier(Classifier(1, 10).eval(), path, {"kind": "difflo-classifier", "data": "mnist10k",
-                                                     "in_channels": 1, "num_classes": 10, "image_size": 28})
-    return path
 
 
 def test_classifier_features_distance_separates_data_sets(clf_file):

@@ -12,18 +12,13 @@ from conftest import TINY, one_error_line, run_cli
 from difflo import config as config_mod
 from difflo.data import first_per_class, load
 from difflo.errors import DiffloError
-from difflo.eval.classifier import Classifier, save_classifier
 from difflo.experiments import common, failure
 from difflo.experiments.cli import EXPERIMENTS, combine
 
 
 @pytest.fixture(scope="module")
-def clf(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clf") / "clf.safetensors"
-    save_classifier(Classifier(1, 10).eval(), path, {"kind": "difflo-classifier", "data": "mnist10k",
-                                                     "in_channels": 1, "num_classes": 10, "image_size": 28})
-    return path
+def clf(clf_file):
+    return clf_file
 
 
 def tiny_args(clf, runs):

@@ -286,6 +286,18 @@ class Report:
         save_image(grid_image(images, ncol, labels), self.out / filename)
         return filename
 
+    def save_plot(self, fig, axes, filename: str, legend=(-1,)) -> str:
+        """Grid lines on every axis, a legend on the ``legend`` axes, fixed margins; saved and closed."""
+        axes = list(np.atleast_1d(axes))
+        for a in axes:
+            a.grid(alpha=0.3)
+        for i in legend:
+            axes[i].legend(fontsize=8)
+        fig.subplots_adjust(left=0.08 if len(axes) > 1 else 0.15, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
+        fig.savefig(self.out / filename, dpi=100)
+        plt().close(fig)
+        return filename
+
     def write(self, seconds: float) -> Path:
         self.results["wall_seconds"] = round(seconds, 1)
         body = "\n".join(self.parts)

@@ -39,12 +39,7 @@ def run(opts: Options, log=print):
         ax[1].plot([x["step"] for x in pts], [x["class_accuracy"] for x in pts], "o-", label=names[wname])
     ax[0].set(xlabel="training step", ylabel=judge.metric, yscale="log", title=f"{judge.metric} (lower is better)")
     ax[1].set(xlabel="training step", ylabel="class accuracy", title="class accuracy", ylim=(0, 1.02))
-    for a in ax:
-        a.grid(alpha=0.3)
-    ax[1].legend(fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
-    fig.savefig(opts.out / "ema.png", dpi=100)
-    P.close(fig)
+    rep.save_plot(fig, ax, "ema.png")
     rep.figure("ema.png", f"quality vs training step, N = {opts.n} samples per point")
     rep.table("ema", rows, [("step", "step", ""), ("weights", "weights", ""), (judge.metric, judge.metric, ".2f"),
                             ("class_accuracy", "class accuracy", ".3f")])

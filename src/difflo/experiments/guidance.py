@@ -47,12 +47,7 @@ def run(opts: Options, log=print):
     ax[1].plot([r_["w"] for r_ in rows], [r_["class_variance"] for r_ in rows], "o-", label="samples")
     ax[1].axhline(real_var, color="gray", ls="--", label=f"real {cfg.eval.ref_split} images")
     ax[1].set(xlabel="guidance scale w", ylabel="per-class pixel variance", title="diversity within a class")
-    ax[1].legend()
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
-    fig.savefig(opts.out / "tradeoff.png", dpi=100)
-    P.close(fig)
+    rep.save_plot(fig, ax, "tradeoff.png")
     rep.figure("tradeoff.png", f"class accuracy vs {judge.metric} per w, and per-class pixel variance per w "
                f"(N = {opts.n} each)")
     rep.table("guidance", rows, [("w", "w", "g"), ("class_accuracy", "class accuracy", ".3f"),

@@ -40,12 +40,7 @@ def run(opts: Options, log=print):
         ax[1].plot(t, np.log(abar[s] / (1 - abar[s])), label=s)
     ax[0].set(xlabel="t", ylabel="alpha_bar_t", title="signal kept: alpha_bar_t")
     ax[1].set(xlabel="t", ylabel="log SNR_t", title="log SNR_t = log(alpha_bar / (1 - alpha_bar))")
-    for a in ax:
-        a.legend()
-        a.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
-    fig.savefig(opts.out / "curves.png", dpi=100)
-    P.close(fig)
+    rep.save_plot(fig, ax, "curves.png", legend=(0, 1))
     rows = [{"schedule": s, **{f"t={k}": float(abar[s][k]) for k in SHOW_T},
              "t_half": int(np.argmin(np.abs(abar[s] - 0.5)))} for s in names]
     rep.text("## 1. alpha_bar and SNR")
@@ -91,11 +86,7 @@ def run(opts: Options, log=print):
         ax.plot(st[k - 1:], smooth, label=s)
     ax.set(xlabel="step", ylabel=f"{base.diffusion.prediction}-prediction MSE (moving average)", yscale="log",
            title="training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.14, top=0.9)
-    fig.savefig(opts.out / "loss.png", dpi=100)
-    P.close(fig)
+    rep.save_plot(fig, ax, "loss.png")
     rep.text(f"## 3. The same model trained with each schedule ({opts.train_steps} steps each)")
     rep.figure("loss.png", "training loss per schedule (the loss scale depends on the schedule: its t-distribution "
                "of SNRs differs, so the curves compare speed of descent, not quality)")

@@ -76,12 +76,7 @@ def run(opts: Options, log=print):
               title=f"{judge.metric} (lower is better)")
     ax[1].set(xscale="log", xlabel="network evaluations per image (NFE)", ylabel="class accuracy",
               title="class accuracy")
-    for a in ax:
-        a.grid(alpha=0.3)
-    ax[1].legend(fontsize=8)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
-    fig.savefig(opts.out / "nfe.png", dpi=100)
-    P.close(fig)
+    rep.save_plot(fig, ax, "nfe.png")
     rep.figure("nfe.png", f"quality vs NFE (N = {opts.n} each, w = {w}); dashed: the flow model")
     rep.table("steps", rows, [("model", "model", ""), ("sampler", "sampler", ""), ("steps", "steps", ""),
                               ("nfe", "NFE", ".0f"), (judge.metric, judge.metric, ".2f"),
