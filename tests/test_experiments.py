@@ -47,6 +47,7 @@ def test_every_experiment_writes_its_report_json_csv_and_figures(all_out):
         md = (d / "report.md").read_text()
         res = json.loads((d / "results.json").read_text())
         assert res["experiment"] == name and res["setup"]["n"] == 20 and res["wall_seconds"] > 0
+        assert res["noise_floor"]["n"] == 20 and res["noise_floor"]["sd"] > 0 and "Noise at N = 20" in md
         assert "What was run" in md and ("**Result.**" in md or "At 1 step" in md)
         for fig in re.findall(r"\]\(([^)]+\.png)\)", md):
             assert (d / fig).is_file(), fig

@@ -266,6 +266,26 @@ class Report:
         lines = [f"- **{k}**: {v}" for k, v in info.items() if v not in (None, [], "")]
         self.parts.append("**What was run**\n\n" + "\n".join(lines) + "\n")
 
+    def noise_floor(self, judge, cfg: config_mod.Config, n: int, draws: int = 5, seed: int = 0) -> dict:
+        """The distance of n real training images to the reference over ``draws`` random subsets: what a
+        perfect model scores at this N, and its spread (differences well below 2 sd are not resolved)."""
+        from .. import data as data_mod
+        from ..eval import fid as fid_mod
+        ds = data_mod.from_config(cfg.data)
+        rng = np.random.default_rng(seed)
+        vals = [fid_mod.distance_to(judge.ref, judge.extractor(ds.images[rng.choice(len(ds), min(n, len(ds)),
+                                                                                     replace=False)]),
+                                    judge.extractor.name) for _ in range(draws)]
+        floor = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)), "draws": draws, "n": n}
+        self.results["noise_floor"] = floor
+        self.parts.append(
+            f"**Noise at N = {n}.** {n} real training images score {judge.metric} {floor['mean']:.2f} +- "
+            f"{floor['sd']:.2f} (mean +- sd over {draws} random draws) against the {judge.ref['n']} reference "
+            f"images: the value of a perfect model at this N; differences well below 2 sd = {2 * floor['sd']:.2f} "
+            f"are not resolved. Class accuracy's standard error is sqrt(p (1 - p) / N): "
+            f"{100 * (0.9 * 0.1 / n) ** 0.5:.1f} points at p = 0.9, {100 * (0.99 * 0.01 / n) ** 0.5:.1f} at p = 0.99.\n")
+        return floor
+
     def table(self, key: str, rows: list[dict], columns: list[tuple[str, str, str]], caption: str = "") -> None:
         """columns: (row key, header, format such as '.3f' or '')."""
         self.results["tables"][key] = rows

@@ -23,6 +23,7 @@ def run(opts: Options, log=print):
               sampler=f"{cfg.sample.sampler} {opts.eval_steps} steps, w={cfg.sample.w}")
     r = trained(opts, cfg, "base", log)
     judge = judge_for(opts, cfg, log)
+    rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     rows = []
     for step in r.steps():
         for wname in weights:

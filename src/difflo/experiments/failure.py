@@ -46,6 +46,7 @@ def run(opts: Options, log=print):
     rep.setup(opts, cfg, sampler=f"{sampler}, w={w} unless varied")
     base = trained(opts, cfg, "base", log)
     judge = judge_for(opts, cfg, log)
+    rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     model = base.model()
     cols = [(judge.metric, judge.metric, ".2f"), ("class_accuracy", "class accuracy", ".3f")]
 

@@ -24,6 +24,7 @@ def run(opts: Options, log=print):
     r = trained(opts, cfg, "base", log)
     model = r.model()
     judge = judge_for(opts, cfg, log)
+    rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     from .. import data as data_mod
     real = data_mod.load(cfg.data.name, cfg.eval.ref_split, cfg.data.root, image_size=cfg.data.image_size)
     real_var = class_variance(real.images, real.labels)

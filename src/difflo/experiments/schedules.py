@@ -65,6 +65,7 @@ def run(opts: Options, log=print):
 
     # 3) The same model trained with each schedule.
     judge = judge_for(opts, base, log)
+    rep.noise_floor(judge, base, opts.n, seed=opts.seed)
     results, losses = [], {}
     for s in names:
         cfg = copy.deepcopy(base)

@@ -53,6 +53,7 @@ def run(opts: Options, log=print):
     rep.setup(opts, cfg, w=w, settings=len(todo),
               flow_model="the same config with objective=flow, prediction=u, logit-normal t")
     judge = judge_for(opts, cfg, log)
+    rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     models = {"diffusion": trained(opts, cfg, "base", log).model()}
     if any(kind == "flow" for kind, _ in todo):
         models["flow"] = trained(opts, flow_config(cfg), "flow", log).model()
