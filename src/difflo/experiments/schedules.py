@@ -65,7 +65,7 @@ def run(opts: Options, log=print):
 
     # 3) The same model trained with each schedule.
     judge = judge_for(opts, base, log)
-    rep.noise_floor(judge, base, opts.n, seed=opts.seed)
+    floor = rep.noise_floor(judge, base, opts.n, seed=opts.seed)
     results, losses = [], {}
     for s in names:
         cfg = copy.deepcopy(base)
@@ -99,8 +99,14 @@ def run(opts: Options, log=print):
     for s in names:
         rep.figure(f"samples_{s}.png", f"{s} schedule: 8 samples per class (rows 0-9), same seeds")
     best = min(results, key=lambda r: r[judge.metric])
+    spread = max(r[judge.metric] for r in results) - best[judge.metric]
+    resolved = spread > 2 * floor["sd"]
     rep.text(f"**Result.** At equal training compute the {best['schedule']} schedule gives the lowest "
-             f"{judge.metric} ({best[judge.metric]:.2f}); class accuracies: "
-             + ", ".join(f"{r['schedule']} {r['class_accuracy']:.3f}" for r in results) + ".")
+             f"{judge.metric} ({best[judge.metric]:.2f}); the spread across schedules ({spread:.2f}) is "
+             + ("larger than" if resolved else "within") + f" twice the sd of real-data draws at this N "
+             f"({2 * floor['sd']:.2f}), so " + ("the ranking is resolved" if resolved else
+                                                "this N does not rank the schedules by distance")
+             + "; class accuracies: " + ", ".join(f"{r['schedule']} {r['class_accuracy']:.3f}" for r in results)
+             + f" (standard error about {100 * (0.99 * 0.01 / opts.n) ** 0.5:.1f} points near 0.99).")
     rep.results["quality"] = results
     return rep.write(time.time() - t0)
