@@ -37,8 +37,8 @@ LEAVES = dict(commands())
 
 
 def test_every_command_is_covered():
-    assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve"}
-    assert len(LEAVES) == 3 + 2 + 6 + 5 + 1 + 1          # data: download/info; edit: 6 techniques; eval: 5; study; serve
+    assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment"}
+    assert len(LEAVES) == 3 + 2 + 6 + 5 + 1 + 1 + 1      # data: download/info; edit: 6; eval: 5; study; serve; experiment
 
 
 @fuzz(150)
@@ -65,7 +65,7 @@ def test_argument_grammar_fuzz(data):
     with mock.patch.multiple(cli, cmd_train=ran, cmd_sample=ran, cmd_demo=ran), \
             mock.patch("difflo.data.cli.run", ran), mock.patch("difflo.edit_cli.run", ran), \
             mock.patch("difflo.study.cli.run", ran), mock.patch("difflo.eval.cli.run", ran), \
-            mock.patch("difflo.serve.server.run", ran):
+            mock.patch("difflo.serve.server.run", ran), mock.patch("difflo.experiments.cli.run", ran):
         code, out, err = call(argv)
     if code == 0:
         assert ran.called or "usage:" in out, (argv, out)          # parsed (or --help)
@@ -165,6 +165,21 @@ def cases(ckpt, png, tmp):
         (["eval", "train-classifier", "--data", "mnist11k", "--out", str(tmp / "c.safetensors")], "unknown data set"),
         # serve
         (["serve"], "required"), (["serve", "--ckpt", str(tmp / "none")], "not found"),
+        # experiment
+        (["experiment"], "required"), (["experiment", "ema"], "--out"),
+        (["experiment", "noise", "--out", str(tmp / "x")], "invalid choice"),
+        (["experiment", "guidance", "--out", str(tmp / "x"), "--ws", "a"], "comma-separated numbers"),
+        (["experiment", "guidance", "--out", str(tmp / "x"), "--ws=-1,nan"], "comma-separated numbers"),
+        (["experiment", "steps", "--out", str(tmp / "x"), "--ddim-steps", "0"], "positive integers"),
+        (["experiment", "ema", "--out", str(tmp / "x"), "--train-steps", "0"], "must be >= 1"),
+        (["experiment", "ema", "--out", str(tmp / "x"), "--n", "1"], "--n must be >= 2"),
+        (["experiment", "ema", "--out", str(tmp / "x"), "--seed", "-1"], "must be >= 0"),
+        (["experiment", "schedules", "--out", str(tmp / "x"), "--set", "train.lrr=1"], "did you mean train.lr"),
+        (["experiment", "schedules", "--out", str(tmp / "x"), "--schedules", "square"], "choose from"),
+        (["experiment", "guidance", "--out", str(png / "digit.png"), "--set", "train.steps=1"], "is a file"),
+        (["experiment", "report", "--out", str(tmp / "r.md")], "name the experiment folders"),
+        (["experiment", "report", str(tmp / "none"), "--out", str(tmp / "r.md")], "not found"),
+        (["experiment", "guidance", str(tmp / "none"), "--out", str(tmp / "x")], "only for `experiment report`"),
     ]
 
 

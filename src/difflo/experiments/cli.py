@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from ..argtypes import positive_int as _positive_int
+from ..argtypes import positive_int as _positive_int, seed as _seed
 from ..checkpoint import write_text_atomic
 from ..errors import DiffloError
 from .common import Options
@@ -72,7 +72,7 @@ def add_parser(sub):
                    help=f"samples per measured setting, class-balanced (default {DEFAULTS.n})")
     p.add_argument("--eval-steps", type=_positive_int, default=DEFAULTS.eval_steps,
                    help=f"sampler steps where steps are not varied (default {DEFAULTS.eval_steps})")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="sample i uses seed + i (default 0)")
     p.add_argument("--device", default="auto")
     g = p.add_argument_group("experiment-specific lists (comma-separated)")
     g.add_argument("--ws", type=_floats, help="guidance: the scales (default 0,1,2,3,5,7)")
@@ -158,8 +158,13 @@ def combine(dirs: list[Path], out: Path) -> Path:
     header = ("# difflo experiments: report\n\nEach section below is written by `difflo experiment NAME` "
               "(tables and figures from its own run; raw numbers beside each section's figures in results.json and "
               "CSV files). Regenerate with the commands in the README.\n\n" + "\n".join(toc) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, header + "\n" + "\n".join(parts))
+    if out.is_dir():
+        raise DiffloError(f"--out {out} is a folder; give the markdown file to write, e.g. {out / 'report.md'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, header + "\n" + "\n".join(parts))
+    except OSError as e:
+        raise DiffloError(f"cannot write {out}: {e.strerror}; choose another --out") from None
     return out
 
 

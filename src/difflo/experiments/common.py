@@ -247,7 +247,8 @@ class Report:
         self.out, self.name, self.title = Path(out), name, title
         self.parts: list[str] = []
         self.results: dict = {"experiment": name, "tables": {}}
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise DiffloError(f"--out {self.out} is a file; give a folder for the report")
         _check_writable(self.out)
 
     def text(self, md: str) -> None:
