@@ -41,10 +41,10 @@ class Options:
     config: str | None = None                  # None: difflo's defaults (the mnist10k demo model)
     overrides: tuple[str, ...] = ()
     runs: Path | None = None                   # trained-model cache (None: runs/experiment-models)
-    train_steps: int = 500                     # training steps of every model an experiment trains
-    snapshots: int = 5                         # evenly spaced checkpoints (and EMA copies) per run
+    train_steps: int = 300                     # training steps of every model an experiment trains
+    snapshots: int = 3                         # evenly spaced checkpoints (and EMA copies) per run
     n: int = 200                               # samples per measured setting, class-balanced
-    eval_steps: int = 20                       # sampler steps where steps are not what is varied
+    eval_steps: int = 10                       # sampler steps where steps are not what is varied
     seed: int = 0
     device: str = "auto"
     progress: bool = False
