@@ -94,7 +94,7 @@ def options(args, out: Path) -> Options:
                                "tiny_k": args.per_class, "few_steps": args.few_steps, "high_ws": args.high_ws,
                                "schedules": _schedules(args.schedules)}.items() if v is not None}
     return Options(out=out, config=args.config, overrides=tuple(args.overrides),
-                   runs=Path(args.runs) if args.runs else None, train_steps=args.train_steps,
+                   runs=Path(args.runs) if args.runs else DEFAULTS.runs, train_steps=args.train_steps,
                    snapshots=args.snapshots, n=args.n, eval_steps=args.eval_steps, seed=args.seed,
                    device=args.device, progress=os.isatty(2), extra=extra)
 

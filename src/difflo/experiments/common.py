@@ -31,7 +31,6 @@ from ..sample import Model, generate, load_model, pick_device
 from ..train import _check_writable, train
 
 EMA_DECAYS = (0.99, 0.999, 0.9999)       # extra EMA copies kept by every cached run (plain, no warmup)
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"     # in a source checkout
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Options:
     out: Path
     config: str | None = None                  # None: difflo's defaults (the mnist10k demo model)
     overrides: tuple[str, ...] = ()
-    runs: Path | None = None                   # trained-model cache (None: runs/experiment-models)
+    runs: Path = Path("runs") / "experiment-models"   # trained-model cache, shared by experiments
     train_steps: int = 300                     # training steps of every model an experiment trains
     snapshots: int = 3                         # evenly spaced checkpoints (and EMA copies) per run
     n: int = 200                               # samples per measured setting, class-balanced
@@ -122,7 +121,6 @@ class Run:
     dir: Path
     cfg: config_mod.Config
     train_seconds: float
-    reused: bool
 
     def steps(self) -> list[int]:
         return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(self.dir)]
@@ -154,7 +152,7 @@ class Run:
 def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run:
     """Train ``cfg`` into the cache (or reuse / resume the cached run) and return it. A lock file makes a
     second process that needs the same model wait for it instead of training it twice."""
-    runs = Path(opts.runs) if opts.runs else Path("runs") / "experiment-models"
+    runs = Path(opts.runs)
     _check_writable(runs)
     h = digest(cfg)
     with open(runs / ".lock", "w") as lock:                 # the same config under another label is the same run
@@ -182,7 +180,7 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
             if row.get("loss") and row.get("elapsed_s"):
                 secs = float(row["elapsed_s"])
     saved = config_mod.load(run_dir / "config.yaml")
-    return Run(run_dir, saved, secs, reused)
+    return Run(run_dir, saved, secs)
 
 
 def train_resolved(cfg: config_mod.Config) -> config_mod.Config:
@@ -234,8 +232,7 @@ def sample_grid(model: Model, classes: int, per_class: int, seed: int = 0, **set
 
 def judge_for(opts: Options, cfg: config_mod.Config, log=print):
     from ..eval.periodic import Judge
-    runs = Path(opts.runs) if opts.runs else Path("runs") / "experiment-models"
-    return Judge(train_resolved(cfg), runs, pick_device(opts.device), log)
+    return Judge(train_resolved(cfg), Path(opts.runs), pick_device(opts.device), log)
 
 
 # --------------------------------------------------------------------------- the report

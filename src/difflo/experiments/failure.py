@@ -48,12 +48,20 @@ def run(opts: Options, log=print):
     judge = judge_for(opts, cfg, log)
     rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     model = base.model()
+    done: dict[tuple, dict] = {}
+
+    def final(steps: int, gw: float) -> dict:
+        """The final base model at (steps, w); parts 1, 2 and 4 share the reference setting, sampled once."""
+        if (steps, gw) not in done:
+            done[steps, gw] = measure(model, judge, opts.n, opts.seed, sampler=sampler, steps=steps, w=gw)
+        return done[steps, gw]
+
     cols = [(judge.metric, judge.metric, ".2f"), ("class_accuracy", "class accuracy", ".3f")]
 
     # 1) Too few steps.
     rows, imgs = [], []
     for k in tuple(opts.extra.get("few_steps", FEW_STEPS)) + (k_ref,):
-        res = measure(model, judge, opts.n, opts.seed, sampler=sampler, steps=k, w=w)
+        res = final(k, w)
         rows.append({"steps": k, **short(res, judge.metric)})
         imgs.append(res["images"][:10])
     rep.text(f"## 1. Too few sampler steps ({sampler}, w = {w})")
@@ -69,7 +77,7 @@ def run(opts: Options, log=print):
     # 2) Guidance too strong.
     rows, imgs = [], []
     for gw in opts.extra.get("high_ws", HIGH_WS):
-        res = measure(model, judge, opts.n, opts.seed, sampler=sampler, steps=k_ref, w=gw)
+        res = final(k_ref, gw)
         rows.append({"w": gw, **short(res, judge.metric), "saturated": saturation(res["images"]),
                      "mean_pixel": float(res["images"].mean() / 255)})
         imgs.append(res["images"][:10])
@@ -113,7 +121,8 @@ def run(opts: Options, log=print):
         c.data.per_class = k
         r = base if k is None else trained(opts, c, f"per-class-{k}", log)
         train_set = full if k is None else data_mod.first_per_class(copy.deepcopy(full), k)
-        res = measure(r.model(), judge, opts.n, opts.seed, sampler=sampler, steps=k_ref, w=w)
+        res = final(k_ref, w) if k is None else measure(r.model(), judge, opts.n, opts.seed, sampler=sampler,
+                                                        steps=k_ref, w=w)
         d_s, idx = nearest(res["images"], train_set.images)
         d_r, _ = nearest(real.images[:opts.n], train_set.images)
         rows.append({"per_class": k or f"all ({len(full) // max(1, full.num_classes)})", **short(res, judge.metric),
