@@ -23,6 +23,7 @@ from . import checkpoint, config as config_mod, data as data_mod
 from . import diffusion, distributed, flow, precision
 from . import faults
 from .errors import DiffloError
+from .io import check_writable
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .sample import Model, build_net, generate, make_path, pick_device
 
@@ -102,16 +103,6 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
             w.writerows(r for r in rows if int(r[0]) <= step)
 
 
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise DiffloError(f"cannot write to run directory {run_dir}: {e.strerror}; choose another --out") from None
-
-
 def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
           log=print, on_step=None) -> Path | None:
     """Train a model as configured into ``run_dir``; returns the last checkpoint directory.
@@ -135,7 +126,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         raise DiffloError(f"{run_dir} already holds a run (checkpoint {existing[-1].name}); "
                           f"pass --resume to continue it or choose another --out")
     if ddp.main:
-        _check_writable(run_dir)
+        check_writable(run_dir)
         (run_dir / "samples").mkdir(exist_ok=True)
 
     # 2) Model, EMA copy, optimizer.
@@ -248,7 +239,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             scaler.step(opt)
             scaler.update()
         if ddp.main:                                    # decay 1.0: a skipped step leaves the EMA as is
-            _ema_update(ema, net, ema_decay_at(step, t) if finite else 1.0)
+            ema_update(ema, net, ema_decay_at(step, t) if finite else 1.0)
         step += 1
         if on_step is not None and ddp.main:
             on_step(step, net)
@@ -291,7 +282,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     return ckpts[-1] if ckpts else None           # None: stopped by a signal before the first step
 
 
-def _ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * net for parameters (one multi-tensor lerp); buffers are copied."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)

@@ -1,0 +1,86 @@
+"""Small file infrastructure every layer shares: atomic writes, the cache folder, writable checks, plots.
+
+* :func:`atomic_path` is the one write-temp-then-rename sequence: code writes to the temporary path it
+  yields (same folder, same suffix, so savers that infer the format from the name work); on success
+  it is renamed over the target, on any error (disk full, a second Ctrl-C) it is removed. A kill
+  never leaves half a file under the real name.
+* :func:`cache_home` honours ``$XDG_CACHE_HOME`` (``~/.cache`` otherwise): data caches, downloaded
+  data sets and trained classifiers all live under it.
+* :func:`pyplot` gives matplotlib's pyplot with the non-interactive Agg backend (no display needed).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .errors import DiffloError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path`` (``.NAME.tmp.SUFFIX``); rename it onto ``path`` on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/difflo, else ~/.cache/difflo."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "difflo"
+
+
+def check_writable(directory: str | Path, what: str = "run directory", fix: str = "choose another --out") -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, else one clear error."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise DiffloError(f"cannot write to {what} {directory}: {e.strerror}; {fix}") from None
+    return directory
+
+
+def check_out_file(path: str | Path, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
+    """An output file the user named: the right suffix, not a folder, and its folder writable."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise DiffloError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise DiffloError(f"{flag} {path} is a directory; give a file name ending in {' or '.join(suffixes)}")
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{path.name}.probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DiffloError(f"cannot write {flag} {path}: {e.strerror}") from None
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
