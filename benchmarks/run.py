@@ -242,7 +242,8 @@ def grid_timings(s: dict, device: torch.device, grid_model: str) -> list[dict]:
     ``grid_model``: "demo", difflo's default config (28x28x1, 1.1M parameters), or "bench", the matched
     model (random weights either way: the time does not depend on them)."""
     from difflo import config as config_mod
-    from difflo.sample import Model, build_net, generate
+    from difflo.model import Model, build_net
+    from difflo.sample import SampleSettings, generate
 
     cfg = config_mod.Config()
     if grid_model == "bench":
@@ -258,7 +259,7 @@ def grid_timings(s: dict, device: torch.device, grid_model: str) -> list[dict]:
         calls.clear()
         sync(device)
         t0 = time.perf_counter()
-        generate(Model(net, cfg), labels, range(n), sampler=sampler, steps=steps, w=3.0, batch_size=n)
+        generate(Model(net, cfg), labels, range(n), SampleSettings(sampler=sampler, steps=steps, w=3.0), batch_size=n)
         sync(device)
         wall = time.perf_counter() - t0
         out.append({"sampler": sampler, "steps": steps, "images": n, "wall_s": wall,

@@ -18,7 +18,8 @@ import torch
 
 from difflo import data
 from difflo.eval.classifier import accuracy, load_classifier, save_classifier, train_classifier
-from difflo.sample import generate, load_model
+from difflo.model import load_model
+from difflo.sample import generate, settings_for
 
 
 def get_classifier(cache: Path):
@@ -54,8 +55,7 @@ def main() -> None:
     print(f"| sampler | steps | w | class accuracy | N | seconds |\n|---|---|---|---|---|---|")
     for sampler, steps, w in itertools.product(samplers, args.steps.split(","), args.w.split(",")):
         t0 = time.time()
-        images = generate(model, labels, seeds, sampler=sampler, steps=int(steps), w=float(w),
-                          spacing=model.cfg.sample.spacing)
+        images = generate(model, labels, seeds, settings_for(model, sampler=sampler, steps=int(steps), w=float(w)))
         res = accuracy(clf, images, labels, 10)
         res.update(sampler=sampler, steps=int(steps), w=float(w), seconds=round(time.time() - t0, 1))
         results.append(res)

@@ -595,8 +595,9 @@ def test_two_training_steps(tmp_path, name):
     assert f"num_classes: {ds.num_classes}" in saved and f"image_size: {ds.image_size}" in saved
     if name == "folder":                                   # unconditional: num_classes 0, sampling works
         assert ds.num_classes == 0
-        from difflo.sample import generate, load_model
+        from difflo.model import load_model
+        from difflo.sample import generate, settings_for
 
         model = load_model(ckpt)
-        imgs = generate(model, torch.zeros(2, dtype=torch.long), seeds=[0, 1], steps=2, w=3.0)
+        imgs = generate(model, torch.zeros(2, dtype=torch.long), [0, 1], settings_for(model, steps=2, w=3.0))
         assert imgs.shape == (2, 1, 16, 16) and torch.isfinite(imgs).all()

@@ -4,10 +4,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from difflo import editing
-from difflo.edit_cli import load_image, load_mask, main
+from difflo import edit, editing
+from difflo.cli import main
 from difflo.errors import DiffloError
-from difflo.sample import generate, load_model, make_denoiser
+from difflo.images import load_image, load_mask
+from difflo.model import load_model, make_denoiser
+from difflo.sample import generate, settings_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,12 +56,12 @@ def test_repaint_chunks():
 def test_sdedit_zero_and_full_strength(model):
     den = make_denoiser(model, 3.0)
     x = torch.rand(2, 1, 28, 28) * 2 - 1
-    ts = [t.item() for t in model.path.sampling_times(6)]
+    ts = model.path.sampling_times(6)                       # 6 steps: 7 times, the last the clean end
     y = torch.tensor([1, 7])
     assert torch.equal(editing.sdedit(den, x, y, ts, 0, [5, 6]), x)
     for sampler in ("ddim", "ddpm"):
-        full = editing.sdedit(den, x, y, ts, len(ts), [5, 6], sampler)
-        plain = generate(model, y, [5, 6], sampler=sampler, steps=6, w=3.0)
+        full = editing.sdedit(den, x, y, ts, len(ts) - 1, [5, 6], sampler)
+        plain = generate(model, y, [5, 6], settings_for(model, sampler=sampler, steps=6, w=3.0))
         assert torch.allclose(full, plain, atol=1e-5)
     part = editing.sdedit(den, x, y, ts, 2, [5, 6])
     assert not torch.allclose(part, full, atol=1e-3)
@@ -71,7 +73,7 @@ def test_anagram_identity_equals_conditional_sampling(model):
     ts = model.path.sampling_times(4)
     y = torch.tensor([[2, 2], [6, 6]])
     out = editing.sample_plain(ClampDenoiser(den), y, ts, [0, 1], (1, 28, 28), "ddim")
-    plain = generate(model, torch.tensor([2, 6]), [0, 1], sampler="ddim", steps=4, w=2.0)
+    plain = generate(model, torch.tensor([2, 6]), [0, 1], settings_for(model, sampler="ddim", steps=4, w=2.0))
     assert torch.allclose(out, plain, atol=1e-5)
 
 
@@ -102,7 +104,7 @@ def test_hybrid_all_pass_low_equals_class_a(model):
     for size, sigma in ((1, 2.0), (5, 0.0)):
         hyb = editing.HybridDenoiser(make_denoiser(model, 2.0), size, sigma)
         out = editing.sample_plain(hyb, torch.tensor([[3, 8]]), model.path.sampling_times(4), [4], (1, 28, 28))
-        plain = generate(model, torch.tensor([3]), [4], sampler="ddim", steps=4, w=2.0)
+        plain = generate(model, torch.tensor([3]), [4], settings_for(model, sampler="ddim", steps=4, w=2.0))
         assert torch.allclose(out, plain, atol=1e-5)
 
 
@@ -116,13 +118,13 @@ def test_gaussian_blur_preserves_mean_and_psnr():
 def test_strided_and_cli_times(model):
     from difflo.diffusion import DiscreteSchedule
     from difflo.flow import FlowPath
-    ts = editing.strided_times(DiscreteSchedule.from_name("cosine", 1000), 30)
-    assert ts[:3] == [990, 960, 930] and ts[-1] == 0 and len(ts) == 34
-    fts = editing.strided_times(FlowPath(), 250)
-    assert fts == [1.0, 0.75, 0.5, 0.25]
-    assert editing.cli_time(FlowPath(), 500) == 0.5
+    ts = DiscreteSchedule.from_name("cosine", 1000).strided_times(30)
+    assert ts[:3] == [990, 960, 930] and ts[-2:] == [0, -1] and len(ts) == 35    # 34 steps, then the clean end
+    fts = FlowPath().strided_times(250)
+    assert fts == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert FlowPath().time_from_cli(500) == 0.5
     with pytest.raises(DiffloError, match="out of range"):
-        editing.cli_time(model.path, 5000)
+        edit.cli_times(model, [5000])
 
 
 def test_image_loading_converts_and_refuses(tmp_path):

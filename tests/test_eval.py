@@ -88,6 +88,38 @@ def test_inception_features_gray_equals_repeated_rgb_and_self_distance_is_zero()
     assert abs(fid.frechet_distance(m, s, m, s)) < 1e-3
 
 
+def test_classifier_cache_honours_xdg_cache_home(tmp_path, monkeypatch, capsys):
+    from difflo.eval.classifier import default_classifier_path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    expected = tmp_path / "xdg" / "difflo" / "classifiers" / "mnist10k.safetensors"
+    assert default_classifier_path("mnist10k") == expected
+    code, _, err = run_cli(capsys, "eval", "accuracy", "--samples", tmp_path / "none.npz", "--data", "mnist10k")
+    assert code != 0 and str(expected) in one_error_line(err)      # looked for under $XDG_CACHE_HOME
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_classifier_path("x") == tmp_path / "home" / ".cache" / "difflo" / "classifiers" / "x.safetensors"
+
+
+def test_results_record_the_classifier_by_name_and_sha256_not_its_path(clf_file):
+    import hashlib
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1), dtype=np.uint8)
+    res = evaluate.score(images, np.arange(8) % 10, classifier=clf_file)
+    assert res["classifier"] == "clf.safetensors"
+    assert res["classifier_sha256"] == hashlib.sha256(clf_file.read_bytes()).hexdigest()
+    assert res["classifier_data"] == "mnist10k"
+    assert str(clf_file.parent) not in json.dumps(res)
+    assert f"clf.safetensors sha256:{res['classifier_sha256'][:12]}" in evaluate.format_result(res)
+
+
+def test_published_results_name_no_machine_path():
+    from pathlib import Path
+    files = sorted((Path(__file__).parent.parent / "docs" / "eval").glob("*.json"))
+    assert files
+    for f in files:
+        res = json.loads(f.read_text())
+        assert "/" not in res.get("classifier", ""), f
+
+
 def test_balanced_labels():
     assert evaluate.balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
 
@@ -107,6 +139,7 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
     assert res["n"] == 20 and res["ref_n"] == 60 and res["steps"] == 2 and res["sampler"] == "ddim"
     assert np.isfinite(res["fd_classifier"]) and 0.0 <= res["class_accuracy"] <= 1.0
     assert len(res["per_class"]) == 10
+    assert res["classifier"] == clf_file.name and len(res["classifier_sha256"]) == 64
     # The same samples scored from the file give the same numbers.
     code, out, err = run_cli(capsys, "eval", "fid", "--samples", str(samples), "--ref", str(ref))
     assert code == 0, err
@@ -154,7 +187,7 @@ def test_samples_from_an_image_folder(tmp_path):
 
 
 def test_evaluation_during_training_logs_metrics_and_keeps_the_best(tmp_path, clf_file):
-    from difflo.sample import load_model
+    from difflo.model import load_model
     from difflo.train import train
 
     cfg = tiny_config("train.steps=4", "train.ckpt_every=4", "eval.every=2", "eval.n=10", "eval.steps=2",

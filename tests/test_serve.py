@@ -14,8 +14,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from difflo import cli
-from difflo.sample import generate, load_model
-from difflo.samplers import SAMPLERS_FOR
+from difflo.model import load_model
+from difflo.paths import samplers_for
+from difflo.sample import generate, settings_for
 from difflo.serve.server import serve_in_thread
 
 
@@ -85,7 +86,7 @@ def test_page_and_info(server):
         assert "http://" not in text and "https://" not in text          # nothing from the network
     code, info = call(url + "/api/info")
     assert code == 200
-    assert info["samplers"] == info["edit_samplers"] == list(SAMPLERS_FOR["diffusion"])
+    assert info["samplers"] == info["edit_samplers"] == list(samplers_for("diffusion"))
     assert info["num_classes"] == 10 and info["class_names"][3] == "3"
     assert info["image_size"] == 28 and info["channels"] == 1
 
@@ -277,8 +278,8 @@ def test_two_clients_at_once(server, tiny_run):
         _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
         got = np.load(io.BytesIO(npz))
         labels = torch.full((body["n"],), body["classes"])
-        want = generate(model, labels, [body["seed"] + i for i in range(body["n"])], sampler="ddim",
-                        steps=body["steps"], w=body["w"])
+        want = generate(model, labels, [body["seed"] + i for i in range(body["n"])],
+                        settings_for(model, sampler="ddim", steps=body["steps"], w=body["w"]))
         assert got["labels"].tolist() == labels.tolist()
         assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                               .permute(0, 2, 3, 1).numpy())
@@ -296,7 +297,7 @@ def test_flow_checkpoint(tmp_path):
     app = App(tmp_path / "run", device="cpu", jobs_root=tmp_path / "jobs")
     try:
         info = app.info()
-        assert info["samplers"] == list(SAMPLERS_FOR["flow"]) and info["defaults"]["edit_sampler"] == "euler"
+        assert info["samplers"] == list(samplers_for("flow")) and info["defaults"]["edit_sampler"] == "euler"
         jobs = [app.submit_sample({"classes": 2, "n": 1, "steps": 3, "sampler": "heun"}),
                 app.submit_edit({"technique": "sdedit", "image": png_url(digit()), "class": 5, "strength": 1.0,
                                  "steps": 4, "sampler": "heun", "n": 1})]

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from difflo.errors import DiffloError
+from difflo.nn import SmallUNet
 from difflo.study import cli
-from difflo.study.denoiser import PARTS, SIGMAS, DenoisingUNet, fmt, load_digits, parse_parts
+from difflo.study.denoiser import PARTS, SIGMAS, load_digits, parse_parts
+from difflo.study.report import fmt
 from conftest import TINY
 
 FILES = ["noising_strip.png", "train_loss.png", "denoised_epoch1.png", "denoised_last.png", "ood.png", "ood_mse.csv",
@@ -38,7 +40,7 @@ def tiny_study(tmp_path_factory):
 
 def test_unet_keeps_the_shape_and_learns_a_fixed_batch():
     torch.manual_seed(0)
-    net = DenoisingUNet(hidden=8)
+    net = SmallUNet(hidden=8)
     x, _ = load_digits("train", limit=16)                                       # (16, 1, 28, 28) in [0, 1]
     assert x.shape == (16, 1, 28, 28) and 0 <= x.min() and x.max() <= 1
     z = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))

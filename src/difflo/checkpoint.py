@@ -34,14 +34,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from . import __version__
+from . import io
 from .errors import CheckpointError
 
 FORMAT = "difflo"
 FORMAT_VERSION = 1
 WEIGHTS = ("model.safetensors", "ema.safetensors")
 
+# Deprecated alias: train.py still calls checkpoint.write_text_atomic; new code imports difflo.io.
+write_text_atomic = io.write_text_atomic
 
-def _sha256(path: Path) -> str:
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 (hex) of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -102,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, e
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        manifest = {"step": step, "sha256": {name: _sha256(tmp / name) for name in files}}
+        manifest = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in files}}
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f)
             f.flush()
@@ -128,18 +133,6 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, e
     return final
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename (a kill never leaves half of it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -157,7 +150,7 @@ def verify(ckpt_dir: Path) -> None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no readable manifest.json ({e})") from None
     for name, digest in digests.items():
         path = ckpt_dir / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise CheckpointError(f"checkpoint file {path} is missing or corrupt (sha256 mismatch)")
 
 
@@ -171,7 +164,7 @@ def verify_file(path: Path) -> None:
         digest = json.loads(manifest.read_text())["sha256"][path.name]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path.parent} has an unreadable manifest.json ({e})") from None
-    if _sha256(path) != digest:
+    if sha256_file(path) != digest:
         raise CheckpointError(f"checkpoint file {path} is corrupt (its sha256 differs from {manifest}); "
                               f"use an earlier checkpoint directory of the run")
 

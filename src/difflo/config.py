@@ -113,18 +113,20 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
         from . import diffusion, flow, samplers, schedules
+        from .paths import OBJECTIVES, samplers_for
 
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample
         flow_obj = d.objective == "flow"
-        choices = [("diffusion.objective", d.objective, ("diffusion", "flow")),
+        fitting = samplers_for(d.objective) if d.objective in OBJECTIVES else tuple(samplers.SAMPLERS)
+        choices = [("diffusion.objective", d.objective, OBJECTIVES),
                    ("diffusion.schedule", d.schedule, schedules.SCHEDULES),
                    ("diffusion.prediction", d.prediction, ("u",) if flow_obj else ("eps", "x0", "v")),
                    ("diffusion.loss_weighting", d.loss_weighting, ("none",) if flow_obj else diffusion.LOSS_WEIGHTINGS),
                    ("diffusion.t_sampling", d.t_sampling, flow.T_SAMPLINGS if flow_obj else ("uniform",)),
                    ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
                    ("train.precision", t.precision, ("fp32", "bf16", "fp16")),
-                   ("sample.sampler", s.sampler, samplers.SAMPLERS_FOR.get(d.objective, tuple(samplers.SAMPLERS))),
+                   ("sample.sampler", s.sampler, fitting),
                    ("sample.spacing", s.spacing, schedules.SPACINGS),
                    ("sample.variance", s.variance, ("fixed_small", "fixed_large")),
                    ("eval.features", self.eval.features, ("classifier", "inception"))]

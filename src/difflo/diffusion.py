@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import schedules
+from .samplers import fitting
 
 PREDICTIONS = ("eps", "x0", "v", "u")
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -28,10 +29,13 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 
 @dataclass(frozen=True, eq=False)
 class DiscreteSchedule:
-    """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t."""
+    """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t.
+    Implements :class:`difflo.paths.Path`."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64
     t_clean = -1                  # the time of the clean data, where every sampler ends
+    variance_preserving = True    # alpha^2 + sigma^2 = 1: DDPM's posterior applies
+    continuous = False            # no d alpha/dt: Euler/Heun in t do not apply
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":
@@ -61,8 +65,36 @@ class DiscreteSchedule:
         """The time value the network is conditioned on: the timestep index itself."""
         return t.to(torch.float32)
 
-    def sampling_times(self, n: int, spacing: str = "trailing") -> torch.Tensor:
-        return schedules.timesteps(self.T, n, spacing)
+    @property
+    def max_steps(self) -> int:
+        return self.T
+
+    @property
+    def cli_scale(self) -> int:
+        """Command-line times are the timesteps themselves, 0..T-1."""
+        return self.T
+
+    def sampling_times(self, n: int, spacing: str = "trailing") -> list[int]:
+        """n timesteps of ``spacing`` (see :func:`difflo.schedules.timesteps`), then the clean end -1."""
+        return schedules.timesteps(self.T, n, spacing).tolist() + [self.t_clean]
+
+    def strided_times(self, stride: int) -> list[int]:
+        """k * stride for k = (T-1)//stride .. 0, then -1 (stride 30, T 1000: 990, 960, ..., 0, -1)."""
+        return list(range((self.T - 1) // stride * stride, -1, -stride)) + [self.t_clean]
+
+    def time_from_cli(self, t: float) -> int:
+        """A command-line timestep: an integer 0..T-1."""
+        if t != int(t) or not 0 <= t <= self.T - 1:
+            raise ValueError(f"timestep {t:g} out of range: this diffusion model has timesteps 0..{self.T - 1}")
+        return int(t)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return fitting(self)
+
+    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor:
+        """The denoising loss with ``d``'s prediction and weighting (a DiffusionConfig)."""
+        return training_loss(net, x0, y, self, d.prediction, d.loss_weighting, d.min_snr_gamma, generator, rows)
 
 
 def _bcast(c, x: torch.Tensor):

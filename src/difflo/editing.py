@@ -20,10 +20,10 @@ Every technique reuses a sampler from :data:`difflo.samplers.SAMPLERS` unchanged
 * **inpaint** (Lugmayr et al. 2022, "RePaint") is a sampler callback that, after every step to
   ``t_prev``, replaces the known region of ``x`` by the forward-noised original at ``t_prev``; the
   last step goes to the clean data, where the known pixels are the original exactly. Resampling
-  jumps run the sampler in chunks (a path whose clean end is the chunk's last time), re-noising
-  between repeats with ``q(x_t | x_t')``.
-* **sdedit** (Meng et al. 2022, "SDEdit") noises the input to the k-th time from the clean end of
-  the sampling times and runs the sampler over the last k times.
+  jumps run the sampler on slices of the time grid (grids contain their clean end, so a chunk is
+  ``ts[i:j + 1]``), re-noising between repeats with ``q(x_t | x_t')``.
+* **sdedit** (Meng et al. 2022, "SDEdit") noises the input to the time k steps before the clean end
+  of the grid and runs the sampler over the last k steps.
 
 Conventions: masks are 1 where the image is *regenerated* (white in a mask file), 0 where known.
 """
@@ -117,48 +117,6 @@ class HybridDenoiser:
         return high + self.lowpass(low - high)             # = lp(low) + (high - lp(high))
 
 
-class _PathEndingAt:
-    """The same path, but with its 'clean' end moved to ``t_end``: a sampler given it stops there."""
-
-    def __init__(self, path, t_end):
-        self.path = path
-        self.t_clean = type(path.t_clean)(t_end)
-
-    def __getattr__(self, name):
-        return getattr(self.path, name)
-
-
-class _EndAt:
-    def __init__(self, denoiser, t_end):
-        self.denoiser, self.path = denoiser, _PathEndingAt(denoiser.path, t_end)
-
-    def __call__(self, x, t, **extra_args):
-        return self.denoiser(x, t, **extra_args)
-
-
-# ----------------------------------------------------------------------------- times
-def strided_times(path, stride: int) -> list:
-    """Diffusion: k * stride for k = (T-1)//stride .. 0 (stride 30, T 1000: 990, 960, ..., 0).
-    Flow: the same per-mille times / 1000, without t = 0 (the clean end): 0.99, 0.96, ..., 0.03."""
-    if stride < 1:
-        raise DiffloError(f"--stride must be >= 1, got {stride}")
-    if path.t_clean == -1:
-        return list(range((path.T - 1) // stride * stride, -1, -stride))
-    return [k * stride / 1000.0 for k in range(1000 // stride, 0, -1)]
-
-
-def cli_time(path, t: float):
-    """A CLI timestep in the model's time: an integer 0..T-1 for diffusion; for flow models the
-    same per-mille scale, t/1000 in (0, 1] (``--t 500`` is t = 0.5)."""
-    if path.t_clean == -1:
-        if t != int(t) or not 0 <= t <= path.T - 1:
-            raise DiffloError(f"timestep {t:g} out of range: this diffusion model has timesteps 0..{path.T - 1}")
-        return int(t)
-    if not 0 < t <= 1000:
-        raise DiffloError(f"timestep {t:g} out of range: for flow models give t in (0, 1000] (per mille)")
-    return t / 1000.0
-
-
 def renoise(x: torch.Tensor, path, t_from, t_to, z: torch.Tensor) -> torch.Tensor:
     """A draw of q(x_{t_to} | x_{t_from}) for t_to later (noisier) than t_from:
     x_to = (a_to / a_from) x_from + sqrt(s_to^2 - (a_to s_from / a_from)^2) z."""
@@ -170,31 +128,34 @@ def renoise(x: torch.Tensor, path, t_from, t_to, z: torch.Tensor) -> torch.Tenso
 
 # ----------------------------------------------------------------------------- techniques
 def _ts_list(ts):
-    return [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
+    return ts.tolist() if isinstance(ts, torch.Tensor) else [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
-def _run(sampler: str, denoiser, x, ts, extra_args, callback, noise, **kw):
+def run_sampler(sampler: str, denoiser, x, ts, extra_args, callback, noise, **kw):
+    """``SAMPLERS[sampler]`` over the grid ``ts`` (which ends where the run should end)."""
     if sampler not in SAMPLERS:
         raise DiffloError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[sampler](denoiser, x, ts, extra_args=extra_args, callback=callback, noise=noise, **kw)
 
 
 def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "ddim", callback=None, **kw):
-    """Noise ``x_in`` to ``ts[-k]`` (the k-th time from the clean end) and sample over ``ts[-k:]``.
-    k = 0 returns the input; k = len(ts) starts from pure noise, exactly as plain sampling."""
+    """Noise ``x_in`` to ``ts[-k - 1]`` (k steps before the grid's clean end) and sample over
+    ``ts[-k - 1:]``. k = 0 returns the input; k = len(ts) - 1 starts from pure noise, exactly as
+    plain sampling."""
     ts = _ts_list(ts)
-    if not 0 <= k <= len(ts):
-        raise DiffloError(f"SDEdit start level {k} out of range 0..{len(ts)}")
+    n = len(ts) - 1                                            # steps in the grid
+    if not 0 <= k <= n:
+        raise DiffloError(f"SDEdit start level {k} out of range 0..{n}")
     noise = SeededNoise(seeds, x_in.shape[1:], x_in.device)
     z = noise()
     if k == 0:
         return x_in.clone()
-    if k == len(ts):
+    if k == n:
         x = z                                                  # x_T ~ N(0, I), as difflo.sample.generate
     else:
-        a, s = denoiser.path.alpha_sigma(ts[-k])
+        a, s = denoiser.path.alpha_sigma(ts[-k - 1])
         x = q_sample(x_in, z, a, s)
-    return _run(sampler, denoiser, x, ts[-k:], {"y": y}, callback, noise, **kw)
+    return run_sampler(sampler, denoiser, x, ts[-k - 1:], {"y": y}, callback, noise, **kw)
 
 
 class RePaintCallback:
@@ -213,8 +174,9 @@ class RePaintCallback:
 
 
 def repaint_chunks(n: int, jump_length: int, jump_n_sample: int) -> list[tuple[int, int, bool]]:
-    """(start, end, renoise_before) index ranges over n times (index n = the clean end): each chunk
-    of ``jump_length`` steps is run ``jump_n_sample`` times, re-noised back to its start between runs."""
+    """(start, end, renoise_before) index ranges over a grid of n steps (n + 1 times, index n = the
+    clean end): each chunk ``ts[start:end + 1]`` of ``jump_length`` steps is run ``jump_n_sample``
+    times, re-noised back to its start between runs."""
     out = []
     for start in range(0, n, jump_length):
         end = min(start + jump_length, n)
@@ -233,23 +195,20 @@ def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, s
     noise = SeededNoise(seeds, x_known.shape[1:], x_known.device)
     x = noise()
     mask = mask.to(x)
+    cb = RePaintCallback(x_known, mask, path, noise, callback)
     if jump_n_sample == 1:
-        cb = RePaintCallback(x_known, mask, path, noise, callback)
-        return _run(sampler, denoiser, x, ts, {"y": y}, cb, noise, **kw)
-    full = ts + [path.t_clean]
-    for start, end, jump in repaint_chunks(len(ts), jump_length, jump_n_sample):
+        return run_sampler(sampler, denoiser, x, ts, {"y": y}, cb, noise, **kw)
+    for start, end, jump in repaint_chunks(len(ts) - 1, jump_length, jump_n_sample):
         if jump:
-            x = renoise(x, path, full[end], full[start], noise())
-        seg = _EndAt(denoiser, full[end])                       # its last step goes to full[end]
-        cb = RePaintCallback(x_known, mask, path, noise, callback)
-        x = _run(sampler, seg, x, ts[start:end], {"y": y}, cb, noise, **kw)
+            x = renoise(x, path, ts[end], ts[start], noise())
+        x = run_sampler(sampler, denoiser, x, ts[start:end + 1], {"y": y}, cb, noise, **kw)   # a slice of the grid
     return x
 
 
 def sample_plain(denoiser, y, ts, seeds, shape, sampler: str = "ddim", callback=None, **kw):
     """Sampling from pure noise with per-sample seeds (for the anagram and hybrid wrappers)."""
     noise = SeededNoise(seeds, shape)
-    return _run(sampler, denoiser, noise(), _ts_list(ts), {"y": y}, callback, noise, **kw)
+    return run_sampler(sampler, denoiser, noise(), _ts_list(ts), {"y": y}, callback, noise, **kw)
 
 
 # ----------------------------------------------------------------------------- metrics, baselines

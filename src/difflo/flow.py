@@ -20,15 +20,21 @@ from __future__ import annotations
 import torch
 
 from .diffusion import q_sample, target
+from .samplers import fitting
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 
 class FlowPath:
-    """alpha_t = 1 - t, sigma_t = t for t in [0, 1]; ``t_clean = 0`` is the data end."""
+    """alpha_t = 1 - t, sigma_t = t for t in [0, 1]; ``t_clean = 0`` is the data end.
+    Implements :class:`difflo.paths.Path`."""
 
     t_clean = 0.0
     time_scale = 1000.0          # the network sees 1000 t, the range of diffusion timesteps
+    variance_preserving = False  # alpha + sigma = 1, not alpha^2 + sigma^2: no DDPM posterior
+    continuous = True            # d alpha/dt, d sigma/dt exist: Euler and Heun apply
+    max_steps = None             # any number of steps
+    cli_scale = 1000             # command-line times are per mille: --t 500 is t = 0.5
 
     def alpha_sigma(self, t):
         if isinstance(t, (int, float)):
@@ -44,11 +50,34 @@ class FlowPath:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32) * self.time_scale
 
-    def sampling_times(self, n: int) -> torch.Tensor:
-        """n uniform steps from t = 1 (noise) down to t = 1/n; the samplers' last step goes to 0."""
+    def sampling_times(self, n: int, spacing: str = "trailing") -> list[float]:
+        """n uniform steps from t = 1 (noise) to t = 0 (the clean end): n + 1 times. The grid starts
+        at the noise end, as ``trailing`` and ``linspace`` do for diffusion; ``leading`` (which never
+        visits pure noise) is refused."""
         if n < 1:
             raise ValueError(f"number of sampling steps must be >= 1, got {n}")
-        return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[:-1]
+        if spacing not in ("trailing", "linspace"):
+            raise ValueError(f"spacing {spacing!r} does not apply to flow models: their grid is uniform from "
+                             f"t = 1; use trailing or linspace")
+        return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64).tolist()
+
+    def strided_times(self, stride: int) -> list[float]:
+        """The per-mille times k * stride / 1000 from the noise end (stride 30: 0.99, 0.96, ..., 0.03), then 0."""
+        return [k * stride / 1000.0 for k in range(1000 // stride, 0, -1)] + [self.t_clean]
+
+    def time_from_cli(self, t: float) -> float:
+        """A command-line time on the per-mille scale: t/1000 in (0, 1] (``--t 500`` is t = 0.5)."""
+        if not 0 < t <= 1000:
+            raise ValueError(f"timestep {t:g} out of range: for flow models give t in (0, 1000] (per mille)")
+        return t / 1000.0
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return fitting(self)
+
+    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor:
+        """The flow-matching loss with ``d``'s time sampling (a DiffusionConfig)."""
+        return training_loss(net, x0, y, self, d.t_sampling, d.logit_mean, d.logit_std, generator, rows)
 
 
 def sample_t(B: int, how: str, generator: torch.Generator | None, mean: float = 0.0, std: float = 1.0

@@ -1,13 +1,17 @@
-"""Turning tensors into files: uint8 arrays, labelled PNG grids, GIFs, the loss curve."""
+"""Image files both ways: tensors to uint8 arrays, labelled PNG grids, GIFs and the loss curve;
+image files and uploads to model inputs (the one decoder for ``difflo edit`` and the web page)."""
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .errors import DiffloError
+from .io import atomic_path, pyplot
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -41,24 +45,19 @@ def grid_image(images: np.ndarray, ncol: int, row_labels: list[str] | None = Non
 def save_image(img: Image.Image, path: str | Path) -> None:
     """Save atomically (temp file + rename), format from the suffix."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
 
 
 def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 80, hold_last: int = 15) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     frames = frames + [frames[-1]] * hold_last
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     """Loss (raw and smoothed) against step from metrics.csv."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     with open(metrics_csv) as f:
@@ -83,12 +82,114 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.14, top=0.96)   # not tight_layout: drawn at every checkpoint
-    tmp = Path(out_png).with_name(f".{Path(out_png).name}.tmp.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, out_png)
-    except BaseException:                  # e.g. the disk is full: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(out_png) as tmp:  # e.g. the disk is full: leave no partial file behind
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- reading image files
+# The one decoder of ``difflo edit``'s files and the web page's uploads: open (PIL errors become one
+# line), bring any mode to 8-bit L or RGB (16-bit/32-bit/float greyscale scaled, not clipped; LAB
+# through a colour profile; alpha composited on black), resize to the model's size.
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def open_image(source, what: str = "image") -> Image.Image:
+    """A loaded PIL image from a path or bytes; a missing or unreadable file is one DiffloError."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise DiffloError(f"{what} {source} not found") from None
+    except READ_ERRORS as e:
+        where = "" if isinstance(source, (bytes, bytearray)) else f" {source}"
+        raise DiffloError(f"cannot read {what}{where}: {e} (give a PNG or JPG)") from None
+
+
+def flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite an image with transparency (RGBA, LA, PA, P with transparency) over black; others as they are."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I) and float (F) greyscale -> 8-bit L, scaled to the range the
+    values use (PIL's convert clips instead: a 16-bit mid-grey would become white); LAB -> RGB."""
+    if img.mode == "LAB":                              # PIL converts LAB only through a colour profile
+        from PIL import ImageCms
+        lab_to_rgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                             "LAB", "RGB")
+        return ImageCms.applyTransform(img, lab_to_rgb)
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+        top = 1.0                                     # float images in [0, 1]
+    else:
+        top = 255.0 if not a.size or a.max() <= 255 else 65535.0 if a.max() <= 65535 else a.max()
+    return Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
+
+
+def model_image(img: Image.Image, channels: int, size: int, notes: list, what: str = "image",
+                note_mode: bool = True) -> Image.Image:
+    """``img`` in the model's mode (L for 1 channel, RGB for 3) and size (LANCZOS), noting the resize
+    (and the mode conversion with ``note_mode``)."""
+    if channels not in (1, 3):
+        raise DiffloError(f"this model has {channels} channels; image files can be loaded for 1 (L) or 3 (RGB)")
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode != mode:
+        if note_mode:
+            notes.append(f"{what}: converted {img.mode} to {mode} for a {channels}-channel model"
+                         + (" (alpha composited on black)" if "A" in img.mode else ""))
+        try:
+            img = flatten_alpha(to_8bit(img)).convert(mode)
+        except (ValueError, OSError) as e:
+            raise DiffloError(f"cannot convert {what} from mode {img.mode} to {mode} ({e}); "
+                              f"save it as an 8-bit RGB or greyscale PNG") from None
+    if img.size != (size, size):
+        notes.append(f"{what}: resized {img.size[0]}x{img.size[1]} to the model's {size}x{size}")
+        img = img.resize((size, size), Image.LANCZOS)
+    return img
+
+
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit L or RGB image as (1, C, H, W) in [-1, 1]."""
+    a = np.asarray(img, dtype=np.float32)
+    a = a.reshape(*a.shape[:2], -1) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def load_image(path, channels: int, size: int, notes: list | None = None) -> torch.Tensor:
+    """(1, C, size, size) in [-1, 1] from an image file; converts channels and resizes, noting both."""
+    notes = notes if notes is not None else []
+    return image_tensor(model_image(open_image(path), channels, size, notes, str(path)))
+
+
+def mask_image(img: Image.Image, size: int, what: str = "mask") -> Image.Image:
+    """An L image of 0/255: white (>= 128 after compositing alpha on black) = regenerate; NEAREST-resized."""
+    try:
+        m = flatten_alpha(to_8bit(img)).convert("L")
+    except (ValueError, OSError) as e:
+        raise DiffloError(f"cannot read {what} (mode {img.mode}) as greyscale ({e}); save it as an 8-bit "
+                          f"PNG") from None
+    if m.size != (size, size):
+        m = m.resize((size, size), Image.NEAREST)
+    return Image.fromarray(np.where(np.asarray(m) >= 128, 255, 0).astype(np.uint8), "L")
+
+
+def load_mask(path, image_path, size: int) -> torch.Tensor:
+    """(1, 1, size, size) of 0/1: 1 (white, >= 128) = regenerate. Must be as large as the image."""
+    m, im = open_image(path), open_image(image_path)
+    if m.size != im.size:
+        raise DiffloError(f"mask {path} is {m.size[0]}x{m.size[1]} but image {image_path} is "
+                          f"{im.size[0]}x{im.size[1]}; give a mask of the image's size")
+    return torch.from_numpy((np.asarray(mask_image(m, size, f"mask {path}")) >= 128).astype(np.float32))[None, None]

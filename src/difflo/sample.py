@@ -1,140 +1,94 @@
-"""Generating images from a trained model: checkpoint -> denoiser -> sampler, in batches.
+"""Generating images from a model: settings -> denoiser -> sampler, in batches.
+
+:class:`SampleSettings` is the one typed settings object of every front end (``difflo sample``, the
+web page, evaluation, experiments, training's sample grids): it *is* the config's ``sample`` section,
+so a run's defaults and a command's flags are the same fields. :func:`settings_for` fills in a
+model's own defaults, applies overrides and validates them against the model's path once;
+:func:`generate` then only runs.
 
 ``generate`` draws sample i from its own generator seeded with ``seeds[i]``, so an image depends
 on its seed (and label and settings) only, never on the batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
-from . import config as config_mod
-from .checkpoint import load_weights, resolve_weights, verify_file
-from .diffusion import DiscreteSchedule
-from .flow import FlowPath
-from .errors import CheckpointError, DiffloError
-from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
-from .nn import UNet
-from .samplers import SAMPLERS, SAMPLERS_FOR, SeededNoise
+from .config import SampleConfig as SampleSettings
+from .errors import DiffloError
+from .model import Model, make_denoiser
+from .samplers import SAMPLERS, SeededNoise
+from .schedules import SPACINGS
+
+VARIANCES = ("fixed_small", "fixed_large")
+
+__all__ = ["SampleSettings", "settings_for", "check_settings", "sampler_options", "generate"]
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffloError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
+    """Raise a one-line DiffloError unless the settings fit the model; return them."""
+    path = model.path
+    if s.sampler not in path.samplers:
+        raise DiffloError(f"sampler {s.sampler!r} does not fit this {model.objective} model; choose one of "
+                          f"{', '.join(path.samplers)}")
+    if s.steps < 1:
+        raise DiffloError(f"--steps must be >= 1, got {s.steps}")
+    if path.max_steps is not None and s.steps > path.max_steps:
+        raise DiffloError(f"--steps {s.steps} exceeds the model's {path.max_steps} training timesteps")
+    if s.spacing not in SPACINGS:
+        raise DiffloError(f"unknown spacing {s.spacing!r}; choose one of {', '.join(SPACINGS)}")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DiffloError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DiffloError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if device.type == "mps" and not (mps and mps.is_available()):
-        raise DiffloError(f"device {name!r} asked for, but this PyTorch has no MPS support; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise DiffloError(f"device {name!r} cannot run difflo; use auto, cpu, cuda or cuda:N")
-    return device
+        path.sampling_times(1, s.spacing)
+    except ValueError as e:
+        raise DiffloError(str(e)) from None
+    if s.variance not in VARIANCES:
+        raise DiffloError(f"unknown DDPM variance {s.variance!r}; choose one of {', '.join(VARIANCES)}")
+    if not (s.w >= 0 and s.eta >= 0):
+        raise DiffloError(f"guidance w and eta must be >= 0, got w={s.w}, eta={s.eta}")
+    return s
 
 
-@dataclass
-class Model:
-    """A network with the resolved config it was trained with."""
-    net: UNet
-    cfg: config_mod.Config
-
-    @property
-    def path(self) -> DiscreteSchedule | FlowPath:
-        return make_path(self.cfg.diffusion)
-
-    @property
-    def objective(self) -> str:
-        return self.cfg.diffusion.objective
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.model.num_classes
+def settings_for(model: Model, **overrides) -> SampleSettings:
+    """The model's own sample settings (its config's ``sample`` section) with ``overrides`` applied
+    (a None value keeps the model's), checked against the model."""
+    return check_settings(dataclasses.replace(model.cfg.sample, **{k: v for k, v in overrides.items()
+                                                                   if v is not None}), model)
 
 
-def build_net(cfg: config_mod.Config) -> UNet:
-    try:
-        return UNet(cfg.model)
-    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:     # an allocation too large to make
-        m = cfg.model
-        raise DiffloError(f"cannot build the UNet (model.channels={m.channels}, channel_mult={list(m.channel_mult)}, "
-                          f"in_channels={m.in_channels}): {str(e).splitlines()[0][:120]}; choose a smaller "
-                          f"model") from None
+def sampler_options(s: SampleSettings) -> dict:
+    """The keyword options of the chosen sampler, taken from the settings (``eta`` for DDIM,
+    ``variance`` for DDPM; nothing for the others)."""
+    return {name: getattr(s, name) for name in SAMPLERS[s.sampler].options}
 
 
-def make_path(d: config_mod.DiffusionConfig) -> DiscreteSchedule | FlowPath:
-    """The noising path of an objective: DDPM's discrete schedule, or the straight flow path."""
-    return FlowPath() if d.objective == "flow" else DiscreteSchedule.from_name(d.schedule, d.timesteps)
+def describe(s: SampleSettings) -> str:
+    return ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s))
 
 
-def load_model(path, ema: bool = True, device="cpu") -> Model:
-    """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
-    weights = resolve_weights(path, ema)
-    verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
-    state, cfg_dict, _ = load_weights(weights)
-    try:
-        cfg = config_mod.from_dict(cfg_dict)
-        cfg.validate()
-        net = build_net(cfg)
-    except (DiffloError, ValueError) as e:
-        raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{weights} does not fit the architecture in its own config "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped "
-                              f"tensors, e.g. {(missing + unexpected + wrong)[0]})")
-    net.load_state_dict(state)
-    return Model(net.to(device).eval(), cfg)
-
-
-def make_denoiser(model: Model, w: float, clip_x0: bool = True):
-    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped."""
-    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction)
-    if model.num_classes > 0:
-        den = CFGDenoiser(den, w, null_class=model.num_classes)
-    return ClampDenoiser(den) if clip_x0 else den
-
-
-def generate(model: Model, labels: torch.Tensor, seeds, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-             w: float = 3.0, spacing: str = "trailing", clip_x0: bool = True, variance: str = "fixed_small",
+def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings | None = None,
              batch_size: int = 250, callback=None, progress=None) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for the given labels and per-image seeds.
 
+    ``settings``: checked :class:`SampleSettings` (default: the model's own, ``settings_for(model)``).
     ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index)."""
-    fits = SAMPLERS_FOR[model.objective]
-    if sampler not in fits:
-        raise DiffloError(f"sampler {sampler!r} does not fit this {model.objective} model; choose one of "
-                          f"{', '.join(fits)}")
-    if steps < 1:
-        raise DiffloError(f"--steps must be >= 1, got {steps}")
-    T = model.cfg.diffusion.timesteps
-    if model.objective == "diffusion" and steps > T:
-        raise DiffloError(f"--steps {steps} exceeds the model's {T} training timesteps")
+    s = settings_for(model) if settings is None else check_settings(settings, model)
     n_cls = model.num_classes
-    if n_cls and (labels.min() < 0 or labels.max() >= n_cls):
+    if n_cls and len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
         raise DiffloError(f"class index out of range: this model has classes 0..{n_cls - 1}")
     device = next(model.net.parameters()).device
-    c, s = model.cfg.model.in_channels, model.cfg.model.image_size
-    den = make_denoiser(model, w, clip_x0)
-    path = model.path
-    ts = path.sampling_times(steps, spacing) if model.objective == "diffusion" else path.sampling_times(steps)
-    kwargs = {"eta": eta} if sampler == "ddim" else {"variance": variance} if sampler == "ddpm" else {}
+    c, size = model.cfg.model.in_channels, model.cfg.model.image_size
+    den = make_denoiser(model, s.w, s.clip_x0)
+    ts = model.path.sampling_times(s.steps, s.spacing)
+    sampler, options = SAMPLERS[s.sampler], sampler_options(s)
     seeds = [int(x) for x in seeds]
     out = []
     for b, start in enumerate(range(0, len(seeds), batch_size)):
-        noise = SeededNoise(seeds[start:start + batch_size], (c, s, s), device)
+        noise = SeededNoise(seeds[start:start + batch_size], (c, size, size), device)
         x = noise()                                   # (B, C, H, W): x_T ~ N(0, I)
         y = labels[start:start + batch_size].to(device)
         cb = None if callback is None else (lambda d, b=b: callback({**d, "batch": b}))
-        out.append(SAMPLERS[sampler](den, x, ts, extra_args={"y": y}, callback=cb, noise=noise, **kwargs).cpu())
+        out.append(sampler(den, x, ts, extra_args={"y": y}, callback=cb, noise=noise, **options).cpu())
         if progress is not None:
             progress.update(len(y))
     return torch.cat(out)

@@ -5,10 +5,10 @@ Every sampler has the signature::
     sample_x(denoiser, x, ts, extra_args=None, callback=None, noise=None, **options) -> x0
 
 * ``x`` (B, C, H, W): the starting point, normally pure noise scaled to the first timestep.
-* ``ts``: the times to visit, decreasing (e.g. ``schedules.timesteps(T, 50, "trailing")`` or
-  ``FlowPath().sampling_times(20)``). After the last one the sampler steps to
-  ``denoiser.path.t_clean``, the clean data (alpha = 1, sigma = 0): t = -1 for discrete diffusion,
-  t = 0 for flow matching.
+* ``ts``: the time grid, decreasing, **ending at the clean data** (alpha = 1, sigma = 0), e.g.
+  ``path.sampling_times(50)`` = ``[999, 979, ..., 19, -1]`` for discrete diffusion or
+  ``[1.0, 0.95, ..., 0.05, 0.0]`` for flow matching. A sampler walks ``zip(ts[:-1], ts[1:])``, so
+  running part of a trajectory (SDEdit from the middle, RePaint's chunks) is a slice of the grid.
 * ``extra_args``: keyword arguments passed to the denoiser on every call (e.g. ``{"y": labels}``).
 * ``callback``: called after every step from ``t`` to ``t_prev`` with
   ``{"i", "t", "t_prev", "x", "denoised"}`` (``x`` is the new state at ``t_prev``); editing methods
@@ -21,7 +21,9 @@ Samplers use only ``alpha_t, sigma_t`` of ``denoiser.path`` (x_t = alpha_t x0 + 
 """
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -44,11 +46,10 @@ def _eps(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch
     return (x - alpha * x0) / sigma
 
 
-def _steps(ts, path):
-    """Triples (i, t, t_prev) over the times, the last one stepping to path.t_clean (clean data)."""
-    ts = [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
-    ts = [int(t) if isinstance(path.t_clean, int) else float(t) for t in ts]
-    return [(i, t, ts[i + 1] if i + 1 < len(ts) else path.t_clean) for i, t in enumerate(ts)]
+def _steps(ts):
+    """Triples (i, t, t_prev) over consecutive times of the grid (the last t_prev is its end)."""
+    ts = ts.tolist() if isinstance(ts, torch.Tensor) else [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
+    return [(i, t, t_prev) for i, (t, t_prev) in enumerate(zip(ts[:-1], ts[1:]))]
 
 
 def _require_noise(noise, name):
@@ -84,7 +85,7 @@ def sample_ddim(denoiser, x, ts, extra_args=None, callback=None, noise=None, eta
 def _one_eval_per_step(denoiser, x, ts, step, extra_args, callback):
     """The loop of every first-order sampler: denoise at t, then x <- step(x, x0_hat, t, t_prev)."""
     extra_args = extra_args or {}
-    for i, t, t_prev in _steps(ts, denoiser.path):
+    for i, t, t_prev in _steps(ts):
         x0 = denoiser(x, t, **extra_args)
         x = step(x, x0, t, t_prev)
         if callback is not None:
@@ -129,7 +130,7 @@ def sample_ddpm(denoiser, x, ts, extra_args=None, callback=None, noise=None, var
 # Space of Diffusion-Based Generative Models", Algorithm 1, in time t instead of sigma.
 def _velocity(x: torch.Tensor, x0: torch.Tensor, path, t) -> torch.Tensor:
     """dx/dt at (x, t) implied by the denoised x0: alpha'(t) x0 + sigma'(t) eps_hat."""
-    if not hasattr(path, "d_alpha_sigma"):
+    if not path.continuous:
         raise ValueError("euler/heun integrate a continuous-time path (objective: flow); "
                          "use ddim or ddpm for discrete diffusion")
     a, s = path.alpha_sigma(t)
@@ -151,7 +152,7 @@ def sample_heun(denoiser, x, ts, extra_args=None, callback=None, noise=None):
     2n - 1 network evaluations for n steps."""
     extra_args = extra_args or {}
     path = denoiser.path
-    for i, t, t_prev in _steps(ts, path):
+    for i, t, t_prev in _steps(ts):
         x0 = denoiser(x, t, **extra_args)
         d = _velocity(x, x0, path, t)
         x_next = x + (t_prev - t) * d                                   # Euler predictor
@@ -203,7 +204,7 @@ def sample_dpmpp_2m(denoiser, x, ts, extra_args=None, callback=None, noise=None)
     extra_args = extra_args or {}
     path = denoiser.path
     x0_prev, t_last = None, None
-    for i, t, t_prev in _steps(ts, path):
+    for i, t, t_prev in _steps(ts):
         x0 = denoiser(x, t, **extra_args)
         x = dpmpp_2m_step(x, x0, x0_prev, path, t, t_prev, t_last)
         x0_prev, t_last = x0, t
@@ -212,15 +213,44 @@ def sample_dpmpp_2m(denoiser, x, ts, extra_args=None, callback=None, noise=None)
     return x
 
 
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dpmpp": sample_dpmpp_2m,
+@dataclass(frozen=True)
+class Sampler:
+    """A registry entry: the sampling function, what it needs of the path, and its cost.
+
+    ``needs`` names boolean attributes of the path (``variance_preserving``: DDPM's posterior assumes
+    alpha^2 + sigma^2 = 1; ``continuous``: Euler/Heun need d alpha/dt, d sigma/dt); ``evals(n)`` is
+    the number of network evaluations (NFE) for a grid of n steps."""
+    fn: Callable
+    needs: tuple[str, ...] = ()
+    evals_per_step: int = 1
+    skips_last_correction: bool = False      # Heun: the step to the clean end is an Euler step
+
+    def __call__(self, denoiser, x, ts, **kwargs):
+        return self.fn(denoiser, x, ts, **kwargs)
+
+    def fits(self, path) -> bool:
+        return all(getattr(path, need, False) for need in self.needs)
+
+    def evals(self, n_steps: int) -> int:
+        return n_steps * self.evals_per_step - (1 if self.skips_last_correction else 0)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Its own keyword options (e.g. ``eta`` for DDIM, ``variance`` for DDPM)."""
+        common = {"denoiser", "x", "ts", "extra_args", "callback", "noise"}
+        return tuple(p for p in inspect.signature(self.fn).parameters if p not in common)
+
+
+# Adding a sampler: write ``sample_x`` above, then add one line here.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler(sample_ddpm, needs=("variance_preserving",)),
+    "ddim": Sampler(sample_ddim),
+    "euler": Sampler(sample_euler, needs=("continuous",)),
+    "heun": Sampler(sample_heun, needs=("continuous",), evals_per_step=2, skips_last_correction=True),
+    "dpmpp": Sampler(sample_dpmpp_2m),
 }
 
-# Which samplers fit which training objective (DDPM's posterior assumes alpha^2 + sigma^2 = 1;
-# Euler/Heun need d alpha/dt, d sigma/dt of a continuous path; DDIM and DPM-Solver++ need only
-# alpha and sigma).
-SAMPLERS_FOR = {"diffusion": ("ddpm", "ddim", "dpmpp"), "flow": ("euler", "heun", "ddim", "dpmpp")}
+
+def fitting(path) -> tuple[str, ...]:
+    """The names of the samplers that fit a path, in registry order."""
+    return tuple(name for name, s in SAMPLERS.items() if s.fits(path))

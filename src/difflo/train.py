@@ -20,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from . import diffusion, distributed, flow, precision
-from . import faults
+from . import distributed, faults, precision
 from .errors import DiffloError
-from .io import check_writable
+from .eval.periodic import PeriodicEval
 from .images import grid_image, plot_loss, save_image, to_uint8
-from .sample import Model, build_net, generate, make_path, pick_device
+from .io import check_writable, write_text_atomic
+from .model import Model, build_net, pick_device
+from .paths import make_path
+from .sample import generate
 
 METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", "fid", "fd_classifier", "class_accuracy"]
 
@@ -67,17 +69,6 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return perm
 
 
-def objective_loss(net, x0, y, path, d: config_mod.DiffusionConfig, gen: torch.Generator,
-                   rows: slice = slice(None)) -> torch.Tensor:
-    """The training loss of the configured objective (DDPM denoising or flow matching), over ``rows``
-    of the batch (this process's share when data-parallel)."""
-    if d.objective == "flow":
-        return flow.training_loss(net, x0, y, path, d.t_sampling, d.logit_mean, d.logit_std, generator=gen,
-                                  rows=rows)
-    return diffusion.training_loss(net, x0, y, path, d.prediction, d.loss_weighting, d.min_snr_gamma, generator=gen,
-                                   rows=rows)
-
-
 def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mod.Config:
     """Fill in what the data decides (channels, size, classes) and validate."""
     cfg = copy.deepcopy(cfg)
@@ -103,6 +94,38 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
             w.writerows(r for r in rows if int(r[0]) <= step)
 
 
+# ----------------------------------------------------------------------------- what the loop calls
+def append_metrics(metrics_path: Path, row: list) -> None:
+    with open(metrics_path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
+def save(run_dir: Path, step: int, cfg_dict: dict, net, ema, opt, scaler, keep: int) -> Path:
+    """A checkpoint of step (weights, EMA, optimizer, grad scaler), then the loss plot."""
+    state = {"optimizer": opt.state_dict(), "step": step}
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    path = checkpoint.save_checkpoint(run_dir, step, cfg_dict, net.state_dict(), ema.state_dict(), state, keep=keep)
+    plot_loss(run_dir / "metrics.csv", run_dir / "loss.png")
+    return path
+
+
+def sample_grid(run_dir: Path, step: int, ema, cfg: config_mod.Config, per_class: int = 8) -> None:
+    """RUN/samples/step_N.png: per_class EMA samples of every class, with the run's own sample settings
+    (cfg.sample: what ``difflo sample`` gives by default)."""
+    n_cls = max(cfg.model.num_classes, 1)
+    labels = torch.arange(n_cls).repeat_interleave(per_class)
+    imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), settings=cfg.sample)
+    save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
+               run_dir / "samples" / f"step_{step:07d}.png")
+
+
+def eval_row(step: int, elapsed: float, res: dict) -> list:
+    """A metrics.csv row of an evaluation: no loss, the scores in their columns."""
+    return [step, "", "", "", f"{elapsed:.1f}"] + [f"{res[k]:.4f}" if k in res else "" for k in METRICS_FIELDS[5:]]
+
+
+# ----------------------------------------------------------------------------- the loop
 def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
           log=print, on_step=None) -> Path | None:
     """Train a model as configured into ``run_dir``; returns the last checkpoint directory.
@@ -129,7 +152,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         check_writable(run_dir)
         (run_dir / "samples").mkdir(exist_ok=True)
 
-    # 2) Model, EMA copy, optimizer.
+    # 2) Model, EMA copy, optimizer, the path (which knows its own training loss).
     torch.manual_seed(t.seed)
     net = build_net(cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -162,60 +185,29 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     cfg_dict = cfg.to_dict()
     metrics_path = run_dir / "metrics.csv"
     if ddp.main:
-        checkpoint.write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
+        write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
         _start_metrics(metrics_path, step)
 
-    def save(step: int) -> Path | None:
-        if not ddp.main:
-            return None
-        state = {"optimizer": opt.state_dict(), "step": step}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        path = checkpoint.save_checkpoint(run_dir, step, cfg_dict, net.state_dict(), ema.state_dict(), state,
-                                          keep=t.keep_checkpoints)
-        plot_loss(metrics_path, run_dir / "loss.png")
-        return path
+    def checkpoint_now(step: int) -> None:                 # rank 0 writes; the others only keep count
+        if ddp.main:
+            save(run_dir, step, cfg_dict, net, ema, opt, scaler, t.keep_checkpoints)
 
-    def sample_grid(step: int) -> None:
-        if not ddp.main:
-            return
-        n_cls = max(cfg.model.num_classes, 1)
-        per_class = 8
-        labels = torch.arange(n_cls).repeat_interleave(per_class)
-        imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), sampler=cfg.sample.sampler, steps=25,
-                        w=cfg.sample.w, spacing=cfg.sample.spacing)
-        save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
-                   run_dir / "samples" / f"step_{step:07d}.png")
-
-    evaluator = None
-
-    def evaluate(step: int) -> None:
-        """eval.every: score the EMA weights, log them to metrics.csv, keep the best checkpoint."""
-        nonlocal evaluator, last_saved
-        from .eval.periodic import PeriodicEval
-        evaluator = evaluator or PeriodicEval(cfg, run_dir, device, log)
-        res = evaluator(Model(ema, cfg), step)
-        with open(metrics_path, "a", newline="") as f:
-            csv.writer(f).writerow([step, "", "", "", f"{time.time() - start:.1f}"] +
-                                   [f"{res[k]:.4f}" if k in res else "" for k in METRICS_FIELDS[5:]])
-        if evaluator.is_best(res):
-            if last_saved != step:
-                save(step)
-                last_saved = step
-            evaluator.keep_best(checkpoint.list_checkpoints(run_dir)[-1], res, step)
-
-    # 4) The loop.
+    # 4) Loop state.
     if progress is None:
         progress = sys.stderr.isatty()
+    start = time.time()                                     # wall clock of this process's training
+    window_t, window_loss, window_n = start, 0.0, 0         # the loss/throughput log window
+    last_saved = step                                       # the step of the newest checkpoint
+    evaluator: PeriodicEval | None = None                   # built at the first evaluation (eval.every)
+    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
         f"steps {step}..{t.steps}, run dir {run_dir}"
         + (f", data-parallel over {ddp.world} processes ({ddp.backend}), {rows.stop - rows.start} of the "
            f"{t.batch_size} images per step each" if ddp.active else ""))
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    start, window_t, window_loss, window_n = time.time(), time.time(), 0.0, 0
-    last_saved = step
-    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
+
+    # 5) The loop.
     net.train()
     while step < t.steps and not faults.stop_requested():         # SIGINT/SIGTERM: save, stop (faults.py)
         lr = lr_at(step, t)
@@ -227,7 +219,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
         with precision.autocast(t.precision, device):
-            loss = objective_loss(model, x0, y, path, cfg.diffusion, gen, rows)
+            loss = path.training_loss(model, x0, y, cfg.diffusion, gen, rows)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         finite = scaler.is_enabled() or guard.check(step, loss, net)   # NaN/inf: skip the update (faults.py);
@@ -245,29 +237,38 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             on_step(step, net)
         window_loss, window_n = window_loss + loss.detach().double(), window_n + 1   # no host sync per step
 
+        # 5a) Log the window's mean loss and throughput.
         if step % t.log_every == 0 or step == t.steps:
             window_loss = ddp.mean(window_loss).item()       # the mean over ranks; syncs once per log
             now = time.time()
             ips = window_n * t.batch_size / (now - window_t)
             if ddp.main:
-                with open(metrics_path, "a", newline="") as f:
-                    csv.writer(f).writerow([step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
-                                            f"{now - start:.1f}", "", "", ""])
+                append_metrics(metrics_path, [step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
+                                              f"{now - start:.1f}", "", "", ""])
             bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{ips:.0f}")
             window_t, window_loss, window_n = now, 0.0, 0
         bar.update(1)
+
+        # 5b) Checkpoint, sample grid, evaluation.
         out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
         if t.max_minutes is not None:
             out_of_time = ddp.any(out_of_time)              # every rank stops at the same step
         if step % t.ckpt_every == 0 or step == t.steps or out_of_time:
-            save(step)
+            checkpoint_now(step)
             last_saved = step
-        if t.sample_every and step % t.sample_every == 0:
-            sample_grid(step)
+        if t.sample_every and step % t.sample_every == 0 and ddp.main:
+            sample_grid(run_dir, step, ema, cfg)
         if cfg.eval.every and step % cfg.eval.every == 0:
             t_eval = time.time()
             if ddp.main:                                    # rank 0 evaluates; the others wait for it
-                evaluate(step)
+                evaluator = evaluator or PeriodicEval(cfg, run_dir, device, log)
+                res = evaluator(Model(ema, cfg), step)      # score the EMA weights
+                append_metrics(metrics_path, eval_row(step, time.time() - start, res))
+                if evaluator.is_best(res):                  # keep the best checkpoint in RUN/best
+                    if last_saved != step:
+                        checkpoint_now(step)
+                        last_saved = step
+                    evaluator.keep_best(checkpoint.list_checkpoints(run_dir)[-1], res, step)
             ddp.barrier()
             window_t += time.time() - t_eval                # evaluation time is not training throughput
         if out_of_time:
@@ -275,7 +276,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             break
     bar.close()
     if last_saved != step:
-        save(step)
+        checkpoint_now(step)
     ddp.barrier()                                           # rank 0 has written the last checkpoint
     ddp.close()
     ckpts = checkpoint.list_checkpoints(run_dir)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from difflo import checkpoint
 from difflo.errors import CheckpointError
-from difflo.sample import load_model
+from difflo.model import load_model
 from conftest import TINY
 from inputcheck import assert_clean_error, call, fuzz, tally
 
@@ -83,7 +83,7 @@ def test_resume_from_another_architecture_or_format(tiny_run, tmp_path):
     _, st_, _, meta = (None, *checkpoint.load_weights(ckpt / "model.safetensors"))
     save_file(st_, str(ckpt / "model.safetensors"), metadata={**meta, "format_version": "7"})
     manifest = json.loads((ckpt / "manifest.json").read_text())            # a consistent, newer checkpoint
-    manifest["sha256"]["model.safetensors"] = checkpoint._sha256(ckpt / "model.safetensors")
+    manifest["sha256"]["model.safetensors"] = checkpoint.sha256_file(ckpt / "model.safetensors")
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     code, out, err = call(["train", *TINY, "train.steps=6", "--out", run, "--resume"])
     assert_clean_error(code, err, "newer difflo", str(ckpt / "model.safetensors"))

@@ -6,6 +6,7 @@ cases that run the real commands; (3) `sample` and `edit` fuzzed for real on a t
 values that keep each run cheap.
 """
 import argparse
+import contextlib
 from unittest import mock
 
 import pytest
@@ -62,10 +63,9 @@ def test_argument_grammar_fuzz(data):
         argv.insert(data.draw(st.integers(0, len(argv))), data.draw(st.sampled_from(NASTY + ["--nope", "-x"])))
     tally("cli: argument grammar")
     ran = mock.MagicMock(return_value=0)
-    with mock.patch.multiple(cli, cmd_train=ran, cmd_sample=ran, cmd_demo=ran), \
-            mock.patch("difflo.data.cli.run", ran), mock.patch("difflo.edit_cli.run", ran), \
-            mock.patch("difflo.study.cli.run", ran), mock.patch("difflo.eval.cli.run", ran), \
-            mock.patch("difflo.serve.server.run", ran), mock.patch("difflo.experiments.cli.run", ran):
+    with contextlib.ExitStack() as patched:                   # every subcommand's run(), from the one list
+        for module in cli.SUBCOMMANDS:
+            patched.enter_context(mock.patch.object(module, "run", ran))
         code, out, err = call(argv)
     if code == 0:
         assert ran.called or "usage:" in out, (argv, out)          # parsed (or --help)

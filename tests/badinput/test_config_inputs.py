@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from difflo import config as config_mod
 from difflo.errors import ConfigError, DiffloError
-from difflo.sample import build_net
+from difflo.model import build_net
 from conftest import TINY
 from inputcheck import assert_clean_error, call, fuzz, tally
 

@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
 
-from difflo.edit_cli import load_image, load_mask
+from difflo.images import load_image, load_mask
 from difflo.errors import DiffloError
 from inputcheck import assert_clean_error, call, fuzz, tally
 

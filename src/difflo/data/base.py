@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from ..errors import DataError
+from ..io import cache_home
 
 if TYPE_CHECKING:                       # torch is imported lazily: `difflo data info` starts fast
     import torch
@@ -92,12 +93,6 @@ def data_home() -> Path:
     if os.environ.get("DIFFLO_DATA"):
         return Path(os.environ["DIFFLO_DATA"]).expanduser()
     return cache_home() / "data"
-
-
-def cache_home() -> Path:
-    """$XDG_CACHE_HOME/difflo, else ~/.cache/difflo."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "difflo"
 
 
 def default_root(name: str) -> Path:

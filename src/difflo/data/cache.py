@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DataError
-from .base import cache_home
+from ..io import cache_home
 
 FORMAT = 1
 
@@ -66,6 +66,8 @@ def cached(name: str, split: str, size, files: list[Path], recipe: str, cache_di
     arrays = build()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        # Not io.atomic_path: its temporary name is fixed, and the torchrun ranks (or two runs) that build
+        # the same entry at once would write into one file; mkstemp gives each writer its own.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from ..argtypes import positive_float as _seconds
-from ..argtypes import positive_int as _size
+from ..cli.argtypes import positive_float as _seconds
+from ..cli.argtypes import positive_int as _size
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from ..io import atomic_path
 from .base import default_root
 
 
@@ -78,31 +79,27 @@ class _Failed(Exception):
 def _fetch(url: str, dest: Path, md5: str, timeout: float, log) -> None:
     from tqdm import tqdm
 
-    part = dest.with_name(f".{dest.name}.part")
     h = hashlib.md5(usedforsecurity=False)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None, leave=False) as bar:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or e
-        raise _Failed(f"{url}: {reason}") from None
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        if e.filename is not None and Path(e.filename) == part:
-            raise DataError(f"cannot write {part}: {e.strerror}; choose another --root") from None
-        raise _Failed(f"{url}: {e}") from None
-    got = h.hexdigest()
-    if got != md5:
-        part.unlink(missing_ok=True)
-        raise _Failed(f"{url}: the file's md5 is {got}, but the published checksum is {md5} (corrupt or changed "
-                      f"download; deleted)")
-    part.replace(dest)
+    with atomic_path(dest) as part:                # removed on any failure below
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None, leave=False) as bar:
+                    for chunk in iter(lambda: r.read(1 << 20), b""):
+                        f.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise _Failed(f"{url}: {reason}") from None
+        except OSError as e:
+            if e.filename is not None and Path(e.filename) == part:
+                raise DataError(f"cannot write {part}: {e.strerror}; choose another --root") from None
+            raise _Failed(f"{url}: {e}") from None
+        got = h.hexdigest()
+        if got != md5:
+            raise _Failed(f"{url}: the file's md5 is {got}, but the published checksum is {md5} (corrupt or changed "
+                          f"download; deleted)")
     log(f"  downloaded {url} -> {dest} (md5 {md5} verified)")
 
 

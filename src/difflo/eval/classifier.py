@@ -7,7 +7,6 @@ this classifier, trained only on real data, assigns to c. On mnist10k the classi
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import ArrayDataset
-from ..checkpoint import read_safetensors
+from ..checkpoint import read_safetensors, sha256_file
 from ..errors import DiffloError
+from ..io import atomic_path, cache_home
 
 
 class Classifier(nn.Module):
@@ -101,9 +101,8 @@ def uint8_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def save_classifier(clf: Classifier, path: Path, meta: dict) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file(clf.state_dict(), str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(clf.state_dict(), str(tmp), metadata={k: str(v) for k, v in meta.items()})
 
 
 def load_classifier(path: Path, in_channels: int, num_classes: int) -> Classifier:
@@ -113,8 +112,15 @@ def load_classifier(path: Path, in_channels: int, num_classes: int) -> Classifie
 
 
 def default_classifier_path(data_name: str) -> Path:
-    """Where `difflo eval train-classifier --data NAME` puts its classifier by default."""
-    return Path.home() / ".cache" / "difflo" / "classifiers" / f"{data_name}.safetensors"
+    """Where `difflo eval train-classifier --data NAME` puts its classifier by default:
+    $XDG_CACHE_HOME/difflo/classifiers/NAME.safetensors (~/.cache/difflo/... without XDG_CACHE_HOME)."""
+    return cache_home() / "classifiers" / f"{data_name}.safetensors"
+
+
+def classifier_record(path: str | Path) -> dict:
+    """``{"classifier": file name, "classifier_sha256": hex}``: how results name the classifier they used,
+    the same on every machine (an absolute path names one machine's cache)."""
+    return {"classifier": Path(path).name, "classifier_sha256": sha256_file(path)}
 
 
 def load_classifier_file(path: str | Path) -> tuple[Classifier, dict]:

@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..argtypes import nonneg_float, positive_int
+from ..cli.argtypes import nonneg_float, positive_int
 from ..errors import DiffloError
+from ..io import write_text_atomic
 
 
 def add_parser(sub) -> None:
@@ -27,7 +28,8 @@ def add_parser(sub) -> None:
     c = es.add_parser("train-classifier", help="train the data set's classifier (for accuracy and fd_classifier)")
     c.add_argument("--data", required=True, help="data set name, e.g. mnist10k, fashion-mnist")
     c.add_argument("--root", help="where the data set's files are (as data.root)")
-    c.add_argument("--out", help="classifier file (default ~/.cache/difflo/classifiers/NAME.safetensors)")
+    c.add_argument("--out", help="classifier file (default $XDG_CACHE_HOME/difflo/classifiers/NAME.safetensors, "
+                                  "~/.cache/difflo/... without XDG_CACHE_HOME)")
     c.add_argument("--epochs", type=positive_int, help="default: about 1,000 steps, at most 8 epochs")
     c.add_argument("--seed", type=int, default=0)
 
@@ -108,14 +110,12 @@ def _write_json(path: str | None, res: dict) -> None:
     if path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=str))
-        tmp.replace(p)
+        write_text_atomic(p, json.dumps(res, indent=1, default=str))
         print(f"wrote {p}")
 
 
 def run(args) -> int:
-    from ..sample import pick_device
+    from ..model import pick_device
 
     device = pick_device(getattr(args, "device", "auto"))
     cmd = args.eval_command
@@ -163,7 +163,7 @@ def run(args) -> int:
         return 0
 
     if cmd == "model":
-        from ..sample import load_model
+        from ..model import load_model
         model = load_model(args.ckpt, ema=not args.raw, device=device)
         clf = None
         if not args.no_accuracy and model.num_classes > 0:

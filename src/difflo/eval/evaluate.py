@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import DiffloError
 from . import fid as fid_mod
-from .classifier import accuracy, load_classifier_file, uint8_to_tensor
+from .classifier import accuracy, classifier_record, load_classifier_file, uint8_to_tensor
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -28,16 +28,16 @@ def _bar(total: int, desc: str, progress: bool):
 def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                      w: float | None = None, batch_size: int = 250, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used."""
-    from ..images import to_uint8
-    from ..sample import generate
+    import dataclasses
 
-    sc = model.cfg.sample
-    settings = {"sampler": sampler or sc.sampler, "steps": steps or sc.steps, "w": sc.w if w is None else w,
-                "eta": sc.eta, "spacing": sc.spacing, "clip_x0": sc.clip_x0, "variance": sc.variance}
+    from ..images import to_uint8
+    from ..sample import generate, settings_for
+
+    settings = settings_for(model, sampler=sampler, steps=steps, w=w)
     labels = balanced_labels(n, model.num_classes)
     with _bar(n, "sampling", progress) as bar:
-        images = generate(model, labels, [seed + i for i in range(n)], batch_size=batch_size, progress=bar, **settings)
-    return to_uint8(images), labels.numpy(), {**settings, "seed": seed}
+        images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar)
+    return to_uint8(images), labels.numpy(), {**dataclasses.asdict(settings), "seed": seed}
 
 
 def reference_stats(dataset, extractor, n: int | None = None, seed: int = 0, progress: bool = False) -> dict:
@@ -86,7 +86,7 @@ def score(images: np.ndarray, labels: np.ndarray | None, *, ref: dict | None = N
         if labels.min() < 0 or labels.max() >= num_classes:
             raise DiffloError(f"sample labels out of range for the classifier's {num_classes} classes")
         acc = accuracy(clf, uint8_to_tensor(images), labels, num_classes)
-        out.update(class_accuracy=acc["accuracy"], per_class=acc["per_class"], classifier=str(classifier),
+        out.update(class_accuracy=acc["accuracy"], per_class=acc["per_class"], **classifier_record(classifier),
                    classifier_data=meta.get("data"), classifier_test_accuracy=meta.get("test_accuracy"))
     return out
 
@@ -131,7 +131,8 @@ def format_result(res: dict) -> str:
                          f"{res['feature_extractor']}]{how}")
     if "class_accuracy" in res:
         per = " ".join(f"{c}:{a:.2f}" for c, a in res["per_class"].items())
+        digest = f" sha256:{res['classifier_sha256'][:12]}" if res.get("classifier_sha256") else ""
         lines.append(f"class accuracy: {res['class_accuracy']:.4f}  [N={res['n']}, classifier "
-                     f"{res['classifier']} (held-out real accuracy {res.get('classifier_test_accuracy')})]{how}")
+                     f"{res['classifier']}{digest} (held-out real accuracy {res.get('classifier_test_accuracy')})]{how}")
         lines.append(f"  per class: {per}")
     return "\n".join(lines)

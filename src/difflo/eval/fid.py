@@ -26,9 +26,7 @@ extractor that produced it; distances refuse to compare statistics of different 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import os
 import warnings
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffloError
+from ..io import atomic_path
 
 INCEPTION_SIZE = 299
 
@@ -136,12 +135,13 @@ class ClassifierFeatures:
     """64-d penultimate features of difflo's data-set classifier (an in-domain FID proxy)."""
 
     def __init__(self, clf_path: str | Path, device="cpu", batch_size: int = 500):
+        from ..checkpoint import sha256_file
         from .classifier import load_classifier_file
         self.clf, self.meta = load_classifier_file(clf_path)
         self.clf.to(device)
         self.device, self.batch_size = device, batch_size
         self.dims = self.clf.head.in_features
-        digest = hashlib.sha256(Path(clf_path).read_bytes()).hexdigest()[:12]
+        digest = sha256_file(clf_path)[:12]
         self.name = f"difflo-classifier {self.meta.get('data', '?')} sha256:{digest}"
 
     @torch.no_grad()
@@ -177,9 +177,8 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, extr
     """Write mu, sigma, n, the extractor name and free-form info (data set, split) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor, **{k: str(v) for k, v in info.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:                     # tmp ends in .npz: np.savez adds no suffix
+        np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor, **{k: str(v) for k, v in info.items()})
 
 
 def load_stats(path: str | Path) -> dict:

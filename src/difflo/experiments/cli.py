@@ -14,9 +14,9 @@ import re
 import time
 from pathlib import Path
 
-from ..argtypes import positive_int as _positive_int, seed as _seed
-from ..checkpoint import write_text_atomic
+from ..cli.argtypes import positive_int as _positive_int, seed as _seed
 from ..errors import DiffloError
+from ..io import write_text_atomic
 from .common import Options
 
 EXPERIMENTS = {"schedules": "linear vs cosine vs sigmoid: curves, forward process, the same model trained with each",

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,10 @@ from safetensors.torch import save_file
 from .. import checkpoint, config as config_mod
 from ..errors import DiffloError
 from ..images import grid_image, save_image, to_uint8
-from ..sample import Model, generate, load_model, pick_device
-from ..train import _check_writable, train
+from ..io import atomic_path, check_writable, pyplot, write_text_atomic
+from ..model import Model, load_model, pick_device
+from ..sample import generate, settings_for
+from ..train import ema_update, train
 
 EMA_DECAYS = (0.99, 0.999, 0.9999)       # extra EMA copies kept by every cached run (plain, no warmup)
 
@@ -103,16 +104,14 @@ class EmaTracker:
     def __call__(self, step: int, net: torch.nn.Module) -> None:
         if self.emas is None:
             self._start(step, net)
-        with torch.no_grad():
-            for d, ema in self.emas.items():
-                torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - d)
+        for d, ema in self.emas.items():
+            ema_update(ema, net, d)
         if step % self.every == 0 or step == self.last:
             tensors = {f"{d}/{k}": v.detach().cpu().contiguous() for d, ema in self.emas.items()
                        for k, v in ema.state_dict().items()}
             path = self.dir / f"step_{step:07d}.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp))
 
 
 @dataclass
@@ -153,7 +152,7 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
     """Train ``cfg`` into the cache (or reuse / resume the cached run) and return it. A lock file makes a
     second process that needs the same model wait for it instead of training it twice."""
     runs = Path(opts.runs)
-    _check_writable(runs)
+    check_writable(runs, "model cache", "choose another --runs")
     h = digest(cfg)
     with open(runs / ".lock", "w") as lock:                 # the same config under another label is the same run
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -208,7 +207,8 @@ def measure(model: Model, judge, n: int, seed: int = 0, batch_size: int = 250, *
     counter = CountingNet(model.net)
     labels = balanced_labels(n, model.num_classes)
     t0 = time.perf_counter()
-    x = generate(Model(counter, model.cfg), labels, [seed + i for i in range(n)], batch_size=batch_size, **settings)
+    x = generate(Model(counter, model.cfg), labels, [seed + i for i in range(n)], settings_for(model, **settings),
+                 batch_size=batch_size)
     seconds = time.perf_counter() - t0
     images = to_uint8(x)
     res = judge.score(images, labels.numpy())
@@ -227,7 +227,7 @@ def class_variance(images: np.ndarray, labels: np.ndarray) -> float:
 def sample_grid(model: Model, classes: int, per_class: int, seed: int = 0, **settings) -> np.ndarray:
     """uint8 samples, ``per_class`` per class, class-major (row c = class c), seeds seed + i."""
     labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
-    return to_uint8(generate(model, labels, [seed + i for i in range(len(labels))], **settings))
+    return to_uint8(generate(model, labels, [seed + i for i in range(len(labels))], settings_for(model, **settings)))
 
 
 def judge_for(opts: Options, cfg: config_mod.Config, log=print):
@@ -246,7 +246,7 @@ class Report:
         self.results: dict = {"experiment": name, "tables": {}}
         if self.out.exists() and not self.out.is_dir():
             raise DiffloError(f"--out {self.out} is a file; give a folder for the report")
-        _check_writable(self.out)
+        check_writable(self.out, "report folder", "choose another --out")
 
     def text(self, md: str) -> None:
         self.parts.append(md.strip() + "\n")
@@ -313,15 +313,15 @@ class Report:
             axes[i].legend(fontsize=8)
         fig.subplots_adjust(left=0.08 if len(axes) > 1 else 0.15, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
         fig.savefig(self.out / filename, dpi=100)
-        plt().close(fig)
+        pyplot().close(fig)
         return filename
 
     def write(self, seconds: float) -> Path:
         self.results["wall_seconds"] = round(seconds, 1)
         body = "\n".join(self.parts)
         md = f"# {self.title}\n\n{body}\nWall time of this experiment: {seconds / 60:.1f} min.\n"
-        checkpoint.write_text_atomic(self.out / "report.md", md)
-        checkpoint.write_text_atomic(self.out / "results.json", json.dumps(self.results, indent=1, default=_plain))
+        write_text_atomic(self.out / "report.md", md)
+        write_text_atomic(self.out / "results.json", json.dumps(self.results, indent=1, default=_plain))
         return self.out / "report.md"
 
 
@@ -339,13 +339,6 @@ def _fmt(v, f: str) -> str:
     if f and isinstance(v, (int, float, np.floating, np.integer)):
         return format(v, f)
     return str(v)
-
-
-def plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-    return pyplot
 
 
 def short(res: dict, metric: str) -> dict:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from .common import EMA_DECAYS, Options, Report, base_config, judge_for, measure, plt, short, trained
+from ..io import pyplot
+from .common import EMA_DECAYS, Options, Report, base_config, judge_for, measure, short, trained
 
 
 def run(opts: Options, log=print):
@@ -32,7 +33,7 @@ def run(opts: Options, log=print):
             rows.append({"step": step, "weights": names[wname], **short(res, judge.metric)})
             log(f"ema: step {step} {names[wname]}: {judge.metric} {res[judge.metric]:.2f}, "
                 f"accuracy {res['class_accuracy']:.3f}")
-    P = plt()
+    P = pyplot()
     fig, ax = P.subplots(1, 2, figsize=(10, 3.6))
     for wname in weights:
         pts = [x for x in rows if x["weights"] == names[wname]]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from .common import Options, Report, base_config, class_variance, judge_for, measure, plt, sample_grid, short, trained
+from ..io import pyplot
+from .common import Options, Report, base_config, class_variance, judge_for, measure, sample_grid, short, trained
 
 WS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.0)
 
@@ -37,7 +38,7 @@ def run(opts: Options, log=print):
                                                       sampler=cfg.sample.sampler, steps=opts.eval_steps, w=w), 6)
         log(f"guidance: w={w:g}: {judge.metric} {res[judge.metric]:.2f}, accuracy {res['class_accuracy']:.3f}, "
             f"per-class variance {var:.4f}")
-    P = plt()
+    P = pyplot()
     fig, ax = P.subplots(1, 2, figsize=(10, 3.8))
     ax[0].plot([r_[judge.metric] for r_ in rows], [r_["class_accuracy"] for r_ in rows], "o-")
     for r_ in rows:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import data as data_mod, schedules
-from .common import Options, Report, base_config, judge_for, measure, plt, sample_grid, short, trained
+from ..io import pyplot
+from .common import Options, Report, base_config, judge_for, measure, sample_grid, short, trained
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 SHOW_T = (0, 100, 250, 500, 750, 900, 999)
@@ -32,7 +33,7 @@ def run(opts: Options, log=print):
 
     # 1) The curves.
     abar = {s: schedules.alphas_cumprod(schedules.get_betas(s, T)).numpy() for s in names}
-    P = plt()
+    P = pyplot()
     fig, ax = P.subplots(1, 2, figsize=(10, 3.6))
     t = np.arange(T)
     for s in names:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from .common import Options, Report, base_config, judge_for, measure, plt, short, trained
+from ..io import pyplot
+from .common import Options, Report, base_config, judge_for, measure, short, trained
 
 DDIM_STEPS = (10, 20, 50, 100, 200)
 DPMPP_STEPS = (10, 15, 20)
@@ -66,7 +67,7 @@ def run(opts: Options, log=print):
         grids.append((f"{row['sampler']} {s['steps']}", res["images"][:10]))   # one sample of each class
         log(f"steps: {kind} {row['sampler']} {s['steps']}: NFE {row['nfe']:.0f}, {judge.metric} "
             f"{row[judge.metric]:.2f}, accuracy {row['class_accuracy']:.3f}, {res['seconds']:.0f} s")
-    P = plt()
+    P = pyplot()
     fig, ax = P.subplots(1, 2, figsize=(10, 3.8))
     for fam in dict.fromkeys(r["sampler"] for r in rows):
         pts = sorted((r for r in rows if r["sampler"] == fam), key=lambda r: r["nfe"])

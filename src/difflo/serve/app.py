@@ -4,10 +4,11 @@
   bar, checks the cancel flag and records the trajectory (``x`` at ``t_prev`` and the predicted x0,
   for the first images, at up to :data:`MAX_FRAMES` steps). It writes the same labelled grid and npz
   as ``difflo sample --grid N``, whose exact command comes with the result.
-* **edit** builds the ``difflo edit ...`` command line, parses it with the real CLI parser and runs
-  :func:`difflo.edit_cli.run` on the loaded model, so the command shown reproduces the figure
-  exactly. Progress and cancelling come from a thin wrapper around the network (each network
-  evaluation is one tick), because the edit techniques keep their own sampler callbacks.
+* **edit** calls the technique's function in :mod:`difflo.edit` (the one ``difflo edit`` calls) on
+  the loaded model and writes its files with ``EditResult.write``; the ``difflo edit ...`` command
+  shown with the result reproduces the figure exactly (tests compare the files byte for byte).
+  Progress and cancelling come from a thin wrapper around the network (each network evaluation is
+  one tick), because the edit techniques keep their own sampler callbacks.
 
 Every request field is checked here (type and bounds; uploaded images by Pillow: format, pixel
 size, bytes) and a bad one raises :class:`RequestError` with a message naming the field and the
@@ -27,12 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import edit_cli, editing
+from .. import edit, editing
 from ..checkpoint import WEIGHTS, resolve_weights
 from ..errors import DiffloError
-from ..images import grid_image, save_image, to_uint8
-from ..sample import Model, generate, load_model, pick_device
-from ..samplers import SAMPLERS_FOR
+from ..images import grid_image, image_tensor, mask_image, model_image, open_image, save_image, to_uint8
+from ..io import atomic_path
+from ..model import Model, load_model, pick_device
+from ..sample import describe, generate, settings_for
+from ..samplers import SAMPLERS
 from .jobs import Job, JobQueue
 
 LIMITS = {
@@ -52,7 +55,7 @@ LIMITS = {
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 MAX_FRAMES = 40                # trajectory steps recorded per sample job
 TRAJ_IMAGES = 8                # images whose trajectory is recorded
-EDIT_TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")
+EDIT_TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")    # of difflo.edit.TECHNIQUES
 
 
 class RequestError(DiffloError):
@@ -121,34 +124,30 @@ def decode_image(data, what: str = "image") -> Image.Image:
     if img.width > side or img.height > side or img.width < 1 or img.height < 1:
         raise RequestError(f"{what} is {img.width}x{img.height} pixels; the limit is {side}x{side}")
     try:
-        img.load()
-    except Exception as e:
+        return open_image(raw, what)                  # the same decoder as difflo edit's files
+    except DiffloError as e:
         raise RequestError(f"{what} is a damaged {img.format} file ({e})") from None
-    return img
 
 
 def to_model_image(img: Image.Image, channels: int, size: int, notes: list, what: str = "image") -> Image.Image:
-    """As ``difflo edit`` loads a file: model's mode (alpha on black), LANCZOS-resized to size x size."""
-    mode = "L" if channels == 1 else "RGB"
-    if channels not in (1, 3):
-        raise RequestError(f"this model has {channels} channels; images can be given for 1 or 3")
-    if img.mode != mode:
-        img = edit_cli._flatten_alpha(img).convert(mode)
-    if img.size != (size, size):
-        notes.append(f"{what}: resized {img.width}x{img.height} to the model's {size}x{size}")
-        img = img.resize((size, size), Image.LANCZOS)
-    return img
+    """As ``difflo edit`` loads a file (:func:`difflo.images.model_image`): the model's mode and size."""
+    try:
+        return model_image(img, channels, size, notes, what, note_mode=False)     # the page shows the image
+    except RequestError:
+        raise
+    except DiffloError as e:
+        raise RequestError(str(e)) from None
 
 
 def to_model_mask(img: Image.Image, size: int) -> Image.Image:
     """White (>= 128 after compositing alpha on black) = regenerate; NEAREST-resized; 0/255."""
-    m = edit_cli._flatten_alpha(img).convert("L")
-    if m.size != (size, size):
-        m = m.resize((size, size), Image.NEAREST)
-    a = np.where(np.asarray(m) >= 128, 255, 0).astype(np.uint8)
-    if not a.any():
+    try:
+        m = mask_image(img, size)
+    except DiffloError as e:
+        raise RequestError(str(e)) from None
+    if not np.asarray(m).any():
         raise RequestError("the mask is empty: paint the region to regenerate (mask brush) before inpainting")
-    return Image.fromarray(a, "L")
+    return m
 
 
 def png_data_url(img: Image.Image) -> str:
@@ -193,12 +192,9 @@ class App:
         self.queue = JobQueue(jobs_root)
         m = self.model
         self.C, self.S = m.cfg.model.in_channels, m.cfg.model.image_size
-        # The samplers that fit the objective (read live, so new ones appear) and that the command
-        # shown under a result accepts.
-        self.samplers = tuple(s for s in SAMPLERS_FOR[m.objective] if s in _cli_choices("sample", "--sampler"))
-        self.edit_samplers = tuple(s for s in SAMPLERS_FOR[m.objective]
-                                   if s in _cli_choices("edit", "sdedit", "--sampler"))
-        self.max_steps = LIMITS["steps"] if m.objective == "flow" else min(LIMITS["steps"], m.cfg.diffusion.timesteps)
+        # The samplers that fit the model's path, from the registry (a new sampler appears by itself).
+        self.samplers = self.edit_samplers = tuple(m.path.samplers)
+        self.max_steps = min(LIMITS["steps"], m.path.max_steps or LIMITS["steps"])
 
     def close(self) -> None:
         self.queue.close()
@@ -207,7 +203,7 @@ class App:
     def info(self) -> dict:
         m, sc = self.model, self.model.cfg.sample
         default = sc.sampler if sc.sampler in self.samplers else self.samplers[0]
-        edit_default = "ddpm" if m.objective == "diffusion" else "euler"           # as difflo edit
+        edit_default = edit.default_sampler(m)                                      # as difflo edit
         return {
             "ckpt": self.ckpt_arg, "weights": "ema" if self.ema else "raw", "objective": m.objective,
             "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": _class_names(m),
@@ -246,9 +242,7 @@ class App:
         if n * len(classes) > LIMITS["images"]:
             raise RequestError(f"n x classes = {n * len(classes)} images; the limit is {LIMITS['images']} "
                                f"per request: lower n or pick one class")
-        sc = self.model.cfg.sample
-        settings = {"sampler": p["sampler"], "steps": p["steps"], "eta": sc.eta, "w": p["w"], "spacing": sc.spacing,
-                    "clip_x0": sc.clip_x0, "variance": sc.variance}
+        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"])
         argv = ["sample", "--ckpt", self.ckpt_arg, "--classes", spec, "--grid", str(n), "--sampler", p["sampler"],
                 "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"])] \
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
@@ -268,15 +262,16 @@ class App:
                                        "x0": to_uint8(d["denoised"][:show])})
                 job.step()
 
-            images = generate(self.model, labels, seeds, batch_size=len(labels), callback=callback, **settings)
+            images = generate(self.model, labels, seeds, settings, batch_size=len(labels), callback=callback)
             u8 = to_uint8(images)
             save_image(grid_image(u8, n, row_labels), job.dir / "grid.png")
-            np.savez_compressed(job.dir / "samples.npz", images=u8, labels=labels.numpy().astype(np.int64))
+            with atomic_path(job.dir / "samples.npz") as tmp:
+                np.savez_compressed(tmp, images=u8, labels=labels.numpy().astype(np.int64))
             save_image(trajectory_strip(job.frames), job.dir / "trajectory.png")
             cmd = _cmd(argv)
             return {"files": {"png": "grid.png", "npz": "samples.npz", "trajectory": "trajectory.png"},
                     "command": f"{cmd} --out grid.png\n{cmd} --out samples.npz",
-                    "summary": f"{len(labels)} images: " + ", ".join(f"{a}={b}" for a, b in settings.items())}
+                    "summary": f"{len(labels)} images: {describe(settings)}"}
 
         return self.queue.submit("sample", work)
 
@@ -287,7 +282,8 @@ class App:
         info = self.info()
         p = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
         n = f.int("n", 1, LIMITS["n"], 1)
-        heun = 2 if p["sampler"] == "heun" else 1
+        per_step = SAMPLERS[p["sampler"]].evals_per_step
+        opts = edit.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"])
         args = ["edit", tech, "--ckpt", self.ckpt_arg, "--n", str(n), "--seed", str(p["seed"]), "--w", _num(p["w"]),
                 "--sampler", p["sampler"]] + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         files = {}                                                  # name -> PIL image, written into the job
@@ -295,61 +291,60 @@ class App:
         path = self.model.path
         if tech in ("sdedit", "inpaint"):
             files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes)
-            args += ["--image", "input.png", "--class", str(self._cls(f, "class"))]
+            cls = self._cls(f, "class")
+            args += ["--image", "input.png", "--class", str(cls)]
         if tech == "sdedit":
             strength = f.float("strength", 0.01, 1.0, 0.5)
-            scale = path.T if self.model.objective == "diffusion" else 1000
-            stride = max(1, scale // p["steps"])
-            n_ts = len(editing.strided_times(path, stride))
+            stride = max(1, path.cli_scale // p["steps"])
+            n_ts = len(path.strided_times(stride)) - 1
             level = max(1, round(strength * n_ts))
             args += ["--stride", str(stride), "--levels", str(level)]
-            evals = level * heun
+            evals = level * per_step
             notes.append(f"strength {strength:g}: start {level} of {n_ts} steps (stride {stride}) from the clean end")
+            run = lambda model, x: edit.sdedit(model, opts, x, cls, stride, [level])
         elif tech == "inpaint":
             files["mask.png"] = to_model_mask(decode_image(body.get("mask"), "mask"), self.S)
             j = f.int("jump_length", 1, LIMITS["jump_length"], 1)
             r = f.int("jump_n_sample", 1, LIMITS["jump_n_sample"], 1)
             args += ["--mask", "mask.png", "--steps", str(p["steps"]), "--jump-length", str(j),
                      "--jump-n-sample", str(r)]
-            evals = p["steps"] * r * heun
+            evals = p["steps"] * r * per_step
+            mask = torch.from_numpy(np.asarray(files["mask.png"]) >= 128).float()[None, None]
+            run = lambda model, x: edit.inpaint(model, opts, x, mask.to(x.device), cls, path.sampling_times(p["steps"]),
+                                                j, r)
         elif tech == "anagram":
             view = f.choice("view", info["views"], "rot180")
-            args += ["--a", str(self._cls(f, "a")), "--b", str(self._cls(f, "b")), "--view", view,
-                     "--steps", str(p["steps"])]
-            evals = p["steps"] * heun
+            a, b = self._cls(f, "a"), self._cls(f, "b")
+            args += ["--a", str(a), "--b", str(b), "--view", view, "--steps", str(p["steps"])]
+            evals = p["steps"] * per_step
+            run = lambda model, x: edit.anagram(model, opts, a, b, view, path.sampling_times(p["steps"]))
         else:
             size = f.int("kernel_size", 1, LIMITS["kernel_size"], 9)
             if size % 2 == 0:
                 raise RequestError(f"kernel_size must be odd, got {size}")
-            args += ["--low", str(self._cls(f, "low")), "--high", str(self._cls(f, "high")),
-                     "--kernel-size", str(size), "--sigma", _num(f.float("sigma", 0.0, LIMITS["sigma"], 1.5)),
+            sigma = f.float("sigma", 0.0, LIMITS["sigma"], 1.5)
+            low, high = self._cls(f, "low"), self._cls(f, "high")
+            args += ["--low", str(low), "--high", str(high), "--kernel-size", str(size), "--sigma", _num(sigma),
                      "--steps", str(p["steps"])]
-            evals = p["steps"] * heun
+            evals = p["steps"] * per_step
+            run = lambda model, x: edit.hybrid(model, opts, low, high, size, sigma, path.sampling_times(p["steps"]))
         if evals > LIMITS["evals"]:
             raise RequestError(f"this edit needs {evals} network evaluations; the limit is {LIMITS['evals']}: "
                                f"lower steps or the resampling")
-        out_name = f"edit-{tech}"
+        x_in = image_tensor(files["input.png"]).to(self.device) if "input.png" in files else None
 
         def work(job: Job) -> dict:
             job.total = evals
             for name, img in files.items():
                 img.save(job.dir / name)
-            real = [str(job.dir / a) if a in files else a for a in args] + ["--out", str(job.dir / "out")]
-            parsed = _parse(real)
-            log: list[str] = []
-            edit_cli.run(parsed, Model(_Counted(self.model.net, job.step), self.model.cfg), log=log.append)
-            out = job.dir / "out"
-            os.replace(out / "figure.png", job.dir / "figure.png")
-            os.replace(out / "raw.npz", job.dir / "raw.npz")
-            os.replace(out / "result_00.png", job.dir / "result.png")          # the first try
-            lines = [ln for ln in log if not ln.startswith(("wrote ", "note: "))]
-            result_files = {"png": "figure.png", "npz": "raw.npz", "result": "result.png",
+            result = run(Model(_Counted(self.model.net, job.step), self.model.cfg), x_in)
+            result.write(job.dir)
+            result_files = {"png": "figure.png", "npz": "raw.npz", "result": "result_00.png",      # the first try
                             **{k.split(".")[0]: k for k in files}}
-            return {"files": result_files, "command": _cmd(args + ["--out", out_name]),
+            return {"files": result_files, "command": _cmd(args + ["--out", f"edit-{tech}"]),
                     "command_note": f"{' and '.join(files)}: the download buttons above" if files else "",
-                    "summary": "\n".join(notes + lines)}
+                    "summary": "\n".join(notes + [result.summary])}
 
-        _parse(args + ["--out", out_name])                            # the shown command parses
         return self.queue.submit("edit", work)
 
     # ------------------------------------------------------------------ upload preview
@@ -407,37 +402,3 @@ def _display_path(p: Path) -> str:
 
 def _cmd(argv: list[str]) -> str:
     return "difflo " + " ".join(shlex.quote(a) for a in argv)
-
-
-def _cli_choices(*names: str) -> tuple:
-    """The choices of an option of a ``difflo`` subcommand, e.g. ("sample", "--sampler")."""
-    import argparse
-
-    from ..cli import build_parser
-
-    p = build_parser()
-    *subs, option = names
-    for name in subs:
-        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    return tuple(next(a for a in p._actions if option in a.option_strings).choices)
-
-
-def _parse(argv: list[str]):
-    """Parse with the real ``difflo`` parser; a refusal (a bug here, since the fields were checked)
-    is a RequestError, not an exit of the server."""
-    import argparse
-
-    from ..cli import build_parser
-
-    def refuse(message):
-        raise RequestError(f"the difflo CLI refuses this request: {message}")
-
-    stack = [build_parser()]
-    root = stack[0]
-    while stack:                                   # every (sub)parser raises instead of exiting
-        p = stack.pop()
-        p.error = refuse
-        for a in p._actions:
-            if isinstance(a, argparse._SubParsersAction):
-                stack += list(a.choices.values())
-    return root.parse_args(argv)

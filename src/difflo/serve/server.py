@@ -14,6 +14,10 @@ Routes (JSON unless noted)::
 
 A bad request is HTTP 400 ``{"error": "..."}``; the page shows the message. Every response has a
 Content-Security-Policy that allows this origin only, so the page cannot reach the network.
+
+Under load: the listen backlog (128) takes a burst of connects; a client that goes away early (reset,
+broken pipe) or stalls (a lying Content-Length, an idle socket: dropped after ``Handler.timeout``
+seconds) costs one line on stderr, ``difflo serve: client HOST:PORT went away (...)``, never a traceback.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
 FILE_TYPES = {".png": "image/png", ".npz": "application/octet-stream"}
 CSP = "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'"
 MAX_BODY = LIMITS["upload_bytes"] * 3          # two base64 images plus the fields
+GONE = (ConnectionError, TimeoutError)          # reset, broken pipe, aborted; socket timeouts
 JOB = re.compile(r"^/api/jobs/([0-9a-f]{16})(?:/(cancel|files/([A-Za-z0-9_.-]+)|frames/(\d+)\.png))?$")
 
 
@@ -41,11 +46,28 @@ def _static(name: str) -> bytes:
     return resources.files("difflo.serve").joinpath("static", name).read_bytes()
 
 
+def _log_gone(client_address, why: str) -> None:
+    sys.stderr.write(f"difflo serve: client {client_address[0]}:{client_address[1]} went away ({why})\n")
+
+
 class Handler(BaseHTTPRequestHandler):
     app: App                    # set on the subclass made by make_server
     quiet: bool = False
+    timeout = 30.0              # seconds a socket may stall (reading or writing) before it is dropped
     server_version = "difflo"
     sys_version = ""
+
+    # ------------------------------------------------------------------ clients that go away
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except GONE as e:
+            self.close_connection = True
+            self._gone(type(e).__name__)
+
+    def _gone(self, why: str) -> None:
+        if not self.quiet:
+            _log_gone(self.client_address, why)
 
     # ------------------------------------------------------------------ responses
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
@@ -70,6 +92,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         if not self.quiet:
             super().log_message(fmt, *args)
+
+    def log_error(self, fmt, *args):
+        if fmt.startswith("Request timed out"):    # http.server catches socket timeouts itself
+            return self._gone(f"timed out after {self.timeout:g} s")
+        self.log_message(fmt, *args)
 
     # ------------------------------------------------------------------ routes
     def do_GET(self):
@@ -118,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
+            length = -1
+        if length < 0:                                  # a negative one would read until the socket closes
             return self._error(400, "bad Content-Length")
         if length > MAX_BODY:
             return self._error(413, f"request too large ({length >> 20} MB); images are limited to "
@@ -137,14 +166,25 @@ class Handler(BaseHTTPRequestHandler):
         return self._json(202, self.app.job_json(out))
 
 
-def make_server(app: App, host: str = "127.0.0.1", port: int = 7860, quiet: bool = False) -> ThreadingHTTPServer:
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128    # listen backlog: a burst of connects waits instead of being dropped
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Backstop for a client that goes away outside a request (the handler catches the rest).
+        e = sys.exc_info()[1]
+        if not isinstance(e, GONE):
+            return super().handle_error(request, client_address)        # a bug: its traceback
+        if not self.RequestHandlerClass.quiet:
+            _log_gone(client_address, type(e).__name__)
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 7860, quiet: bool = False) -> Server:
     handler = type("DiffloHandler", (Handler,), {"app": app, "quiet": quiet})
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        return Server((host, port), handler)
     except OSError as e:
         raise DiffloError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
-    httpd.daemon_threads = True
-    return httpd
 
 
 def serve_in_thread(ckpt, host: str = "127.0.0.1", port: int = 0, **app_kw):

@@ -3,7 +3,9 @@ figures, a ``results.json`` with the raw numbers and a markdown summary into an 
 
 - ``denoiser`` (``difflo study denoiser``): a single-step denoising UNet on mnist10k: the noising
   strip, training at one sigma, out-of-distribution sigmas, denoising pure noise, and a learning-
-  rate schedule comparison for the class-conditional flow model (``denoiser.py``).
+  rate schedule comparison for the class-conditional flow model (``denoiser.py``: the experiment;
+  ``report.py``: its figures, tables, results.json and summary.md; the network is
+  ``difflo.nn.SmallUNet``).
 
 ``cli.add_parser(sub)`` adds the ``study`` command to the ``difflo`` parser; ``cli.run(args)`` runs it.
 """

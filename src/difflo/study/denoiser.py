@@ -18,11 +18,11 @@ to evaluate):
    a linear warmup over the first 10% of the steps (the config's 100 warmup steps would be most of
    a short run).
 
-The UNet (Ronneberger, Fischer & Brox 2015, "U-Net"; the project's unconditional UNet):
-Conv = Conv3x3 -> BatchNorm -> GELU; ConvBlock = Conv, Conv; DownBlock = stride-2 Conv3x3 ->
-BatchNorm -> GELU, ConvBlock; UpBlock = stride-2 ConvTranspose4x4 -> BatchNorm -> GELU, ConvBlock;
-Flatten = AvgPool(7) -> GELU (7x7 -> 1x1); Unflatten = ConvTranspose(7, stride 7) -> BatchNorm ->
-GELU (1x1 -> 7x7); the skip connections concatenate channels; D is the hidden width.
+The network D is ``difflo.nn.SmallUNet`` (Conv/BatchNorm/GELU, a 7x7 -> 1x1 bottleneck, skip
+connections; hidden width D). This module is the experiment, top to bottom: options and constants,
+the data, the training loop (:func:`fit`), the evaluation pieces, one function per part, and
+:func:`run_study`. The parts write their figures and tables through ``report.py``, which also
+makes ``summary.md`` from the results.
 
 Pixel range: **[0, 1]** in this study, as in the original (x = (x_difflo + 1) / 2, difflo's
 batches being in [-1, 1]); sigma is relative to that range, so every MSE is in [0, 1] pixel units.
@@ -31,9 +31,7 @@ The noisy z is not clipped. Everything is seeded: the same flags give the same n
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 import shlex
 import shutil
 import time
@@ -47,9 +45,12 @@ from torch import nn
 
 from .. import config as config_mod, data as data_mod
 from ..errors import DiffloError
-from ..images import grid_image, plot_loss, save_image, to_uint8
-from ..sample import pick_device
-from ..train import _check_writable, batch_indices, train
+from ..images import plot_loss
+from ..io import check_writable
+from ..model import pick_device
+from ..nn import SmallUNet
+from ..train import batch_indices, train
+from .report import plot_lr_runs, plural, save_rows, write_csv, write_results
 
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 PARTS = ("strip", "train", "ood", "noise", "lr")
@@ -122,56 +123,7 @@ def parse_parts(spec: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The UNet
-# ---------------------------------------------------------------------------------------------
-
-def conv_bn_gelu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.GELU())
-
-
-def conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    """Two 3x3 convs; the size is kept."""
-    return nn.Sequential(conv_bn_gelu(c_in, c_out), conv_bn_gelu(c_out, c_out))
-
-
-def down_block(c_in: int, c_out: int) -> nn.Sequential:
-    """Halve the size (stride-2 conv), then a ConvBlock."""
-    return nn.Sequential(conv_bn_gelu(c_in, c_out, stride=2), conv_block(c_out, c_out))
-
-
-def up_block(c_in: int, c_out: int) -> nn.Sequential:
-    """Double the size (stride-2 transposed conv), then a ConvBlock."""
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.GELU(),
-                         conv_block(c_out, c_out))
-
-
-class DenoisingUNet(nn.Module):
-    """(B, 1, 28, 28) -> (B, 1, 28, 28): two down blocks, a 7x7 -> 1x1 bottleneck, two up blocks."""
-
-    def __init__(self, hidden: int = 32, channels: int = 1):
-        super().__init__()
-        D = hidden
-        self.inp = conv_block(channels, D)
-        self.down1 = down_block(D, D)
-        self.down2 = down_block(D, 2 * D)
-        self.flatten = nn.Sequential(nn.AvgPool2d(7), nn.GELU())
-        self.unflatten = nn.Sequential(nn.ConvTranspose2d(2 * D, 2 * D, 7, 7), nn.BatchNorm2d(2 * D), nn.GELU())
-        self.up2 = up_block(4 * D, D)
-        self.up1 = up_block(2 * D, D)
-        self.head = nn.Sequential(conv_block(2 * D, D), nn.Conv2d(D, channels, 3, 1, 1))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h0 = self.inp(z)                                      # (B, D, 28, 28)
-        h1 = self.down1(h0)                                   # (B, D, 14, 14)
-        h2 = self.down2(h1)                                   # (B, 2D, 7, 7)
-        h = self.unflatten(self.flatten(h2))                  # (B, 2D, 1, 1) -> (B, 2D, 7, 7)
-        h = self.up2(torch.cat([h, h2], dim=1))               # (B, 4D, 7, 7) -> (B, D, 14, 14)
-        h = self.up1(torch.cat([h, h1], dim=1))               # (B, 2D, 14, 14) -> (B, D, 28, 28)
-        return self.head(torch.cat([h, h0], dim=1))           # (B, 2D, 28, 28) -> (B, 1, 28, 28)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data, noise, training, evaluation
+# Data
 # ---------------------------------------------------------------------------------------------
 
 def load_digits(split: str, limit: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
@@ -185,6 +137,24 @@ def load_digits(split: str, limit: int | None = None) -> tuple[torch.Tensor, np.
 def eval_noise(shape, seed: int) -> torch.Tensor:
     """The fixed eps ~ N(0, I) used for every evaluation (the same eps at every sigma)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed + EVAL_SEED_OFFSET))
+
+
+def shown_digits(labels: np.ndarray) -> np.ndarray:
+    """Indices of the first test digit of each class (up to SHOWN of them)."""
+    first = {}
+    for i, c in enumerate(labels.tolist()):
+        first.setdefault(c, i)
+    return np.array([first[c] for c in sorted(first)][:SHOWN])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def new_unet(hidden: int, seed: int) -> SmallUNet:
+    """A freshly initialised UNet (weights seeded by ``seed``) on the study's device."""
+    torch.manual_seed(seed)
+    return SmallUNet(hidden).to(pick_device("auto"))
 
 
 def fit(net: nn.Module, images: torch.Tensor, make_input, epochs: int, batch_size: int, lr: float, seed: int,
@@ -224,65 +194,9 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.mse_loss(a.float(), b.float()).item()
 
 
-def new_unet(hidden: int, seed: int) -> DenoisingUNet:
-    torch.manual_seed(seed)
-    return DenoisingUNet(hidden).to(pick_device("auto"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-def save_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """A labelled grid, one row per (label, (N, 1, H, W) images in [0, 1]); every row as long as the
-    first, except the last, which may be shorter."""
-    images = torch.cat([x for _, x in rows]).clamp(0, 1) * 2 - 1              # to difflo's [-1, 1]
-    save_image(grid_image(to_uint8(images), len(rows[0][1]), [label for label, _ in rows]), path)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[float]]:
-    """difflo.train's metrics.csv as columns step, loss, lr."""
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in ("step", "loss", "lr")}
-
-
 # ---------------------------------------------------------------------------------------------
 # The parts
 # ---------------------------------------------------------------------------------------------
-
-def shown_digits(labels: np.ndarray) -> np.ndarray:
-    """Indices of the first test digit of each class (up to SHOWN of them)."""
-    first = {}
-    for i, c in enumerate(labels.tolist()):
-        first.setdefault(c, i)
-    return np.array([first[c] for c in sorted(first)][:SHOWN])
-
 
 def part_strip(x: torch.Tensor, eps: torch.Tensor, out: Path) -> dict:
     """Rows: z = x + sigma eps for each sigma."""
@@ -293,6 +207,7 @@ def part_strip(x: torch.Tensor, eps: torch.Tensor, out: Path) -> dict:
 def part_train(o: StudyOptions, train_x, test_x, test_eps, show, out: Path, log) -> tuple[dict, nn.Module]:
     """Train the sigma = train_sigma model; loss curve, test digits after epoch 1 and the last."""
     net = new_unet(o.hidden, o.seed)
+    n_params = sum(p.numel() for p in net.parameters())
     z_test = test_x + o.train_sigma * test_eps                                          # (N, 1, 28, 28)
     test_mse = {}
 
@@ -308,7 +223,7 @@ def part_train(o: StudyOptions, train_x, test_x, test_eps, show, out: Path, log)
                 save_rows(rows, out / "denoised_last.png")
         log(f"  epoch {epoch}/{o.epochs}" + (f": test MSE {test_mse[epoch]:.4f}" if epoch in test_mse else ""))
 
-    log(f"train: UNet D={o.hidden} ({sum(p.numel() for p in net.parameters()):,} parameters) at sigma "
+    log(f"train: UNet D={o.hidden} ({n_params:,} parameters) at sigma "
         f"{o.train_sigma:g}, {plural(o.epochs, 'epoch')} on {len(train_x)} digits")
     losses = fit(net, train_x, lambda x, eps: x + o.train_sigma * eps, o.epochs, o.batch_size, o.lr, o.seed,
                  after_epoch)
@@ -317,7 +232,7 @@ def part_train(o: StudyOptions, train_x, test_x, test_eps, show, out: Path, log)
               [[k + 1, k // per_epoch + 1, f"{v:.6f}"] for k, v in enumerate(losses)])
     plot_loss(out / "train_metrics.csv", out / "train_loss.png")
     epoch_loss = [float(np.mean(losses[e * per_epoch:(e + 1) * per_epoch])) for e in range(o.epochs)]
-    return {"sigma": o.train_sigma, "parameters": sum(p.numel() for p in net.parameters()),
+    return {"sigma": o.train_sigma, "parameters": n_params,
             "steps": len(losses), "steps_per_epoch": per_epoch, "epoch_mean_loss": epoch_loss,
             "final_step_loss": losses[-1], "test_mse_epoch1": test_mse[1], "test_mse_last": test_mse[o.epochs],
             "test_mse_noisy_input": mse(z_test, test_x)}, net
@@ -359,156 +274,53 @@ def flow_config_path(o: StudyOptions) -> Path:
     return FLOW_CONFIG if FLOW_CONFIG.is_file() else Path("configs/mnist10k-flow.yaml")
 
 
+def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    """difflo.train's metrics.csv as columns step, loss, lr."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in ("step", "loss", "lr")}
+
+
+def flow_run(o: StudyOptions, schedule: str, run_dir: Path, log) -> dict:
+    """Train the flow model with one LR schedule (difflo.train) into ``run_dir``; its logged curves."""
+    overrides = [f"train.steps={o.flow_steps}", f"train.lr_schedule={schedule}", "train.sample_every=0",
+                 f"train.ckpt_every={o.flow_steps}", f"train.seed={o.seed}",
+                 f"train.warmup_steps={max(1, o.flow_steps // 10)}",          # warmup: 10% of the run
+                 f"train.log_every={max(1, o.flow_steps // 50)}", *o.flow_overrides]
+    cfg = config_mod.load(flow_config_path(o), overrides)
+    log(f"lr: flow model, {schedule} learning rate, {o.flow_steps} steps -> {run_dir}")
+    train(cfg, run_dir, log=lambda msg: log(f"  {msg}"), progress=False)
+    if not o.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if (run_dir / "samples").is_dir() and not any((run_dir / "samples").iterdir()):
+        (run_dir / "samples").rmdir()
+    m = read_metrics(run_dir)
+    tail = [v for s, v in zip(m["step"], m["loss"]) if s > 0.9 * o.flow_steps] or m["loss"][-1:]
+    return {"run_dir": run_dir.name, "steps": o.flow_steps, "lr_first": m["lr"][0],
+            "lr_last": m["lr"][-1], "final_loss": m["loss"][-1],
+            "loss_last_10pct": float(np.mean(tail)), "metrics": m,
+            "config": {"lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
+                       "min_lr_ratio": cfg.train.min_lr_ratio, "batch_size": cfg.train.batch_size,
+                       "weight_decay": cfg.train.weight_decay}}
+
+
 def part_lr(o: StudyOptions, out: Path, log) -> dict:
-    """Train the flow model with each LR schedule (difflo.train); both loss and lr curves on one figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {}
-    for schedule in LR_SCHEDULES:
-        run_dir = out / f"lr_{schedule}"
-        overrides = [f"train.steps={o.flow_steps}", f"train.lr_schedule={schedule}", "train.sample_every=0",
-                     f"train.ckpt_every={o.flow_steps}", f"train.seed={o.seed}",
-                     f"train.warmup_steps={max(1, o.flow_steps // 10)}",          # warmup: 10% of the run
-                     f"train.log_every={max(1, o.flow_steps // 50)}", *o.flow_overrides]
-        cfg = config_mod.load(flow_config_path(o), overrides)
-        log(f"lr: flow model, {schedule} learning rate, {o.flow_steps} steps -> {run_dir}")
-        train(cfg, run_dir, log=lambda msg: log(f"  {msg}"), progress=False)
-        if not o.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        if (run_dir / "samples").is_dir() and not any((run_dir / "samples").iterdir()):
-            (run_dir / "samples").rmdir()
-        m = read_metrics(run_dir)
-        tail = [v for s, v in zip(m["step"], m["loss"]) if s > 0.9 * o.flow_steps] or m["loss"][-1:]
-        runs[schedule] = {"run_dir": run_dir.name, "steps": o.flow_steps, "lr_first": m["lr"][0],
-                          "lr_last": m["lr"][-1], "final_loss": m["loss"][-1],
-                          "loss_last_10pct": float(np.mean(tail)), "metrics": m}
-        runs[schedule]["config"] = {"lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
-                                    "min_lr_ratio": cfg.train.min_lr_ratio, "batch_size": cfg.train.batch_size,
-                                    "weight_decay": cfg.train.weight_decay}
-
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-    for schedule, r in runs.items():
-        ax_loss.plot(r["metrics"]["step"], r["metrics"]["loss"], lw=1.4, label=f"{schedule} lr")
-        ax_lr.plot(r["metrics"]["step"], r["metrics"]["lr"], lw=1.4, label=f"{schedule} lr")
-    ax_loss.set(xlabel="step", ylabel="flow-matching loss (logged mean)", yscale="log",
-                title="class-conditional flow model, AdamW")
-    ax_lr.set(xlabel="step", ylabel="learning rate", yscale="log", title="learning rate")
-    for ax in (ax_loss, ax_lr):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    save_figure(fig, out / "lr_comparison.png")
+    """The flow model trained with each LR schedule; both loss and lr curves on one figure."""
+    runs = {schedule: flow_run(o, schedule, out / f"lr_{schedule}", log) for schedule in LR_SCHEDULES}
+    plot_lr_runs(runs, out / "lr_comparison.png")
     return {"config": o.flow_config or "configs/mnist10k-flow.yaml", "overrides": list(o.flow_overrides),
             "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------
-# Summary and driver
+# Driver
 # ---------------------------------------------------------------------------------------------
-
-def fmt(v: float) -> str:
-    """A number in the summary: 4 significant digits."""
-    return f"{v:.4g}"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def summary_markdown(o: StudyOptions, r: dict) -> str:
-    """The summary; every number comes from ``r`` (the results.json dict)."""
-    t = r["timing_s"]
-    lines = ["# Single-step denoiser study", "",
-             f"Command: `{r['command']}`", "",
-             f"Seed {o.seed}; wall time {t['total']:.0f} s ("
-             + ", ".join(f"{p} {t[p]:.0f} s" for p in o.parts) + f") on {r['device']} "
-             f"with {r['torch_threads']} torch threads. Data: mnist10k, {r['train_digits']} training digits, "
-             f"{r['test_digits']} test digits for the MSE tables. Pixel range **[0, 1]** (sigma relative to "
-             f"it, z = x + sigma eps, not clipped); every MSE is the mean over pixels and images in [0, 1] "
-             f"units. Figures show the first test digit of each class.", ""]
-    if "strip" in r:
-        lines += ["## Noising strip", "", "![noising strip](noising_strip.png)", "",
-                  "Rows: z = x + sigma eps for sigma = " + ", ".join(f"{s:g}" for s in r["strip"]["sigmas"])
-                  + " (the same eps in every row).", ""]
-    if "train" in r:
-        tr = r["train"]
-        lines += [f"## Training at sigma = {tr['sigma']:g}", "",
-                  f"UNet with hidden width D = {o.hidden} ({tr['parameters']:,} parameters), Adam lr {o.lr:g}, "
-                  f"batch {o.batch_size}, {plural(o.epochs, 'epoch')} ({tr['steps']} steps), L2 loss.", "",
-                  "![training loss](train_loss.png)", "",
-                  "| epoch | mean training loss |", "|---|---|"]
-        lines += [f"| {e + 1} | {fmt(v)} |" for e, v in enumerate(tr["epoch_mean_loss"])]
-        last = (f", after epoch {o.epochs} {fmt(tr['test_mse_last'])} ("
-                + ("lower" if tr["test_mse_last"] < tr["test_mse_epoch1"] else "not lower") + " than after epoch 1)"
-                if o.epochs > 1 else "")
-        lines += ["", f"Test MSE at sigma {tr['sigma']:g}: noisy input {fmt(tr['test_mse_noisy_input'])}, denoised "
-                  f"after epoch 1 {fmt(tr['test_mse_epoch1'])}{last}.", "",
-                  "![denoised after epoch 1](denoised_epoch1.png)", "",
-                  f"![denoised after epoch {o.epochs}](denoised_last.png)", "",
-                  "Rows: clean test digits, noisy input, denoised output.", ""]
-    if "ood" in r:
-        table = r["ood"]
-        best = min(table, key=lambda row: row["mse_denoised"])
-        trained = next((row for row in table if row["sigma"] == o.train_sigma), None)
-        lines += [f"## Out of distribution: the sigma = {o.train_sigma:g} model at every sigma", "",
-                  "![out of distribution](ood.png)", "",
-                  "| sigma | MSE noisy input | MSE denoised |", "|---|---|---|"]
-        lines += [f"| {row['sigma']:g} | {fmt(row['mse_noisy'])} | {fmt(row['mse_denoised'])} |" for row in table]
-        top = table[-1]
-        helped = [f"{row['sigma']:g}" for row in table if row["mse_denoised"] < row["mse_noisy"]]
-        lines += ["", f"(also in `ood_mse.csv`). The denoised MSE is lowest at sigma {best['sigma']:g} "
-                  f"({fmt(best['mse_denoised'])})"
-                  + (f"; at the training sigma it is {fmt(trained['mse_denoised'])}" if trained else "")
-                  + f"; at sigma {top['sigma']:g} it is {fmt(top['mse_denoised'])}, "
-                  + f"{top['mse_denoised'] / best['mse_denoised']:.1f}x the lowest. The output is closer to the "
-                  f"clean digit than the input was at sigma " + (", ".join(helped) or "none") + ". Rows of the "
-                  f"figure: noisy input and denoised output for each sigma.", ""]
-    if "noise" in r:
-        nz = r["noise"]
-        lines += ["## Denoising pure noise", "", "![pure noise](pure_noise.png)", "",
-                  f"A fresh UNet (D = {o.hidden}) trained {plural(o.noise_epochs, 'epoch')} ({nz['steps']} steps) "
-                  f"to map "
-                  f"z ~ N(0, I) to a training digit. z says nothing about x, so the L2-optimal output is E[x], "
-                  f"the per-pixel mean of the training set (bottom row). On {nz['samples']} fresh noise inputs:", "",
-                  f"- MSE between the outputs and the training-set mean: **{fmt(nz['mse_to_train_mean'])}** "
-                  f"(MSE between the average output and the mean: {fmt(nz['mse_output_average_to_train_mean'])}; "
-                  f"per-pixel standard deviation of the outputs across inputs: "
-                  f"{fmt(nz['output_std_across_noise'])});",
-                  f"- for scale, the MSE between a test digit and the mean (about the smallest loss a pure-noise "
-                  f"denoiser can reach) is {fmt(nz['mse_test_to_train_mean'])}; the model's mean training loss in "
-                  f"its last epoch was {fmt(nz['last_epoch_mean_loss'])}.", "",
-                  f"The outputs are {nz['mse_test_to_train_mean'] / max(nz['mse_to_train_mean'], 1e-12):.1f}x "
-                  f"closer (in MSE) to the training mean than test digits are.", ""]
-    if "lr" in r:
-        runs = r["lr"]["runs"]
-        c = next(iter(runs.values()))["config"]
-        lines += ["## Learning rate: exponential decay vs constant (flow model, AdamW)", "",
-                  "![lr comparison](lr_comparison.png)", "",
-                  f"The class-conditional flow model of `{r['lr']['config']}` trained {o.flow_steps} steps per "
-                  f"run by difflo.train (AdamW, weight decay {c['weight_decay']:g}, batch {c['batch_size']}, "
-                  f"lr {c['lr']:g} after {c['warmup_steps']} warmup steps; exponential: decays to lr x "
-                  f"{c['min_lr_ratio']:g} at the last step)"
-                  + (f", overrides {', '.join(r['lr']['overrides'])}" if r["lr"]["overrides"] else "")
-                  + ". Both runs see the same batches and noise (same seed). Run directories: "
-                  + ", ".join(f"`{v['run_dir']}/`" for v in runs.values()) + ".", "",
-                  "| lr schedule | lr at first / last log | final logged loss | mean loss, last 10% of steps |",
-                  "|---|---|---|---|"]
-        lines += [f"| {s} | {v['lr_first']:.3g} / {v['lr_last']:.3g} | {fmt(v['final_loss'])} | "
-                  f"{fmt(v['loss_last_10pct'])} |" for s, v in runs.items()]
-        (a, ra), (b, rb) = runs.items()
-        diff = rb["loss_last_10pct"] - ra["loss_last_10pct"]
-        lines += ["", f"Over the last 10% of steps the {b} schedule's mean loss minus the {a} schedule's: "
-                  f"{diff:+.4f} ({100 * diff / ra['loss_last_10pct']:+.1f}%).", ""]
-    return "\n".join(lines)
-
 
 def check_out(o: StudyOptions) -> Path:
     out = Path(o.out)
     if out.exists() and not out.is_dir():
         raise DiffloError(f"--out {out} is a file; give a directory")
-    _check_writable(out)
+    check_writable(out, "--out folder")
     if "lr" in o.parts:
         for schedule in LR_SCHEDULES:
             if (out / f"lr_{schedule}" / "checkpoints").exists():
@@ -551,6 +363,5 @@ def run_study(o: StudyOptions, log=print) -> dict:
     if "lr" in o.parts:
         r["lr"] = timed("lr", lambda: part_lr(o, out, log))
     r["timing_s"]["total"] = time.time() - start
-    write_text(out / "results.json", json.dumps(r, indent=1) + "\n")
-    write_text(out / "summary.md", summary_markdown(o, r))
+    write_results(out, r)
     return r

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..errors import DiffloError
+
 
 def _number(s: str, kind, what: str):
     try:
@@ -42,3 +44,19 @@ def seed(s: str) -> int:
     if not 0 <= v < MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be >= 0 and < 2^62, got {v}")
     return v
+
+
+def port(s: str) -> int:
+    """A TCP port: 0..65535 (0: any free port)."""
+    v = _number(s, int, "a port number")
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0: any free port), got {v}")
+    return v
+
+
+def int_list(s: str, flag: str) -> list[int]:
+    """Comma-separated integers (``1,3,5``); a bad one is a one-line error naming the flag."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise DiffloError(f"{flag} must be comma-separated integers like 1,3,5; got {s!r}") from None

@@ -1,0 +1,253 @@
+"""``difflo edit``'s techniques as typed functions over a model, shared by the CLI and the web page.
+
+Each technique takes a loaded :class:`~difflo.model.Model`, an :class:`EditOptions` (tries, sampler,
+guidance) and its own inputs, and returns an :class:`EditResult`: the figure's cells and row labels,
+the final results, every intermediate image by name, and a summary line. ``EditResult.write`` makes
+the files ``difflo edit`` documents (``figure.png``, ``raw.npz``, ``result_XX.png``). The numerical
+pieces (denoiser wrappers, the RePaint callback, SDEdit's start) are in :mod:`difflo.editing`.
+
+Times: the grids are the path's own (:mod:`difflo.paths`), ending at the clean data; command-line
+times are on the path's ``cli_scale`` (diffusion timesteps 0..T-1; flow per mille).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import editing
+from .errors import DiffloError
+from .images import grid_image, save_image, to_uint8
+from .io import atomic_path
+from .model import Model, make_denoiser
+from .sample import SampleSettings, generate
+from .samplers import SeededNoise
+
+TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid")
+EDIT_SAMPLER_PREFERENCE = ("ddpm", "euler")     # stochastic DDPM for diffusion (RePaint's), Euler for flow
+INPUT_SEED_OFFSET = 10_000                      # a generated input image uses seed + 10000
+
+
+def default_sampler(model: Model) -> str:
+    """The editing default: the first of EDIT_SAMPLER_PREFERENCE that fits the model's path."""
+    fits = model.path.samplers
+    return next((s for s in EDIT_SAMPLER_PREFERENCE if s in fits), fits[0])
+
+
+@dataclass
+class EditOptions:
+    """What every technique shares: one try per seed, the sampler, guidance in each branch, clamping."""
+    seeds: list[int]
+    sampler: str
+    w: float = 3.0
+    clip_x0: bool = True
+
+    def check(self, model: Model) -> "EditOptions":
+        if self.sampler not in model.path.samplers:
+            raise DiffloError(f"sampler {self.sampler!r} does not fit this {model.objective} model; choose one of "
+                              f"{', '.join(model.path.samplers)}")
+        return self
+
+
+@dataclass
+class EditResult:
+    grid: list[list[torch.Tensor]]            # figure rows of (C, H, W) cells
+    row_labels: list[str] | None
+    results: torch.Tensor                     # (N, C, H, W): one result_XX.png each
+    raw: dict[str, torch.Tensor]              # every image by name -> raw.npz
+    summary: str
+    seeds: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    def figure(self) -> Image.Image:
+        c, h, w = self.results.shape[1:]
+        ncol = max(len(r) for r in self.grid)
+        blank = torch.ones(1, c, h, w)
+        cells = []
+        for r in self.grid:
+            cells += [x.reshape(1, c, h, w).cpu() for x in r] + [blank] * (ncol - len(r))
+        return grid_image(to_uint8(torch.cat(cells)), ncol, self.row_labels)
+
+    def write(self, out: Path, figure: Path | None = None) -> list[str]:
+        """figure.png, raw.npz and result_XX.png into ``out`` (and the figure also at ``figure``);
+        returns the lines to print."""
+        out = Path(out)
+        fig = self.figure()
+        save_image(fig, out / "figure.png")
+        if figure:
+            Path(figure).parent.mkdir(parents=True, exist_ok=True)
+            save_image(fig, figure)
+        u8 = to_uint8(self.results.cpu())
+        for i, im in enumerate(u8):
+            save_image(Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im), out / f"result_{i:02d}.png")
+        with atomic_path(out / "raw.npz") as tmp:
+            np.savez_compressed(tmp, **{k: to_uint8(v.cpu()) for k, v in self.raw.items()}, seeds=np.array(self.seeds))
+        return [f"note: {n}" for n in self.notes] + [self.summary] + [
+            f"wrote {out / 'figure.png'}, {out / 'raw.npz'} and {len(u8)} result PNGs"
+            + (f"; figure also at {figure}" if figure else "")]
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def check_class(c: int, num_classes: int, flag: str = "--class") -> int:
+    if num_classes == 0:
+        return 0
+    if not 0 <= c < num_classes:
+        raise DiffloError(f"class index {c} out of range in {flag}: this model has classes 0..{num_classes - 1}")
+    return c
+
+
+def time_grid(model: Model, steps: int | None = None, stride: int | None = None) -> list:
+    """The sampling grid of ``steps`` steps, or the strided one (ending at the clean data)."""
+    path = model.path
+    if stride is not None:
+        if stride < 1:
+            raise DiffloError(f"--stride must be >= 1, got {stride}")
+        return path.strided_times(stride)
+    if path.max_steps is not None and steps > path.max_steps:
+        raise DiffloError(f"--steps {steps} exceeds the model's {path.max_steps} training timesteps")
+    return path.sampling_times(steps)
+
+
+def cli_times(model: Model, values: list[float]) -> list:
+    """Command-line times on the path's scale (diffusion timesteps; flow per mille)."""
+    try:
+        return [model.path.time_from_cli(v) for v in values]
+    except ValueError as e:
+        raise DiffloError(str(e)) from None
+
+
+def sample_input(model: Model, c: int | None, seed: int, notes: list[str]) -> torch.Tensor:
+    """A model sample of class c (DDIM 50, w 3) to edit when no image is given: (1, C, H, W)."""
+    c = check_class(0 if c is None else c, model.num_classes)
+    x = generate(model, torch.tensor([c]), [seed + INPUT_SEED_OFFSET], SampleSettings(sampler="ddim", steps=50, w=3.0))
+    notes.append(f"input: a model sample of class {c} (seed {seed + INPUT_SEED_OFFSET})")
+    return x
+
+
+def _t_label(t):
+    return f"t={t}" if isinstance(t, int) else f"t={t:.3g}"
+
+
+def _device(model: Model):
+    return next(model.net.parameters()).device
+
+
+def _labels(model: Model, n: int, *classes: int) -> torch.Tensor:
+    """(n,) for one class, (n, k) for k classes (one per branch of a combining wrapper)."""
+    y = torch.tensor([list(classes)] * n, device=_device(model))
+    return y.squeeze(1) if len(classes) == 1 else y
+
+
+# ----------------------------------------------------------------------------- techniques
+def forward(model: Model, x0: torch.Tensor, ts: list, seeds: list[int], notes=()) -> EditResult:
+    """The forward process q(x_t | x0) at the given times, the same eps at every t (one per seed)."""
+    if not ts:
+        raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
+    noise = SeededNoise(seeds, x0.shape[1:], x0.device)
+    z = noise()
+    xs = {f"x_{t}": editing.q_sample(x0.expand_as(z), z, *model.path.alpha_sigma(t)) for t in ts}
+    grid = [[x0[0]] + [xs[f"x_{t}"][i] for t in ts] for i in range(len(seeds))]
+    results = torch.stack([xs[f"x_{t}"] for t in ts], 1).flatten(0, 1)
+    return EditResult(grid, [f"seed {s}" for s in seeds], results, {"clean": x0, **xs},
+                      "forward: columns clean, " + ", ".join(_t_label(t) for t in ts), seeds, list(notes))
+
+
+def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: int, i_start: int,
+            notes=()) -> EditResult:
+    """Blur vs one-step vs iterative denoising of x0 noised to the i_start-th strided time, with PSNR."""
+    ts = time_grid(model, stride=stride)
+    n = len(ts) - 1
+    if not 0 <= i_start < n:
+        raise DiffloError(f"--i-start {i_start} out of range: stride {stride} gives {n} timesteps "
+                          f"(indices 0..{n - 1})")
+    t = ts[i_start]
+    c = check_class(c, model.num_classes)
+    den = make_denoiser(model, opts.w, opts.clip_x0)
+    noise = SeededNoise(opts.seeds, x0.shape[1:], x0.device)
+    B = len(opts.seeds)
+    y = torch.full((B,), c, device=x0.device)
+    x_t = editing.q_sample(x0.expand(B, -1, -1, -1), noise(), *model.path.alpha_sigma(t))
+    blur = [editing.best_blur(x_t[i:i + 1], x0) for i in range(B)]
+    one = den(x_t, t, y=y)
+    it = editing.run_sampler(opts.sampler, den, x_t.clone(), ts[i_start:], {"y": y}, None, noise)
+    grid, lines = [], []
+    for i in range(B):
+        pb, p1, pi = blur[i][3], editing.psnr(one[i:i + 1], x0), editing.psnr(it[i:i + 1], x0)
+        grid.append([x0[0], x_t[i], blur[i][0][0], one[i], it[i]])
+        lines.append(f"seed {opts.seeds[i]}: noisy {editing.psnr(x_t[i:i + 1], x0):.2f} dB, best blur "
+                     f"(kernel {blur[i][1]}, sigma {blur[i][2]:g}) {pb:.2f} dB, one-step {p1:.2f} dB, "
+                     f"iterative ({n - i_start} steps, {opts.sampler}) {pi:.2f} dB")
+    summary = (f"denoise at {_t_label(t)} (--i-start {i_start}, stride {stride}); columns: clean, noisy, "
+               f"blur, one-step, iterative\n  " + "\n  ".join(lines))
+    return EditResult(grid, [f"seed {s}" for s in opts.seeds], it,
+                      {"clean": x0, "noisy": x_t, "blur": torch.cat([b[0] for b in blur]), "one_step": one,
+                       "iterative": it}, summary, opts.seeds, list(notes))
+
+
+def sdedit(model: Model, opts: EditOptions, x_in: torch.Tensor, c: int, stride: int, levels: list[int],
+           notes=()) -> EditResult:
+    """SDEdit toward class c from each start level (steps before the clean end of the strided grid)."""
+    c = check_class(c, model.num_classes)
+    ts = time_grid(model, stride=stride)
+    n = len(ts) - 1
+    if not levels or any(not 0 <= k <= n for k in levels):
+        raise DiffloError(f"--levels must lie in 0..{n} (stride {stride} gives {n} timesteps); "
+                          f"got {','.join(map(str, levels))}")
+    den = make_denoiser(model, opts.w, opts.clip_x0)
+    B = len(opts.seeds)
+    y = torch.full((B,), c, device=x_in.device)
+    outs = {k: editing.sdedit(den, x_in.expand(B, -1, -1, -1), y, ts, k, opts.seeds, opts.sampler) for k in levels}
+    grid = [[x_in[0]] + [outs[k][i] for k in levels] for i in range(B)]
+    results = torch.stack([outs[k] for k in levels], 1).flatten(0, 1)
+    starts = ", ".join(f"{k}: " + ("input" if k == 0 else _t_label(ts[-k - 1])) for k in levels)
+    return EditResult(grid, [f"seed {s}" for s in opts.seeds], results,
+                      {"input": x_in, **{f"level_{k}": v for k, v in outs.items()}},
+                      f"sdedit toward class {c} (w={opts.w:g}, {opts.sampler}); columns: input, then levels ({starts})",
+                      opts.seeds, list(notes))
+
+
+def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor, c: int, ts: list,
+            jump_length: int = 1, jump_n_sample: int = 1, notes=()) -> EditResult:
+    """RePaint: regenerate the mask's 1 region of x as class c."""
+    c = check_class(c, model.num_classes)
+    B = len(opts.seeds)
+    y = torch.full((B,), c, device=x.device)
+    out = editing.inpaint(make_denoiser(model, opts.w, opts.clip_x0), x.expand(B, -1, -1, -1), mask, y, ts,
+                          opts.seeds, opts.sampler, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    shown = x * (1 - mask) + mask * 0.0                      # the regenerated region shown grey
+    grid = [[x[0], shown[0]] + [out[i] for i in range(B)]]
+    return EditResult(grid, None, out, {"input": x, "masked": shown, "inpainted": out},
+                      f"inpaint as class {c} (w={opts.w:g}, {opts.sampler}, {len(ts) - 1} steps, jump length "
+                      f"{jump_length}, {jump_n_sample} samples per jump); columns: input, masked (grey = "
+                      f"regenerated), tries", opts.seeds, list(notes))
+
+
+def anagram(model: Model, opts: EditOptions, a: int, b: int, view: str, ts: list) -> EditResult:
+    """An image that reads as class a upright and class b under ``view``."""
+    A, B_ = check_class(a, model.num_classes, "--a"), check_class(b, model.num_classes, "--b")
+    den = editing.AnagramDenoiser(make_denoiser(model, opts.w, opts.clip_x0), ["identity", view])
+    shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
+    out = editing.sample_plain(den, _labels(model, len(opts.seeds), A, B_), ts, opts.seeds, shape, opts.sampler)
+    viewed = editing.apply_view(out, view)
+    return EditResult([list(out), list(viewed)], [f"{A} upright", f"{B_} {view}"], out,
+                      {"anagram": out, "viewed": viewed},
+                      f"anagram: class {A} upright, class {B_} under {view} (w={opts.w:g}, {opts.sampler}); "
+                      f"row 1 as generated, row 2 the same images under {view}", opts.seeds)
+
+
+def hybrid(model: Model, opts: EditOptions, low: int, high: int, kernel_size: int, sigma: float,
+           ts: list) -> EditResult:
+    """Low frequencies from class ``low``, high frequencies from class ``high``."""
+    lo, hi = check_class(low, model.num_classes, "--low"), check_class(high, model.num_classes, "--high")
+    den = editing.HybridDenoiser(make_denoiser(model, opts.w, opts.clip_x0), kernel_size, sigma)
+    shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
+    out = editing.sample_plain(den, _labels(model, len(opts.seeds), lo, hi), ts, opts.seeds, shape, opts.sampler)
+    low_img = den.lowpass(out)
+    high_img = (out - low_img).clamp(-1, 1)
+    return EditResult([list(out), list(low_img), list(high_img)], ["hybrid", f"lowpass ({lo})", f"highpass ({hi})"],
+                      out, {"hybrid": out, "lowpass": low_img, "highpass": high_img},
+                      f"hybrid: low frequencies of class {lo}, high of class {hi} (Gaussian kernel {kernel_size}, "
+                      f"sigma {sigma:g}; w={opts.w:g}, {opts.sampler})", opts.seeds)

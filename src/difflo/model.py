@@ -1,0 +1,98 @@
+"""The model factory: a network rebuilt from its checkpoint alone, the device, the denoiser.
+
+:class:`Model` is a network with the resolved config it was trained with; its ``path`` (see
+:mod:`difflo.paths`) carries everything that depends on the objective. :func:`make_denoiser` turns
+it into the one denoiser interface the samplers consume (x0 prediction, guided, optionally clamped).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import config as config_mod
+from .checkpoint import load_weights, resolve_weights, verify_file
+from .errors import CheckpointError, DiffloError
+from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
+from .nn import UNet
+from .paths import Path, make_path
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffloError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DiffloError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DiffloError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise DiffloError(f"device {name!r} asked for, but this PyTorch has no MPS support; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DiffloError(f"device {name!r} cannot run difflo; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class Model:
+    """A network with the resolved config it was trained with."""
+    net: UNet
+    cfg: config_mod.Config
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return make_path(self.cfg.diffusion)
+
+    @property
+    def objective(self) -> str:
+        return self.cfg.diffusion.objective
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.model.num_classes
+
+
+def build_net(cfg: config_mod.Config) -> UNet:
+    try:
+        return UNet(cfg.model)
+    except (RuntimeError, MemoryError, OverflowError, TypeError) as e:     # an allocation too large to make
+        m = cfg.model
+        raise DiffloError(f"cannot build the UNet (model.channels={m.channels}, channel_mult={list(m.channel_mult)}, "
+                          f"in_channels={m.in_channels}): {str(e).splitlines()[0][:120]}; choose a smaller "
+                          f"model") from None
+
+
+def load_model(path, ema: bool = True, device="cpu") -> Model:
+    """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
+    weights = resolve_weights(path, ema)
+    verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
+    state, cfg_dict, _ = load_weights(weights)
+    try:
+        cfg = config_mod.from_dict(cfg_dict)
+        cfg.validate()
+        net = build_net(cfg)
+    except (DiffloError, ValueError) as e:
+        raise CheckpointError(f"{weights}: its stored config does not build a model ({e})") from None
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{weights} does not fit the architecture in its own config "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped "
+                              f"tensors, e.g. {(missing + unexpected + wrong)[0]})")
+    net.load_state_dict(state)
+    return Model(net.to(device).eval(), cfg)
+
+
+def make_denoiser(model: Model, w: float, clip_x0: bool = True):
+    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped."""
+    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction)
+    if model.num_classes > 0:
+        den = CFGDenoiser(den, w, null_class=model.num_classes)
+    return ClampDenoiser(den) if clip_x0 else den
