@@ -16,7 +16,8 @@ from PIL import Image
 
 from difflo import data
 from difflo.config import DataConfig
-from difflo.data import DATASETS, cli as data_cli, download as dl, imaging
+from difflo.cli import data as data_cli
+from difflo.data import DATASETS, download as dl, imaging
 from difflo.errors import DataError
 from conftest import tiny_config
 

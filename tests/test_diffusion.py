@@ -1,4 +1,5 @@
-"""The forward process, the eps / x0 / v parameterizations, loss weights and the training loss."""
+"""The forward process, the eps / x0 / v parameterizations, loss weights and the training loss. The
+comparisons with diffusers are in tests/peer/test_diffusion_vs_diffusers.py."""
 from __future__ import annotations
 
 import pytest
@@ -7,14 +8,9 @@ import torch
 from difflo import diffusion
 from difflo.diffusion import DiscreteSchedule, loss_weight, q_sample, target, to_eps, to_x0, training_loss
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler  # noqa: E402
-
 # The variance-preserving parameterizations; "u" (flow velocity) lives on the flow path: tests/test_flow.py.
 VP_PREDICTIONS = ("eps", "x0", "v")
 
-T = 1000
-DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 SHAPE = (6, 3, 5, 5)
 TS = torch.tensor([0, 1, 17, 500, 998, 999])
 
@@ -24,19 +20,6 @@ def _randn(seed, shape=SHAPE, dtype=torch.float32):
 
 
 # --------------------------------------------------------------------------- forward process
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_q_sample_matches_diffusers_add_noise(name):
-    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name])
-    path = DiscreteSchedule.from_name(name)
-    x0, eps = _randn(0), _randn(1)
-    t = torch.randint(0, T, (SHAPE[0],), generator=torch.Generator().manual_seed(2))
-    t[0], t[-1] = 0, T - 1
-    alpha, sigma = path.alpha_sigma(t)
-    x_t = q_sample(x0, eps, alpha, sigma)
-    assert x_t.dtype == torch.float32 and x_t.shape == SHAPE
-    torch.testing.assert_close(x_t, ref.add_noise(x0, eps, t), atol=2e-6, rtol=1e-5)
-
-
 def test_q_sample_scalar_coefficients_and_clean_limit():
     path = DiscreteSchedule.from_name("linear")
     x0, eps = _randn(0), _randn(1)
@@ -90,16 +73,6 @@ def test_target_values_and_v_sign_convention():
     torch.testing.assert_close(target(x0, eps, alpha, sigma, "v"), a * eps - s * x0)
     # at t = -1 (alpha = 1, sigma = 0) v is eps
     torch.testing.assert_close(target(x0, eps, 1.0, 0.0, "v"), eps)
-
-
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_v_target_matches_diffusers_get_velocity(name):
-    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], prediction_type="v_prediction")
-    path = DiscreteSchedule.from_name(name)
-    x0, eps = _randn(7), _randn(8)
-    alpha, sigma = path.alpha_sigma(TS)
-    torch.testing.assert_close(target(x0, eps, alpha, sigma, "v"), ref.get_velocity(x0, eps, TS),
-                               atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fn", [to_x0, to_eps, target])

@@ -23,7 +23,21 @@ def test_time_direction_t0_is_data_t1_is_noise():
     torch.testing.assert_close(q_sample(x0, x1, *PATH.alpha_sigma(0.25)), 0.75 * x0 + 0.25 * x1)
     # the velocity points from data to noise: u = dx_t/dt = x1 - x0
     assert torch.equal(target(x0, x1, 0.3, 0.7, "u"), x1 - x0)
-    assert PATH.sampling_times(4).tolist() == [1.0, 0.75, 0.5, 0.25] and PATH.t_clean == 0.0
+    assert PATH.sampling_times(4) == [1.0, 0.75, 0.5, 0.25, 0.0] and PATH.t_clean == 0.0
+
+
+def test_sampling_times_end_at_the_clean_data_and_refuse_leading():
+    """n steps are n + 1 times from pure noise (t = 1) to the clean end; trailing and linspace are the same
+    uniform grid, and leading (which never visits pure noise) is refused."""
+    for n in (1, 3, 50):
+        ts = PATH.sampling_times(n)
+        assert len(ts) == n + 1 and ts[0] == 1.0 and ts[-1] == PATH.t_clean
+        assert all(isinstance(t, float) for t in ts) and all(a > b for a, b in zip(ts, ts[1:]))
+        assert PATH.sampling_times(n, "linspace") == PATH.sampling_times(n, "trailing") == ts
+    with pytest.raises(ValueError, match="leading"):
+        PATH.sampling_times(4, "leading")
+    with pytest.raises(ValueError):
+        PATH.sampling_times(0)
 
 
 def test_velocity_conversions_are_exact_on_the_straight_path():

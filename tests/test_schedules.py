@@ -1,5 +1,6 @@
-"""Noise schedules and timestep spacings, checked against diffusers and against the conventions
-every other module relies on (t = 0 is data, t = T-1 is noise, t = -1 is the clean data)."""
+"""Noise schedules and timestep spacings, checked against the conventions every other module relies on
+(t = 0 is data, t = T-1 is noise, t = -1 is the clean data). The comparisons with diffusers are in
+tests/peer/test_schedules_vs_diffusers.py."""
 from __future__ import annotations
 
 import pytest
@@ -8,26 +9,10 @@ import torch
 from difflo import schedules
 from difflo.diffusion import DiscreteSchedule
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
-
 T = 1000
-DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 # --------------------------------------------------------------------------- betas / alpha_bar
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-def test_betas_and_alphas_cumprod_match_diffusers(name):
-    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name])
-    betas = schedules.get_betas(name, T)
-    ac = schedules.alphas_cumprod(betas)
-    assert betas.dtype == ac.dtype == torch.float64
-    assert betas.shape == ac.shape == (T,)
-    # diffusers keeps float32 (its cumprod also runs in float32): compare in float32.
-    torch.testing.assert_close(betas.float(), ref.betas, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(ac.float(), ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
-
-
 def test_linear_betas_endpoints():
     b = schedules.linear_betas(T)
     assert b[0].item() == pytest.approx(1e-4, abs=1e-15)
@@ -101,19 +86,6 @@ def test_discrete_schedule_alpha_sigma(name):
 
 
 # --------------------------------------------------------------------------- timesteps
-SPACING_CASES = [(sp, n) for sp in schedules.SPACINGS for n in (1, 7, 10, 50, 100, 999, 1000)]
-
-
-@pytest.mark.parametrize("spacing,n", SPACING_CASES)
-def test_timesteps_match_diffusers(spacing, n):
-    ts = schedules.timesteps(T, n, spacing)
-    assert ts.dtype == torch.int64 and ts.shape == (n,)
-    for cls in (DDIMScheduler, DDPMScheduler):
-        ref = cls(num_train_timesteps=T, timestep_spacing=spacing)
-        ref.set_timesteps(n)
-        assert torch.equal(ts, ref.timesteps.to(torch.int64)), (cls.__name__, ts[:8], ref.timesteps[:8])
-
-
 @pytest.mark.parametrize("spacing", schedules.SPACINGS)
 def test_timesteps_well_formed_for_every_n(spacing):
     """For every n in 1..T: n distinct decreasing timesteps in [0, T-1]."""
@@ -136,14 +108,21 @@ def test_linspace_single_step_is_t0():
 
 def test_trailing_n61_has_61_nonnegative_steps():
     # float64 arange(1000, 0, -1000/61) keeps a 62nd element ~1e-13, which diffusers turns into a
-    # timestep -1 (and would index alphas_cumprod[-1], pure noise, there). difflo keeps the first 61;
-    # they equal diffusers' first 61.
+    # timestep -1 (and would index alphas_cumprod[-1], pure noise, there). difflo keeps the first 61
+    # (equal to diffusers' first 61: tests/peer/test_schedules_vs_diffusers.py).
     ts = schedules.timesteps(T, 61, "trailing")
     assert ts.shape == (61,) and ts.min().item() >= 0, ts[-3:]
-    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
-    ref.set_timesteps(61)
-    assert ref.timesteps.shape == (62,) and ref.timesteps[-1].item() == -1
-    assert torch.equal(ts, ref.timesteps[:61])
+
+
+@pytest.mark.parametrize("spacing", schedules.SPACINGS)
+def test_discrete_schedule_sampling_times_end_at_the_clean_data(spacing):
+    """A sampler's grid is the n timesteps of the spacing (diffusers' set_timesteps), then t_clean = -1."""
+    path = DiscreteSchedule.from_name("linear")
+    for n in (1, 7, 10, T):
+        ts = path.sampling_times(n, spacing)
+        assert ts == schedules.timesteps(T, n, spacing).tolist() + [path.t_clean] and path.t_clean == -1
+        assert all(isinstance(t, int) for t in ts)
+    assert path.sampling_times(10) == path.sampling_times(10, "trailing")
 
 
 def test_timesteps_known_values():
@@ -164,13 +143,3 @@ def test_timesteps_invalid_n_raises(spacing, n):
 def test_timesteps_unknown_spacing_raises():
     with pytest.raises(ValueError):
         schedules.timesteps(T, 10, "quadratic")
-
-
-@pytest.mark.parametrize("spacing", schedules.SPACINGS)
-def test_timesteps_match_diffusers_for_every_n(spacing):
-    """Every n in 1..T, .5 rounding ties included (e.g. trailing n=48, linspace n=27); for trailing, the
-    62 values of n where diffusers appends a -1 are compared on diffusers' first n entries."""
-    for n in range(1, T + 1):
-        ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
-        ref.set_timesteps(n)
-        assert torch.equal(schedules.timesteps(T, n, spacing), ref.timesteps[:n]), (spacing, n)

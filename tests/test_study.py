@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from difflo.errors import DiffloError
 from difflo.nn import SmallUNet
-from difflo.study import cli
+from difflo.cli import study as cli
 from difflo.study.denoiser import PARTS, SIGMAS, load_digits, parse_parts
 from difflo.study.report import fmt
 from conftest import TINY

@@ -4,6 +4,8 @@ from __future__ import annotations
 import signal
 import sys
 
+from ..serve.app import App
+from ..serve.server import make_server
 from .argtypes import port
 
 
@@ -21,9 +23,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..serve.app import App
-    from ..serve.server import make_server
-
     def stop(*_):
         raise KeyboardInterrupt
 

@@ -7,5 +7,5 @@ figures, a ``results.json`` with the raw numbers and a markdown summary into an 
   ``report.py``: its figures, tables, results.json and summary.md; the network is
   ``difflo.nn.SmallUNet``).
 
-``cli.add_parser(sub)`` adds the ``study`` command to the ``difflo`` parser; ``cli.run(args)`` runs it.
+The command line is :mod:`difflo.cli.study`.
 """
