@@ -40,6 +40,17 @@ def _assert_close(got, ref, dtype):
     assert err < tol, err
 
 
+def _set_grid(sched, path: DiscreteSchedule, n, spacing, dtype):
+    """Set the scheduler to n steps (in float64 on difflo's alpha_bar for float64) and return difflo's grid
+    for them: diffusers' timesteps, then the clean end -1."""
+    if dtype == torch.float64:
+        _in_float64(sched, path)
+    sched.set_timesteps(n)
+    ts = path.sampling_times(n, spacing)
+    assert ts == sched.timesteps.tolist() + [path.t_clean]
+    return ts
+
+
 def _step_indices(n):
     return sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n)))
 
@@ -57,11 +68,7 @@ def test_ddim_step_matches_diffusers(name, prediction, eta, spacing, n, dtype):
     sched = DDIMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], clip_sample=False,
                           set_alpha_to_one=True, prediction_type=DIFFUSERS_PRED[prediction],
                           timestep_spacing=spacing)
-    if dtype == torch.float64:
-        _in_float64(sched, path)
-    sched.set_timesteps(n)
-    ts = path.sampling_times(n, spacing)            # diffusers' timesteps, then the clean end -1
-    assert ts == sched.timesteps.tolist() + [-1]
+    ts = _set_grid(sched, path, n, spacing, dtype)
     for i in _step_indices(n):
         t, t_prev = ts[i], ts[i + 1]
         assert t_prev == t - T // n or (t_prev == -1 and t - T // n < 0)
@@ -83,11 +90,7 @@ def test_ddpm_step_matches_diffusers(name, prediction, variance, spacing, n, dty
     sched = DDPMScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name], clip_sample=False,
                           prediction_type=DIFFUSERS_PRED[prediction], variance_type=variance,
                           timestep_spacing=spacing)
-    if dtype == torch.float64:
-        _in_float64(sched, path)
-    sched.set_timesteps(n)
-    ts = path.sampling_times(n, spacing)            # diffusers' timesteps, then the clean end -1
-    assert ts == sched.timesteps.tolist() + [-1]
+    ts = _set_grid(sched, path, n, spacing, dtype)
     for i in _step_indices(n):
         t, t_prev = ts[i], ts[i + 1]
         if t_prev == -1 and t > 0 and variance == "fixed_large":
