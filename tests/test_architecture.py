@@ -107,6 +107,32 @@ def private_imports(known: dict[str, Path]) -> list[str]:
     return bad
 
 
+CORE = {"difflo.schedules", "difflo.diffusion", "difflo.flow", "difflo.paths", "difflo.guidance", "difflo.samplers",
+        "difflo.editing", "difflo.nn", "difflo.errors", "difflo.io", "difflo.images"}
+STUDIES = {"difflo.experiments", "difflo.study"}
+FRONT_ENDS = {"difflo.cli", "difflo.serve", "difflo.__main__"}
+LAYERS = ("numerical core", "library", "studies", "front ends")
+
+
+def layer(module: str) -> int:
+    """0 core, 1 library (everything else), 2 studies, 3 front ends; a package's modules share its layer."""
+    for i, group in ((0, CORE), (2, STUDIES), (3, FRONT_ENDS)):
+        if any(module == g or module.startswith(g + ".") for g in group):
+            return i
+    return 1
+
+
+def test_layers_import_only_upwards():
+    """A module imports from its own layer and the ones above it (docs/decisions.md); the web server
+    never imports the CLI (front ends call the library, not each other)."""
+    edges = graph(modules())
+    bad = [f"{m} ({LAYERS[layer(m)]}) imports {n} ({LAYERS[layer(n)]})"
+           for m, ns in edges.items() for n in ns if layer(n) > layer(m)]
+    bad += [f"{m} imports {n}" for m, ns in edges.items() for n in ns
+            if m.startswith("difflo.serve") and n.startswith("difflo.cli")]
+    assert bad == []
+
+
 def test_no_import_cycles():
     cycle = find_cycle(graph(modules()))
     assert cycle is None, " -> ".join(cycle)

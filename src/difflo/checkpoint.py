@@ -34,15 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from . import __version__
-from . import io
 from .errors import CheckpointError
 
 FORMAT = "difflo"
 FORMAT_VERSION = 1
 WEIGHTS = ("model.safetensors", "ema.safetensors")
-
-# Deprecated alias: train.py still calls checkpoint.write_text_atomic; new code imports difflo.io.
-write_text_atomic = io.write_text_atomic
 
 
 def sha256_file(path: str | Path) -> str:
