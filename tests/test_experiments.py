@@ -13,7 +13,7 @@ from difflo import config as config_mod
 from difflo.data import first_per_class, load
 from difflo.errors import DiffloError
 from difflo.experiments import common, failure
-from difflo.experiments.cli import EXPERIMENTS, combine
+from difflo.cli.experiment import EXPERIMENTS, combine
 
 
 @pytest.fixture(scope="module")

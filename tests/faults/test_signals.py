@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from difflo.diffusion import DiscreteSchedule
 from difflo import checkpoint, faults
-from difflo import train as train_mod
+from difflo.cli import demo as demo_cli
 from conftest import TINY, run_cli
 import forkserver
 from forkserver import alive, done_steps, wait_for
@@ -20,16 +21,16 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "po
 
 def signal_at_step(monkeypatch, k: int, signum: int) -> None:
     """The process sends itself `signum` while computing step k (0-based)."""
-    real = train_mod.objective_loss
+    real = DiscreteSchedule.training_loss              # the tiny config's path (difflo.paths)
     calls = []
 
-    def loss(*a, **kw):
+    def loss(self, *a, **kw):
         calls.append(1)
         if len(calls) == k + 1:
             os.kill(os.getpid(), signum)
-        return real(*a, **kw)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(train_mod, "objective_loss", loss)
+    monkeypatch.setattr(DiscreteSchedule, "training_loss", loss)
 
 
 def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capfd, monkeypatch):
@@ -58,7 +59,7 @@ def test_demo_prints_its_own_resume_command(tmp_path, capfd, monkeypatch):
         assert faults.stop_requested()
         return None
 
-    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(demo_cli, "train", fake_train)
     code, out, err = run_cli(capfd, "demo", "--out", tmp_path / "demo", "--minutes", "0.5")
     assert code == 143
     assert f"resume with: difflo demo --out {tmp_path / 'demo'} --minutes 0.5 --resume" in err

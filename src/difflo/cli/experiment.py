@@ -1,9 +1,173 @@
-"""``difflo experiment`` (TEMPORARY forwarder; the parser moves here)."""
+"""``difflo experiment NAME``: each classic comparison as one command that trains (or reuses) the
+models it needs, measures, and writes ``DIR/report.md`` with its tables, figures and raw numbers.
+
+``difflo experiment all --out DIR`` runs every experiment into ``DIR/<name>/`` and combines the
+reports into one (``--report``, default ``DIR/report.md``); ``difflo experiment report DIR... --out
+FILE`` combines existing ones again. Bad values raise ``DiffloError`` (one line, exit 2).
+"""
 from __future__ import annotations
 
-from ..experiments.cli import add_parser as register, run
+import argparse
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from ..errors import DiffloError
+from ..io import write_text_atomic
+from ..experiments import ema, failure, guidance, schedules, steps
+from ..experiments.common import Options
+from ..schedules import SCHEDULES
+from .argtypes import positive_int, seed
+
+EXPERIMENTS = {"schedules": "linear vs cosine vs sigmoid: curves, forward process, the same model trained with each",
+               "ema": "raw vs EMA weights at several decays, evaluated along training",
+               "steps": "DDPM, DDIM (eta 0/1), DPM-Solver++ and flow Euler/Heun: quality vs NFE and wall time",
+               "guidance": "CFG scale w: class accuracy vs diversity, a grid per w",
+               "failure-modes": "too few steps, w too high, no EMA early, tiny data per class"}
+DEFAULTS = Options(out=Path("."))
 
 
-def add_parser(sub) -> None:
-    register(sub)
-    sub.choices["experiment"].set_defaults(func=run)
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        v = tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0,1,3, got {s!r}") from None
+    if not v or not all(math.isfinite(x) and x >= 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0 like 0,1,3, got {s!r}")
+    return v
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    v = _floats(s)
+    if any(x != int(x) or x < 1 for x in v):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 10,20,50, got {s!r}")
+    return tuple(int(x) for x in v)
+
+
+def add_parser(sub):
+    p = sub.add_parser("experiment", help="experiments that train, measure and write a report",
+                       description="Each experiment trains (or reuses, from --runs) the models it needs, samples "
+                                   "them with fixed seeds, scores the samples (Frechet distance in the data set "
+                                   "classifier's features, or Inception FID with --set eval.features=inception; "
+                                   "class accuracy) and writes DIR/report.md, results.json and one CSV per table. "
+                                   "Experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()) + ".")
+    p.add_argument("name", choices=[*EXPERIMENTS, "all", "report"], metavar="NAME",
+                   help=f"{', '.join(EXPERIMENTS)}, all (every experiment into DIR/<name>), or report "
+                        f"(combine existing experiment folders)")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="report: the experiment folders to combine")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (report: the combined markdown file)")
+    p.add_argument("--report", metavar="FILE", help="all: where the combined report goes (default DIR/report.md)")
+    p.add_argument("--config", metavar="YAML", help="the base config (default: difflo's defaults, the mnist10k "
+                                                    "demo model)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. model.channels=16 (repeatable)")
+    p.add_argument("--runs", metavar="DIR", help="cache of trained models, shared by experiments "
+                                                 "(default runs/experiment-models)")
+    p.add_argument("--train-steps", type=positive_int, default=DEFAULTS.train_steps,
+                   help=f"training steps of every model trained (default {DEFAULTS.train_steps})")
+    p.add_argument("--snapshots", type=positive_int, default=DEFAULTS.snapshots,
+                   help=f"checkpoints kept along each training run, for the EMA curves (default {DEFAULTS.snapshots})")
+    p.add_argument("--n", type=positive_int, default=DEFAULTS.n,
+                   help=f"samples per measured setting, class-balanced (default {DEFAULTS.n})")
+    p.add_argument("--eval-steps", type=positive_int, default=DEFAULTS.eval_steps,
+                   help=f"sampler steps where steps are not varied (default {DEFAULTS.eval_steps})")
+    p.add_argument("--seed", type=seed, default=0, help="sample i uses seed + i (default 0)")
+    p.add_argument("--device", default="auto")
+    g = p.add_argument_group("experiment-specific lists (comma-separated)")
+    g.add_argument("--ws", type=_floats, help="guidance: the scales (default 0,1,2,3,5,7)")
+    g.add_argument("--ddim-steps", type=_ints, help="steps: DDIM step counts (default 10,20,50,100,200)")
+    g.add_argument("--dpmpp-steps", type=_ints, help="steps: DPM-Solver++ step counts (default 10,15,20)")
+    g.add_argument("--ddpm-steps", type=positive_int, help="steps: DDPM steps (default: the model's T)")
+    g.add_argument("--no-flow", action="store_true", help="steps: skip the flow model (Euler/Heun)")
+    g.add_argument("--schedules", help="schedules: which (default linear,cosine,sigmoid)")
+    g.add_argument("--per-class", type=_ints, help="failure-modes: images per class of the tiny-data models "
+                                                   "(default 1,10)")
+    g.add_argument("--few-steps", type=_ints, help="failure-modes: the too-few step counts (default 1,2,3,5)")
+    g.add_argument("--high-ws", type=_floats, help="failure-modes: the guidance scales (default 3,10,20,40)")
+    p.set_defaults(func=run)
+    return p
+
+
+def options(args, out: Path) -> Options:
+    extra = {k: v for k, v in {"ws": args.ws, "ddim_steps": args.ddim_steps, "dpmpp_steps": args.dpmpp_steps,
+                               "ddpm_steps": args.ddpm_steps, "no_flow": args.no_flow or None,
+                               "tiny_k": args.per_class, "few_steps": args.few_steps, "high_ws": args.high_ws,
+                               "schedules": _schedules(args.schedules)}.items() if v is not None}
+    return Options(out=out, config=args.config, overrides=tuple(args.overrides),
+                   runs=Path(args.runs) if args.runs else DEFAULTS.runs, train_steps=args.train_steps,
+                   snapshots=args.snapshots, n=args.n, eval_steps=args.eval_steps, seed=args.seed,
+                   device=args.device, progress=os.isatty(2), extra=extra)
+
+
+def _schedules(s: str | None):
+    if s is None:
+        return None
+    names = tuple(x.strip() for x in s.split(",") if x.strip())
+    bad = [x for x in names if x not in SCHEDULES]
+    if bad or not names:
+        raise DiffloError(f"--schedules {s!r}: choose from {', '.join(SCHEDULES)}")
+    return names
+
+
+def run_one(name: str, opts: Options) -> Path:
+    module = {"schedules": schedules, "ema": ema, "steps": steps, "guidance": guidance, "failure-modes": failure}
+    return module[name].run(opts)
+
+
+def run(args) -> int:
+    if args.n < 2:
+        raise DiffloError("--n must be >= 2 (a Frechet distance needs a covariance)")
+    if args.name == "report":
+        if not args.dirs:
+            raise DiffloError("experiment report: name the experiment folders to combine, e.g. "
+                              "`difflo experiment report out/schedules out/ema --out report.md`")
+        path = combine([Path(d) for d in args.dirs], Path(args.out))
+        print(f"wrote {path}")
+        return 0
+    if args.dirs:
+        raise DiffloError(f"unexpected arguments {' '.join(args.dirs)}: folders are only for `experiment report`")
+    out = Path(args.out)
+    if args.name == "all":
+        t0 = time.time()
+        done = [run_one(name, options(args, out / name)).parent for name in EXPERIMENTS]
+        path = combine(done, Path(args.report) if args.report else out / "report.md")
+        print(f"wrote {path} ({(time.time() - t0) / 60:.1f} min)")
+        return 0
+    path = run_one(args.name, options(args, out))
+    print(f"wrote {path}")
+    return 0
+
+
+def combine(dirs: list[Path], out: Path) -> Path:
+    """One markdown file from experiment folders: headings one level down, figure links rewritten
+    relative to ``out``'s folder."""
+    parts, toc = [], []
+    for d in dirs:
+        md = d / "report.md"
+        if not md.is_file():
+            raise DiffloError(f"{md} not found: run `difflo experiment NAME --out {d}` first")
+        text = md.read_text()
+        rel = Path(os.path.relpath(d.resolve(), out.resolve().parent))
+        text = re.sub(r"\]\((?!https?:)([^)]+)\)", lambda m: f"]({(rel / m.group(1)).as_posix()})", text)
+        text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+        title = text.splitlines()[0].lstrip("# ").strip()
+        toc.append(f"- [{title}](#{_anchor(title)})")
+        parts.append(text)
+    header = ("# difflo experiments: report\n\nEach section below is written by `difflo experiment NAME` "
+              "(tables and figures from its own run; raw numbers beside each section's figures in results.json and "
+              "CSV files). Regenerate with the commands in the README.\n\n" + "\n".join(toc) + "\n")
+    if out.is_dir():
+        raise DiffloError(f"--out {out} is a folder; give the markdown file to write, e.g. {out / 'report.md'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, header + "\n" + "\n".join(parts))
+    except OSError as e:
+        raise DiffloError(f"cannot write {out}: {e.strerror}; choose another --out") from None
+    return out
+
+
+def _anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-")

@@ -1,1 +1,1 @@
-"""difflo experiment: schedules, ema, steps, guidance, failure-modes (see cli.py)."""
+"""difflo experiment: schedules, ema, steps, guidance, failure-modes (the command line: difflo.cli.experiment)."""
