@@ -1,3 +1,7 @@
+import contextlib
+import io
+import re
+
 import pytest
 import torch
 
@@ -9,21 +13,35 @@ TINY = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=
         "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2"]
 
 
-def run_cli(capture, *argv) -> tuple[int, str, str]:
-    """Run `difflo ARGV` in-process; (exit code, stdout, stderr) read from a capsys/capfd fixture."""
+ERROR_LINE = re.compile(r"^difflo( [\w-]+)*: error: \S")
+
+
+def run_cli(*argv, capture=None) -> tuple[int, str, str]:
+    """Run `difflo ARGV` in-process: (exit code, stdout, stderr); argparse's SystemExit is a code.
+    ``capture``: a capfd fixture, for output written to the file descriptors (signal handlers)."""
     from difflo.cli import main
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capture.readouterr()
-    return code, out, err
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as redirect:
+        if capture is None:
+            redirect.enter_context(contextlib.redirect_stdout(out))
+            redirect.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    if capture is not None:
+        return (code, *capture.readouterr())
+    return code, out.getvalue(), err.getvalue()
 
 
-def one_error_line(err: str) -> str:
-    """The single `difflo: error: ...` line of err (and no traceback)."""
+def assert_clean_error(code, err: str, *needles: str) -> str:
+    """The contract of every bad input: exit code 2, exactly one line on stderr of the form
+    `difflo[ COMMAND]: error: ...`, no traceback, containing every needle; returns the line."""
+    assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("difflo: error: ") and "Traceback" not in err, err
+    assert code == 2 and len(lines) == 1 and ERROR_LINE.match(lines[0]), (code, err)
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
     return lines[0]
 
 

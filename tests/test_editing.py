@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import assert_clean_error, run_cli
 from difflo import edit, editing
 from difflo.cli import main
 from difflo.errors import DiffloError
@@ -155,9 +156,8 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys):
                "--out", str(tmp_path / "o")], "out of range")]
     for argv, msg in cases:
         full = argv if "--ckpt" in argv else argv + base
-        assert main(["edit"] + full) == 2
-        err = capsys.readouterr().err
-        assert msg in err and err.count("\n") == 1
+        code, _, err = run_cli("edit", *full)
+        assert_clean_error(code, err, msg)
 
 
 def test_cli_writes_figure_and_raw(tiny_run, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_error_line, run_cli, tiny_config
+from conftest import assert_clean_error, run_cli, tiny_config
 from difflo import data
 from difflo.errors import DiffloError
 from difflo.eval import evaluate, fid
@@ -93,8 +93,8 @@ def test_classifier_cache_honours_xdg_cache_home(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     expected = tmp_path / "xdg" / "difflo" / "classifiers" / "mnist10k.safetensors"
     assert default_classifier_path("mnist10k") == expected
-    code, _, err = run_cli(capsys, "eval", "accuracy", "--samples", tmp_path / "none.npz", "--data", "mnist10k")
-    assert code != 0 and str(expected) in one_error_line(err)      # looked for under $XDG_CACHE_HOME
+    code, _, err = run_cli("eval", "accuracy", "--samples", tmp_path / "none.npz", "--data", "mnist10k")
+    assert code != 0 and str(expected) in assert_clean_error(code, err)      # looked for under $XDG_CACHE_HOME
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_classifier_path("x") == tmp_path / "home" / ".cache" / "difflo" / "classifiers" / "x.safetensors"
@@ -126,12 +126,12 @@ def test_balanced_labels():
 
 def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, capsys):
     ref = tmp_path / "ref.npz"
-    code, out, err = run_cli(capsys, "eval", "fid-ref", "--data", "mnist10k", "--n", "60", "--features", "classifier",
+    code, out, err = run_cli("eval", "fid-ref", "--data", "mnist10k", "--n", "60", "--features", "classifier",
                              "--classifier", clf_file, "--out", ref)
     assert code == 0, err
     assert "60 images of mnist10k/test" in out
     res_json, samples = tmp_path / "res.json", tmp_path / "s.npz"
-    code, out, err = run_cli(capsys, "eval", "model", "--ckpt", tiny_run, "--n", "20", "--steps", "2", "--ref", ref,
+    code, out, err = run_cli("eval", "model", "--ckpt", tiny_run, "--n", "20", "--steps", "2", "--ref", ref,
                              "--classifier", clf_file, "--save-samples", samples, "--json", res_json)
     assert code == 0, err
     assert "not FID" in out and "N=20" in out and "class accuracy" in out
@@ -141,10 +141,10 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
     assert len(res["per_class"]) == 10
     assert res["classifier"] == clf_file.name and len(res["classifier_sha256"]) == 64
     # The same samples scored from the file give the same numbers.
-    code, out, err = run_cli(capsys, "eval", "fid", "--samples", str(samples), "--ref", str(ref))
+    code, out, err = run_cli("eval", "fid", "--samples", str(samples), "--ref", str(ref))
     assert code == 0, err
     assert f"{res['fd_classifier']:.2f}" in out
-    code, out, err = run_cli(capsys, "eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file))
+    code, out, err = run_cli("eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file))
     assert code == 0, err
     assert f"{res['class_accuracy']:.4f}" in out
 
@@ -162,9 +162,9 @@ def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
         (["eval", "model", "--ckpt", str(tiny_run), "--no-accuracy"], "nothing to measure"),
     ]
     for argv, msg in cases:
-        code, out, err = run_cli(capsys, *argv)
+        code, out, err = run_cli(*argv)
         assert code == 2, argv
-        assert msg in one_error_line(err), (argv, err)
+        assert msg in assert_clean_error(code, err), (argv, err)
 
 
 def test_unlabelled_samples_have_no_accuracy(tmp_path, clf_file):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, one_error_line, run_cli
+from conftest import TINY, assert_clean_error, run_cli
 from difflo import config as config_mod
 from difflo.data import first_per_class, load
 from difflo.errors import DiffloError
@@ -83,7 +83,7 @@ def test_models_are_trained_once_and_reused(all_out, clf, capsys):
     assert runs == ["flow", "per-class-1", "schedule-cosine", "schedule-linear", "schedule-sigmoid"]
     base = next((all_out / "runs").glob("schedule-cosine-*"))
     before = (base / "metrics.csv").stat().st_mtime_ns
-    code, out, err = run_cli(capsys, "experiment", "guidance", "--out", all_out / "again", *tiny_args(clf, all_out / "runs"),
+    code, out, err = run_cli("experiment", "guidance", "--out", all_out / "again", *tiny_args(clf, all_out / "runs"),
                              "--ws", "0,3")
     assert code == 0 and (base / "metrics.csv").stat().st_mtime_ns == before
     again = json.loads((all_out / "again" / "results.json").read_text())["tables"]["guidance"]
@@ -163,8 +163,8 @@ def test_first_per_class_keeps_k_of_each_class_in_order():
     (["experiment", "guidance", "--out", "{tmp}", "--set", "train.lr=-1", "--runs", "{tmp}/runs"], "train.lr"),
 ])
 def test_bad_experiment_input_is_one_line(argv, match, tmp_path, capsys):
-    code, _, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    code, _, err = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2
     assert match in err and "Traceback" not in err
     if "--ws" not in argv and "--ddim-steps" not in argv:
-        one_error_line(err)
+        assert_clean_error(code, err)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from difflo import cli
+from conftest import assert_clean_error, run_cli
 from difflo.model import load_model
 from difflo.paths import samplers_for
 from difflo.sample import generate, settings_for
@@ -97,9 +98,8 @@ def test_binds_localhost_by_default():
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert cli.main(["serve", "--ckpt", str(tmp_path / "missing")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("difflo: error: checkpoint") and err.count("\n") == 1
+    code, _, err = run_cli("serve", "--ckpt", tmp_path / "missing")
+    assert assert_clean_error(code, err).startswith("difflo: error: checkpoint")
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--ckpt", "x", "--port", "70000"])
     assert e.value.code == 2

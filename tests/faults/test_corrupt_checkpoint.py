@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from difflo import checkpoint
 from difflo.errors import CheckpointError
 from difflo.train import train
-from conftest import TINY, tiny_config, run_cli, one_error_line
+from conftest import TINY, tiny_config, run_cli, assert_clean_error
 
 ARGS = ("train.steps=6", "train.ckpt_every=2", "train.keep_checkpoints=3")
 
@@ -71,9 +71,9 @@ def test_no_intact_checkpoint_is_a_one_line_error(runs, tmp_path, capsys):
     shutil.copytree(runs / "four", run)
     for c in checkpoint.list_checkpoints(run):
         flip(c / "model.safetensors")
-    code, out, err = run_cli(capsys, "train", *TINY, *ARGS, "--out", run, "--resume")
+    code, out, err = run_cli("train", *TINY, *ARGS, "--out", run, "--resume")
     assert code == 2
-    line = one_error_line(err)
+    line = assert_clean_error(code, err)
     assert "no intact checkpoint to resume from" in line and "step_0000002/model.safetensors" in line
     assert "falling back" in out                       # each corrupt one was reported on the way
 
@@ -86,13 +86,13 @@ def test_sample_names_the_corrupt_file(runs, tmp_path, capsys, damage):
     damage(bad)
     out = tmp_path / "g.png"
     for ckpt in (run, bad.parent, bad):
-        code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--grid", "1", "--steps", "2", "--out", out)
+        code, _, err = run_cli("sample", "--ckpt", ckpt, "--grid", "1", "--steps", "2", "--out", out)
         assert code == 2
-        assert str(bad) in one_error_line(err) and "corrupt" in err
+        assert str(bad) in assert_clean_error(code, err) and "corrupt" in err
     assert not out.exists()
-    code, _, err = run_cli(capsys, "sample", "--ckpt", bad, "--no-ema", "--grid", "1", "--steps", "2", "--out", out)
+    code, _, err = run_cli("sample", "--ckpt", bad, "--no-ema", "--grid", "1", "--steps", "2", "--out", out)
     assert code == 2 and str(bad) in err                # a file given by name is the file used
-    code, _, err = run_cli(capsys, "sample", "--ckpt", run / "checkpoints" / "step_0000002", "--grid", "1",
+    code, _, err = run_cli("sample", "--ckpt", run / "checkpoints" / "step_0000002", "--grid", "1",
                            "--steps", "2", "--out", out)
     assert code == 0, err                               # the earlier checkpoint still samples
 
@@ -102,8 +102,8 @@ def test_a_bare_weights_file_without_manifest(runs, tmp_path, capsys):
     bare = tmp_path / "ema.safetensors"
     shutil.copy(runs / "four" / "checkpoints" / "step_0000004" / "ema.safetensors", bare)
     truncate(bare)
-    code, _, err = run_cli(capsys, "sample", "--ckpt", bare, "--out", tmp_path / "g.png")
-    assert code == 2 and "not a readable safetensors weights file" in one_error_line(err) and str(bare) in err
+    code, _, err = run_cli("sample", "--ckpt", bare, "--out", tmp_path / "g.png")
+    assert code == 2 and "not a readable safetensors weights file" in assert_clean_error(code, err) and str(bare) in err
 
 
 def test_manifest_without_checksums(runs, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from difflo import checkpoint
 from difflo import faults
 from difflo import train as train_mod
-from conftest import TINY, run_cli, one_error_line
+from conftest import TINY, run_cli, assert_clean_error
 
 ARGS = [*TINY, "train.steps=4", "train.ckpt_every=2"]
 
@@ -23,9 +23,9 @@ def enospc(path=None):
 def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(faults.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 200_000, 200_000))
-    code, out, err = run_cli(capsys, "train", *ARGS, "--out", tmp_path / "run")
+    code, out, err = run_cli("train", *ARGS, "--out", tmp_path / "run")
     assert code == 2
-    line = one_error_line(err)
+    line = assert_clean_error(code, err)
     assert "not enough free disk space" in line and "0.2 MB free" in line and "--out" in line
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.csv").exists()
 
@@ -63,16 +63,16 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, capsys, monkeypatch, writ
 
         monkeypatch.setattr(checkpoint.torch, "save", failing)
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", *ARGS, "--out", run)
+    code, out, err = run_cli("train", *ARGS, "--out", run)
     assert code == 2
-    line = one_error_line(err)
+    line = assert_clean_error(code, err)
     assert f"could not write checkpoint {run / 'checkpoints' / 'step_0000004'}" in line
     assert f"the previous checkpoint {run / 'checkpoints' / 'step_0000002'} is intact" in line
     assert "--resume" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]    # no .tmp-*
     checkpoint.verify(run / "checkpoints" / "step_0000002")
     monkeypatch.undo()
-    code, out, err = run_cli(capsys, "train", *ARGS, "--out", run, "--resume")          # space freed: resume
+    code, out, err = run_cli("train", *ARGS, "--out", run, "--resume")          # space freed: resume
     assert code == 0 and "from step 2" in out
 
 
@@ -85,9 +85,9 @@ def test_disk_full_while_logging_metrics(tmp_path, capsys, monkeypatch):
         return real_open(file, mode, *a, **kw)
 
     monkeypatch.setattr(train_mod, "open", full_open, raising=False)
-    code, out, err = run_cli(capsys, "train", *ARGS, "--out", tmp_path / "run")
+    code, out, err = run_cli("train", *ARGS, "--out", tmp_path / "run")
     assert code == 2
-    line = one_error_line(err)
+    line = assert_clean_error(code, err)
     assert "No space left on device" in line and "metrics.csv" in line and "--resume" in line
 
 
@@ -97,14 +97,14 @@ def test_read_only_run_directory(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        code, _, err = run_cli(capsys, "train", *ARGS, "--out", ro / "run")
+        code, _, err = run_cli("train", *ARGS, "--out", ro / "run")
     finally:
         ro.chmod(0o700)
-    assert code == 2 and "cannot write to run directory" in one_error_line(err)
+    assert code == 2 and "cannot write to run directory" in assert_clean_error(code, err)
 
 
 def test_run_directory_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, _, err = run_cli(capsys, "train", *ARGS, "--out", blocker / "run")
-    assert code == 2 and "cannot write to run directory" in one_error_line(err)
+    code, _, err = run_cli("train", *ARGS, "--out", blocker / "run")
+    assert code == 2 and "cannot write to run directory" in assert_clean_error(code, err)

@@ -38,7 +38,7 @@ def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capf
     args = [*TINY, "train.steps=8", "train.ckpt_every=4"]
     signal_at_step(monkeypatch, 2, signal.SIGINT)
     before = signal.getsignal(signal.SIGINT)
-    code, out, err = run_cli(capfd, "train", *args, "--out", run)
+    code, out, err = run_cli("train", *args, "--out", run, capture=capfd)
     assert code == 130
     assert signal.getsignal(signal.SIGINT) is before                  # the handler is only there while training
     assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000003"]    # the step in flight finished
@@ -47,7 +47,7 @@ def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capf
     command = err.split("resume with: ")[1].strip()
     assert command == shlex.join(["difflo", "train", *args, "--out", str(run), "--resume"])
     monkeypatch.undo()
-    code, out, err = run_cli(capfd, *shlex.split(command)[1:])         # the printed command works as given
+    code, out, err = run_cli(*shlex.split(command)[1:])         # the printed command works as given
     assert code == 0, err
     assert "resuming" in out and "from step 3" in out
     assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000004", "step_0000008"]
@@ -60,7 +60,7 @@ def test_demo_prints_its_own_resume_command(tmp_path, capfd, monkeypatch):
         return None
 
     monkeypatch.setattr(demo_cli, "train", fake_train)
-    code, out, err = run_cli(capfd, "demo", "--out", tmp_path / "demo", "--minutes", "0.5")
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--minutes", "0.5")
     assert code == 143
     assert f"resume with: difflo demo --out {tmp_path / 'demo'} --minutes 0.5 --resume" in err
     assert "no checkpoint was written yet" in err
