@@ -94,10 +94,10 @@ class Trainer:
             import copy
 
             from difflo.diffusion import DiscreteSchedule
-            from difflo.train import _ema_update
+            from difflo.train import ema_update
             self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4, foreach=True)   # as difflo.train
             self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-            self.ema_update = _ema_update
+            self.ema_update = ema_update
             self.sched = DiscreteSchedule.from_name("linear", 1000)
         else:
             from diffusers import DDPMScheduler

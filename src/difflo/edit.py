@@ -23,7 +23,7 @@ from .errors import DiffloError
 from .images import grid_image, save_image, to_uint8
 from .io import atomic_path
 from .model import Model, make_denoiser
-from .sample import SampleSettings, generate
+from .sample import SampleSettings, check_sampler, check_steps, generate
 from .samplers import SeededNoise
 
 TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid")
@@ -46,9 +46,7 @@ class EditOptions:
     clip_x0: bool = True
 
     def check(self, model: Model) -> "EditOptions":
-        if self.sampler not in model.path.samplers:
-            raise DiffloError(f"sampler {self.sampler!r} does not fit this {model.objective} model; choose one of "
-                              f"{', '.join(model.path.samplers)}")
+        check_sampler(self.sampler, model)
         return self
 
 
@@ -106,9 +104,7 @@ def time_grid(model: Model, steps: int | None = None, stride: int | None = None)
         if stride < 1:
             raise DiffloError(f"--stride must be >= 1, got {stride}")
         return path.strided_times(stride)
-    if path.max_steps is not None and steps > path.max_steps:
-        raise DiffloError(f"--steps {steps} exceeds the model's {path.max_steps} training timesteps")
-    return path.sampling_times(steps)
+    return path.sampling_times(check_steps(steps, model))
 
 
 def cli_times(model: Model, values: list[float]) -> list:

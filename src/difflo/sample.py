@@ -23,19 +23,32 @@ from .schedules import SPACINGS
 
 VARIANCES = ("fixed_small", "fixed_large")
 
-__all__ = ["SampleSettings", "settings_for", "check_settings", "sampler_options", "generate"]
+__all__ = ["SampleSettings", "settings_for", "check_settings", "check_sampler", "check_steps", "sampler_options",
+           "generate"]
+
+
+def check_sampler(sampler: str, model: Model) -> str:
+    """The sampler name, if it fits the model's path; else a one-line DiffloError listing those that do."""
+    if sampler not in model.path.samplers:
+        raise DiffloError(f"sampler {sampler!r} does not fit this {model.objective} model; choose one of "
+                          f"{', '.join(model.path.samplers)}")
+    return sampler
+
+
+def check_steps(steps: int, model: Model) -> int:
+    """1 <= steps <= the path's max_steps (a diffusion model's T)."""
+    if steps < 1:
+        raise DiffloError(f"--steps must be >= 1, got {steps}")
+    if model.path.max_steps is not None and steps > model.path.max_steps:
+        raise DiffloError(f"--steps {steps} exceeds the model's {model.path.max_steps} training timesteps")
+    return steps
 
 
 def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
     """Raise a one-line DiffloError unless the settings fit the model; return them."""
     path = model.path
-    if s.sampler not in path.samplers:
-        raise DiffloError(f"sampler {s.sampler!r} does not fit this {model.objective} model; choose one of "
-                          f"{', '.join(path.samplers)}")
-    if s.steps < 1:
-        raise DiffloError(f"--steps must be >= 1, got {s.steps}")
-    if path.max_steps is not None and s.steps > path.max_steps:
-        raise DiffloError(f"--steps {s.steps} exceeds the model's {path.max_steps} training timesteps")
+    check_sampler(s.sampler, model)
+    check_steps(s.steps, model)
     if s.spacing not in SPACINGS:
         raise DiffloError(f"unknown spacing {s.spacing!r}; choose one of {', '.join(SPACINGS)}")
     try:
