@@ -12,6 +12,14 @@ from pathlib import Path
 from ..study.denoiser import PARTS, SIGMAS, StudyOptions, parse_parts, run_study
 
 DEFAULTS = StudyOptions(out=Path("."))
+NUMBERS = (("--hidden", "D", int, "UNet hidden width D"),
+           ("--epochs", "E", int, "epochs of the denoiser at --train-sigma"),
+           ("--batch-size", "B", int, "denoiser batch size"),
+           ("--lr", "LR", float, "denoiser Adam learning rate"),
+           ("--train-sigma", "SIGMA", float, "noise level the denoiser is trained at"),
+           ("--noise-epochs", "E2", int, "epochs of the pure-noise denoiser"),
+           ("--flow-steps", "N", int, "training steps of each flow-model run in the lr part"),
+           ("--seed", "S", int, "seed of everything"))
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -31,22 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "learning rate, AdamW). The defaults take a few minutes on 2 CPU cores.")
     d.add_argument("--out", metavar="DIR", required=True,
                    help="output folder for the figures, results.json and summary.md")
-    d.add_argument("--hidden", metavar="D", type=int, default=DEFAULTS.hidden,
-                   help=f"UNet hidden width D (default {DEFAULTS.hidden})")
-    d.add_argument("--epochs", metavar="E", type=int, default=DEFAULTS.epochs,
-                   help=f"epochs of the denoiser at --train-sigma (default {DEFAULTS.epochs})")
-    d.add_argument("--batch-size", metavar="B", type=int, default=DEFAULTS.batch_size,
-                   help=f"denoiser batch size (default {DEFAULTS.batch_size})")
-    d.add_argument("--lr", metavar="LR", type=float, default=DEFAULTS.lr,
-                   help=f"denoiser Adam learning rate (default {DEFAULTS.lr:g})")
-    d.add_argument("--train-sigma", metavar="SIGMA", type=float, default=DEFAULTS.train_sigma,
-                   help=f"noise level the denoiser is trained at (default {DEFAULTS.train_sigma:g})")
-    d.add_argument("--noise-epochs", metavar="E2", type=int, default=DEFAULTS.noise_epochs,
-                   help=f"epochs of the pure-noise denoiser (default {DEFAULTS.noise_epochs})")
-    d.add_argument("--flow-steps", metavar="N", type=int, default=DEFAULTS.flow_steps,
-                   help=f"training steps of each flow-model run in the lr part (default {DEFAULTS.flow_steps})")
-    d.add_argument("--seed", metavar="S", type=int, default=DEFAULTS.seed,
-                   help=f"seed of everything (default {DEFAULTS.seed})")
+    for flag, metavar, kind, help in NUMBERS:             # each defaults to StudyOptions' value
+        default = getattr(DEFAULTS, flag[2:].replace("-", "_"))
+        d.add_argument(flag, metavar=metavar, type=kind, default=default, help=f"{help} (default {default:g})")
     d.add_argument("--parts", metavar="LIST", default="all",
                    help=f"comma-separated subset of {','.join(PARTS)} (default all; ood needs train)")
     d.add_argument("--limit", metavar="N", type=int, default=DEFAULTS.limit,
