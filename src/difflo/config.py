@@ -30,7 +30,7 @@ class DataConfig:
     image_size: int | None = None      # resize + center-crop to this size (None: the data set's own)
     flip: bool = False                 # random horizontal flips (not for digits)
     attribute: str | None = None       # CelebA: condition on this attribute (None: unconditional)
-    cache_dir: str | None = None       # where decoded, resized arrays are cached (None: ~/.cache/difflo)
+    cache_dir: str | None = None       # where decoded, resized arrays are cached (None: $XDG_CACHE_HOME/difflo, else ~/.cache/difflo)
     per_class: int | None = None       # keep only the first k images of each class (tiny-data studies)
 
 
@@ -92,7 +92,7 @@ class EvalConfig:
     n: int = 500                       # samples per evaluation, class-balanced, seeds seed..seed+n-1
     steps: int = 25                    # sampler steps (sampler and w: the sample section's)
     features: str = "classifier"       # classifier: fd_classifier (fast) | inception: FID (~3 img/s on 2 CPU cores)
-    classifier: str | None = None      # None: ~/.cache/difflo/classifiers/<data>.safetensors, trained on first use
+    classifier: str | None = None      # None: $XDG_CACHE_HOME/difflo/classifiers/<data>.safetensors (else ~/.cache/...), trained on first use
     ref_split: str = "test"            # reference statistics: this split of the training data set
     ref_n: int | None = None           # reference images (None: the whole split)
     seed: int = 0
