@@ -112,18 +112,19 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
-        from . import diffusion, flow, samplers, schedules
-        from .paths import OBJECTIVES, samplers_for
+        from . import samplers, schedules
+        from .paths import OBJECTIVES, PATHS, samplers_for
 
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample
-        flow_obj = d.objective == "flow"
+        # The objective's path class says what it accepts (an unknown objective is reported below).
+        path = PATHS.get(d.objective, PATHS["diffusion"])
         fitting = samplers_for(d.objective) if d.objective in OBJECTIVES else tuple(samplers.SAMPLERS)
         choices = [("diffusion.objective", d.objective, OBJECTIVES),
                    ("diffusion.schedule", d.schedule, schedules.SCHEDULES),
-                   ("diffusion.prediction", d.prediction, ("u",) if flow_obj else ("eps", "x0", "v")),
-                   ("diffusion.loss_weighting", d.loss_weighting, ("none",) if flow_obj else diffusion.LOSS_WEIGHTINGS),
-                   ("diffusion.t_sampling", d.t_sampling, flow.T_SAMPLINGS if flow_obj else ("uniform",)),
+                   ("diffusion.prediction", d.prediction, path.predictions),
+                   ("diffusion.loss_weighting", d.loss_weighting, path.loss_weightings),
+                   ("diffusion.t_sampling", d.t_sampling, path.t_samplings),
                    ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
                    ("train.precision", t.precision, ("fp32", "bf16", "fp16")),
                    ("sample.sampler", s.sampler, fitting),
@@ -153,7 +154,7 @@ class Config:
                 problems.append(f"{key}={value} must be in [0, 1]")
         if d.logit_std <= 0:
             problems.append(f"diffusion.logit_std={d.logit_std} must be > 0")
-        if not flow_obj and s.steps > d.timesteps:
+        if path.max_steps_for(d) is not None and s.steps > path.max_steps_for(d):
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             problems.append(f"train.max_minutes={t.max_minutes} must be > 0")

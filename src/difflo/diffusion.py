@@ -36,6 +36,18 @@ class DiscreteSchedule:
     t_clean = -1                  # the time of the clean data, where every sampler ends
     variance_preserving = True    # alpha^2 + sigma^2 = 1: DDPM's posterior applies
     continuous = False            # no d alpha/dt: Euler/Heun in t do not apply
+    predictions = ("eps", "x0", "v")              # what the network may be trained to predict
+    loss_weightings = LOSS_WEIGHTINGS
+    t_samplings = ("uniform",)                    # training times: t ~ U{0..T-1}
+
+    @classmethod
+    def from_config(cls, d) -> "DiscreteSchedule":
+        """The schedule of a DiffusionConfig (``schedule``, ``timesteps``)."""
+        return cls.from_name(d.schedule, d.timesteps)
+
+    @staticmethod
+    def max_steps_for(d) -> int:
+        return d.timesteps
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":

@@ -35,6 +35,17 @@ class FlowPath:
     continuous = True            # d alpha/dt, d sigma/dt exist: Euler and Heun apply
     max_steps = None             # any number of steps
     cli_scale = 1000             # command-line times are per mille: --t 500 is t = 0.5
+    predictions = ("u",)         # the velocity
+    loss_weightings = ("none",)
+    t_samplings = T_SAMPLINGS
+
+    @classmethod
+    def from_config(cls, d) -> "FlowPath":
+        return cls()
+
+    @staticmethod
+    def max_steps_for(d) -> None:
+        return None
 
     def alpha_sigma(self, t):
         if isinstance(t, (int, float)):

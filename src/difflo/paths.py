@@ -46,6 +46,14 @@ class Path(Protocol):
     @property
     def samplers(self) -> Sequence[str]: ...
     def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor: ...
+    # Class level, for validating a config without building the path:
+    predictions: tuple[str, ...]      # diffusion.prediction choices
+    loss_weightings: tuple[str, ...]  # diffusion.loss_weighting choices
+    t_samplings: tuple[str, ...]      # diffusion.t_sampling choices
+    @classmethod
+    def from_config(cls, d) -> "Path": ...
+    @staticmethod
+    def max_steps_for(d) -> int | None: ...
 
 
 PATHS = {"diffusion": DiscreteSchedule, "flow": FlowPath}      # diffusion.objective -> its path class
@@ -54,9 +62,7 @@ OBJECTIVES = tuple(PATHS)
 
 def make_path(d) -> Path:
     """The path of a DiffusionConfig: DDPM's discrete schedule, or the straight flow path."""
-    if d.objective == "flow":
-        return FlowPath()
-    return DiscreteSchedule.from_name(d.schedule, d.timesteps)
+    return PATHS[d.objective].from_config(d)
 
 
 def samplers_for(objective: str) -> tuple[str, ...]:
