@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from . import distributed, faults, precision
+from . import distributed, faults, memory, precision
 from .errors import DiffloError
 from .eval.periodic import PeriodicEval
 from .images import grid_image, plot_loss, save_image, to_uint8
@@ -134,6 +134,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     done and the raw network (e.g. to keep extra EMA copies, as ``difflo experiment`` does)."""
     run_dir = Path(run_dir)
     t = cfg.train
+    memory.tune_malloc()                              # large tensors stay in the heap (difflo.memory)
     ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
     device = ddp.device
     precision.check(t.precision, device)

@@ -15,7 +15,7 @@ import argparse
 import errno
 import sys
 
-from .. import __version__
+from .. import __version__, memory
 from ..errors import DiffloError
 from . import data, demo, edit, eval, experiment, sample, serve, study, train
 
@@ -47,6 +47,7 @@ def one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    memory.tune_malloc()                     # large tensors stay in the heap between ops (difflo.memory)
     try:
         return args.func(args)
     except DiffloError as e:
