@@ -2,11 +2,14 @@
 
 glibc serves allocations above its mmap threshold (dynamic, at most 32 MB) with a fresh ``mmap``
 and unmaps them on ``free``, so every page of every large activation faults again at every op:
-sampling the demo model with 500 images per network call spent half its wall time in the kernel
-(shared/README.md, measured). :func:`tune_malloc` sets, through ``mallopt``, what the environment
+sampling the demo model with 500 images per network call spent 0.62 s of system time per second of
+user time (benchmarks/malloc.txt). :func:`tune_malloc` sets, through ``mallopt``, what the environment
 variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` would: large
-blocks come from the heap and freed memory is kept for reuse. The peak footprint is unchanged
-(freed blocks are reused, not added), but the process does not shrink back between ops.
+``threshold`` (the default) fixes the mmap threshold at its largest, 32 MB (glibc's dynamic
+threshold starts at 128 kB), never trims the heap's top and pads it by 256 MB, so blocks up to
+32 MB are reused from the heap; ``heap`` also serves larger blocks from the heap (no mmap at all).
+The peak footprint is unchanged (freed blocks are reused, not added), but the process does not
+shrink back between ops.
 
 It runs once per process (the CLI, ``train`` and ``generate`` call it), only where the C library is
 glibc, and not when ``DIFFLO_MALLOC_TUNING=0`` (benchmarks compare with and without) or when the
@@ -26,7 +29,7 @@ SETTINGS = {                                   # benchmarks/malloc.py measures t
     "heap": ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 62), (M_TOP_PAD, 256 << 20)),
     "threshold": ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 62), (M_TOP_PAD, 256 << 20)),
 }
-DEFAULT = "heap"
+DEFAULT = "threshold"       # measured fastest (benchmarks/malloc.txt); blocks > 32 MB still go back to the OS
 
 _state: dict = {}
 
