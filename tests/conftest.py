@@ -10,7 +10,8 @@ from difflo import config as config_mod
 torch.set_num_threads(1)   # tiny models: one thread is as fast, and robust to a loaded machine
 
 TINY = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=[14]", "train.batch_size=8",
-        "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2"]
+        "train.log_every=1", "train.sample_every=0", "train.warmup_steps=2",
+        "train.precision=fp32", "sample.precision=fp32"]   # the same numbers on machines with and without bf16
 
 
 ERROR_LINE = re.compile(r"^difflo( [\w-]+)*: error: \S")

@@ -70,7 +70,8 @@ class TrainConfig:
     max_minutes: float | None = None   # stop (with a checkpoint) after this much wall time
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     compile: bool = False              # torch.compile the network (first steps are slow: compilation)
-    precision: str = "fp32"            # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler); CUDA only
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast; see difflo.precision): auto = bf16
+                                       # where the hardware has bf16 units (CUDA, AVX512-BF16/AMX CPUs), else fp32
 
 
 @dataclass
@@ -83,6 +84,7 @@ class SampleConfig:
     spacing: str = "trailing"          # leading | trailing | linspace
     clip_x0: bool = True
     variance: str = "fixed_small"      # DDPM only: fixed_small | fixed_large
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16: the network's autocast (difflo.precision)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
-        from . import samplers, schedules
+        from . import precision, samplers, schedules
         from .paths import OBJECTIVES, PATHS, samplers_for
 
         problems = list(self.model.validate())
@@ -126,7 +128,8 @@ class Config:
                    ("diffusion.loss_weighting", d.loss_weighting, path.loss_weightings),
                    ("diffusion.t_sampling", d.t_sampling, path.t_samplings),
                    ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
-                   ("train.precision", t.precision, ("fp32", "bf16", "fp16")),
+                   ("train.precision", t.precision, precision.PRECISIONS),
+                   ("sample.precision", s.precision, precision.PRECISIONS),
                    ("sample.sampler", s.sampler, fitting),
                    ("sample.spacing", s.spacing, schedules.SPACINGS),
                    ("sample.variance", s.variance, ("fixed_small", "fixed_large")),

@@ -39,15 +39,22 @@ def default_sampler(model: Model) -> str:
 
 @dataclass
 class EditOptions:
-    """What every technique shares: one try per seed, the sampler, guidance in each branch, clamping."""
+    """What every technique shares: one try per seed, the sampler, guidance in each branch, clamping,
+    the network's precision (difflo.precision)."""
     seeds: list[int]
     sampler: str
     w: float = 3.0
     clip_x0: bool = True
+    precision: str = "auto"
 
     def check(self, model: Model) -> "EditOptions":
         check_sampler(self.sampler, model)
+        model.precision(self.precision)
         return self
+
+    def denoiser(self, model: Model):
+        """The model as a guided (and clamped) denoiser at these options."""
+        return make_denoiser(model, self.w, self.clip_x0, model.precision(self.precision).dtype)
 
 
 @dataclass
@@ -115,10 +122,11 @@ def cli_times(model: Model, values: list[float]) -> list:
         raise DiffloError(str(e)) from None
 
 
-def sample_input(model: Model, c: int | None, seed: int, notes: list[str]) -> torch.Tensor:
+def sample_input(model: Model, c: int | None, seed: int, notes: list[str], precision: str = "auto") -> torch.Tensor:
     """A model sample of class c (DDIM 50, w 3) to edit when no image is given: (1, C, H, W)."""
     c = check_class(0 if c is None else c, model.num_classes)
-    x = generate(model, torch.tensor([c]), [seed + INPUT_SEED_OFFSET], SampleSettings(sampler="ddim", steps=50, w=3.0))
+    x = generate(model, torch.tensor([c]), [seed + INPUT_SEED_OFFSET],
+                 SampleSettings(sampler="ddim", steps=50, w=3.0, precision=precision))
     notes.append(f"input: a model sample of class {c} (seed {seed + INPUT_SEED_OFFSET})")
     return x
 
@@ -161,7 +169,7 @@ def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: i
                           f"(indices 0..{n - 1})")
     t = ts[i_start]
     c = check_class(c, model.num_classes)
-    den = make_denoiser(model, opts.w, opts.clip_x0)
+    den = opts.denoiser(model)
     noise = SeededNoise(opts.seeds, x0.shape[1:], x0.device)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x0.device)
@@ -192,7 +200,7 @@ def sdedit(model: Model, opts: EditOptions, x_in: torch.Tensor, c: int, stride: 
     if not levels or any(not 0 <= k <= n for k in levels):
         raise DiffloError(f"--levels must lie in 0..{n} (stride {stride} gives {n} timesteps); "
                           f"got {','.join(map(str, levels))}")
-    den = make_denoiser(model, opts.w, opts.clip_x0)
+    den = opts.denoiser(model)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x_in.device)
     outs = {k: editing.sdedit(den, x_in.expand(B, -1, -1, -1), y, ts, k, opts.seeds, opts.sampler) for k in levels}
@@ -211,7 +219,7 @@ def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor
     c = check_class(c, model.num_classes)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x.device)
-    out = editing.inpaint(make_denoiser(model, opts.w, opts.clip_x0), x.expand(B, -1, -1, -1), mask, y, ts,
+    out = editing.inpaint(opts.denoiser(model), x.expand(B, -1, -1, -1), mask, y, ts,
                           opts.seeds, opts.sampler, jump_length=jump_length, jump_n_sample=jump_n_sample)
     shown = x * (1 - mask) + mask * 0.0                      # the regenerated region shown grey
     grid = [[x[0], shown[0]] + [out[i] for i in range(B)]]
@@ -224,7 +232,7 @@ def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor
 def anagram(model: Model, opts: EditOptions, a: int, b: int, view: str, ts: list) -> EditResult:
     """An image that reads as class a upright and class b under ``view``."""
     A, B_ = check_class(a, model.num_classes, "--a"), check_class(b, model.num_classes, "--b")
-    den = editing.AnagramDenoiser(make_denoiser(model, opts.w, opts.clip_x0), ["identity", view])
+    den = editing.AnagramDenoiser(opts.denoiser(model), ["identity", view])
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
     out = editing.sample_plain(den, _labels(model, len(opts.seeds), A, B_), ts, opts.seeds, shape, opts.sampler)
     viewed = editing.apply_view(out, view)
@@ -238,7 +246,7 @@ def hybrid(model: Model, opts: EditOptions, low: int, high: int, kernel_size: in
            ts: list) -> EditResult:
     """Low frequencies from class ``low``, high frequencies from class ``high``."""
     lo, hi = check_class(low, model.num_classes, "--low"), check_class(high, model.num_classes, "--high")
-    den = editing.HybridDenoiser(make_denoiser(model, opts.w, opts.clip_x0), kernel_size, sigma)
+    den = editing.HybridDenoiser(opts.denoiser(model), kernel_size, sigma)
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
     out = editing.sample_plain(den, _labels(model, len(opts.seeds), lo, hi), ts, opts.seeds, shape, opts.sampler)
     low_img = den.lowpass(out)

@@ -16,15 +16,18 @@ from .diffusion import to_x0
 
 
 class ModelDenoiser:
-    """Wrap a network ``net(x, time, y) -> output`` trained with ``prediction`` on ``path``."""
+    """Wrap a network ``net(x, time, y) -> output`` trained with ``prediction`` on ``path``.
+    ``autocast``: run the network under ``torch.autocast`` to this dtype (e.g. bfloat16); the
+    output is converted back to float32 before anything else is computed."""
 
-    def __init__(self, net: torch.nn.Module, path, prediction: str):
-        self.net, self.path, self.prediction = net, path, prediction
+    def __init__(self, net: torch.nn.Module, path, prediction: str, autocast: torch.dtype | None = None):
+        self.net, self.path, self.prediction, self.autocast = net, path, prediction, autocast
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: int, y: torch.Tensor | None = None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device)
-        out = self.net(x, self.path.model_time(tt), y)
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.net(x, self.path.model_time(tt), y)
         alpha, sigma = self.path.alpha_sigma(t)
         return to_x0(out.float(), x.float(), alpha, sigma, self.prediction)
 

@@ -7,11 +7,12 @@ it into the one denoiser interface the samplers consume (x0 prediction, guided, 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from . import config as config_mod
+from . import config as config_mod, precision as precision_mod
 from .checkpoint import load_weights, resolve_weights, verify_file
 from .errors import CheckpointError, DiffloError
 from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
@@ -56,6 +57,23 @@ class Model:
     def num_classes(self) -> int:
         return self.cfg.model.num_classes
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def precision(self, asked: str) -> precision_mod.Precision:
+        """The precision that runs for ``asked`` on this model's device (a warning printed once to stderr)."""
+        return precision_mod.resolve(asked, self.device, log=_warn_once)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(message, file=sys.stderr)
+
 
 def build_net(cfg: config_mod.Config) -> UNet:
     try:
@@ -90,9 +108,10 @@ def load_model(path, ema: bool = True, device="cpu") -> Model:
     return Model(net.to(device).eval(), cfg)
 
 
-def make_denoiser(model: Model, w: float, clip_x0: bool = True):
-    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped."""
-    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction)
+def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None):
+    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped; the network
+    runs under autocast to ``autocast`` (None: float32; see difflo.precision)."""
+    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast)
     if model.num_classes > 0:
         den = CFGDenoiser(den, w, null_class=model.num_classes)
     return ClampDenoiser(den) if clip_x0 else den

@@ -19,6 +19,7 @@ from . import memory
 from .config import SampleConfig as SampleSettings
 from .errors import DiffloError
 from .model import Model, make_denoiser
+from .precision import PRECISIONS
 from .samplers import SAMPLERS, SeededNoise
 from .schedules import SPACINGS
 
@@ -58,6 +59,8 @@ def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
         raise DiffloError(str(e)) from None
     if s.variance not in VARIANCES:
         raise DiffloError(f"unknown DDPM variance {s.variance!r}; choose one of {', '.join(VARIANCES)}")
+    if s.precision not in PRECISIONS:
+        raise DiffloError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not (s.w >= 0 and s.eta >= 0):
         raise DiffloError(f"guidance w and eta must be >= 0, got w={s.w}, eta={s.eta}")
     return s
@@ -91,9 +94,9 @@ def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings
     n_cls = model.num_classes
     if n_cls and len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
         raise DiffloError(f"class index out of range: this model has classes 0..{n_cls - 1}")
-    device = next(model.net.parameters()).device
+    device = model.device
     c, size = model.cfg.model.in_channels, model.cfg.model.image_size
-    den = make_denoiser(model, s.w, s.clip_x0)
+    den = make_denoiser(model, s.w, s.clip_x0, model.precision(s.precision).dtype)
     ts = model.path.sampling_times(s.steps, s.spacing)
     sampler, options = SAMPLERS[s.sampler], sampler_options(s)
     seeds = [int(x) for x in seeds]

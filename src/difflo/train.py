@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import json
 import math
 import sys
 import time
@@ -95,6 +96,15 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- what the loop calls
+def environment(device: torch.device, prec: precision.Precision) -> dict:
+    """RUN/environment.json: where and how the last (re)start trained (the precision chosen and why)."""
+    flags = precision.cpu_flags() or set()
+    return {"precision": {"asked": prec.asked, "used": prec.used, "why": prec.why}, "device": str(device),
+            "cpu": precision.cpu_model(), "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": memory.tune_malloc(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def append_metrics(metrics_path: Path, row: list) -> None:
     with open(metrics_path, "a", newline="") as f:
         csv.writer(f).writerow(row)
@@ -137,7 +147,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     memory.tune_malloc()                              # large tensors stay in the heap (difflo.memory)
     ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
     device = ddp.device
-    precision.check(t.precision, device)
+    prec = precision.resolve(t.precision, device, log, "train.precision")   # auto: bf16 where the hardware has it
     rows = ddp.rows(t.batch_size)                     # this process's rows of the global batch
     if not ddp.main:                                  # logging, samples, checkpoints: rank 0 only
         log, progress = (lambda *a, **k: None), False
@@ -164,7 +174,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     model = ddp.wrap(net)                             # DistributedDataParallel when data-parallel
     if t.compile:
         model = precision.compile_net(model, device)
-    scaler = precision.grad_scaler(t.precision, device)
+    scaler = precision.grad_scaler(prec, device)
     faults.check_free_space(run_dir, n_params, t.keep_checkpoints)
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
@@ -187,6 +197,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     metrics_path = run_dir / "metrics.csv"
     if ddp.main:
         write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
+        write_text_atomic(run_dir / "environment.json", json.dumps(environment(device, prec), indent=1))
         _start_metrics(metrics_path, step)
 
     def checkpoint_now(step: int) -> None:                 # rank 0 writes; the others only keep count
@@ -203,7 +214,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
-        f"steps {step}..{t.steps}, run dir {run_dir}"
+        f"precision {prec}, steps {step}..{t.steps}, run dir {run_dir}"
         + (f", data-parallel over {ddp.world} processes ({ddp.backend}), {rows.stop - rows.start} of the "
            f"{t.batch_size} images per step each" if ddp.active else ""))
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -219,7 +230,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         torch.manual_seed((t.seed * 1_000_003 + step) * ddp.world + ddp.rank)   # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
-        with precision.autocast(t.precision, device):
+        with precision.autocast(prec, device):
             loss = path.training_loss(model, x0, y, cfg.diffusion, gen, rows)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -21,6 +21,7 @@ from ..errors import DiffloError
 from ..images import load_image, load_mask
 from ..io import check_out_file
 from ..model import Model, load_model, pick_device
+from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
 from .argtypes import int_list, nonneg_float, positive_int, seed
 
@@ -38,6 +39,8 @@ def add_parser(sub) -> None:
         p.add_argument("--seed", type=seed, default=0, help="try i uses seed + i (default 0)")
         p.add_argument("--n", type=positive_int, default=1, help="number of tries (default 1)")
         p.add_argument("--device", default="cpu")
+        p.add_argument("--precision", choices=list(PRECISIONS),
+                       help="the network's precision (default: the run's sample.precision, auto)")
         p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
         if classes:
             p.add_argument("--w", type=nonneg_float, default=3.0, help="CFG scale in each branch (default 3)")
@@ -106,7 +109,11 @@ def _image(model: Model, a, c, notes: list):
     device = next(model.net.parameters()).device
     if a.image:
         return load_image(a.image, model.cfg.model.in_channels, model.cfg.model.image_size, notes).to(device)
-    return edit.sample_input(model, c, a.seed, notes).to(device)
+    return edit.sample_input(model, c, a.seed, notes, _precision(model, a)).to(device)
+
+
+def _precision(model: Model, a) -> str:
+    return a.precision or model.cfg.sample.precision
 
 
 def run_technique(a, model: Model) -> edit.EditResult:
@@ -124,7 +131,8 @@ def run_technique(a, model: Model) -> edit.EditResult:
         if not ts:
             raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
         return edit.forward(model, _image(model, a, a.cls, notes), ts, seeds, notes)
-    opts = edit.EditOptions(seeds, a.sampler or edit.default_sampler(model), a.w, not a.no_clip).check(model)
+    opts = edit.EditOptions(seeds, a.sampler or edit.default_sampler(model), a.w, not a.no_clip,
+                            _precision(model, a)).check(model)
     if a.technique == "denoise":
         if a.w > 0 and a.cls is None and model.num_classes:
             raise DiffloError("--w > 0 conditions on a class: give --class")

@@ -13,6 +13,7 @@ from ..images import grid_image, save_gif, save_image, to_uint8
 from ..io import atomic_path, check_out_file
 from ..model import load_model, pick_device
 from ..sample import VARIANCES, SampleSettings, describe, generate, settings_for
+from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
 from ..schedules import SPACINGS
 from .argtypes import nonneg_float, positive_int, seed
@@ -30,6 +31,8 @@ def add_parser(sub) -> None:
     s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing")
     s.add_argument("--variance", choices=list(VARIANCES), help="DDPM variance")
     s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
+    s.add_argument("--precision", choices=list(PRECISIONS),
+                   help="the network's precision: auto = bf16 where the hardware has it (default: the run's)")
     n = s.add_mutually_exclusive_group()
     n.add_argument("--grid", type=positive_int, metavar="K", help="K images per class in a grid (default 8)")
     n.add_argument("--n", type=positive_int, help="N images in total (for .npz sample sets)")
@@ -90,7 +93,8 @@ def run(args) -> int:
         from ..precision import compile_net
         model.net = compile_net(model.net, device)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, eta=args.eta, w=args.w,
-                            spacing=args.spacing, variance=args.variance, clip_x0=False if args.no_clip else None)
+                            spacing=args.spacing, variance=args.variance, clip_x0=False if args.no_clip else None,
+                            precision=args.precision)
     classes = parse_classes(args.classes, model.num_classes)
     if args.n:
         labels = torch.tensor(classes).repeat(-(-args.n // len(classes)))[:args.n]
@@ -109,6 +113,7 @@ def run(args) -> int:
         ncol = len(labels) // len(classes) if not args.n else min(len(labels), 10)
         rows = [f"class {c}" for c in classes] if not args.n and model.num_classes else None
         save_image(grid_image(u8, ncol, rows), out)
-    print(f"wrote {out}: {len(labels)} images in {dt:.1f}s ({describe(settings)})"
+    print(f"wrote {out}: {len(labels)} images in {dt:.1f}s ({describe(settings)}; "
+          f"precision {model.precision(settings.precision)})"
           + (f"; trajectory {gif}" if gif else ""))
     return 0

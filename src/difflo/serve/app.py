@@ -283,7 +283,8 @@ class App:
         p = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
         n = f.int("n", 1, LIMITS["n"], 1)
         per_step = SAMPLERS[p["sampler"]].evals_per_step
-        opts = edit.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"])
+        opts = edit.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"],
+                                precision=self.model.cfg.sample.precision)      # as difflo edit
         args = ["edit", tech, "--ckpt", self.ckpt_arg, "--n", str(n), "--seed", str(p["seed"]), "--w", _num(p["w"]),
                 "--sampler", p["sampler"]] + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         files = {}                                                  # name -> PIL image, written into the job
