@@ -5,13 +5,16 @@
 Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.2). Weights, optimizer state and EMA
 stay float32 in every case: autocast only runs matrix products and convolutions in the lower type.
 
-``auto`` is bf16 where the hardware has native bf16 matrix units and fp32 elsewhere:
-CUDA GPUs that support bf16; CPUs whose flags (``/proc/cpuinfo``) list ``avx512_bf16`` or
-``amx_bf16``, or, where the flags cannot be read, whose bf16 matmul times at least as fast as fp32
-in a one-off measurement (cached for the process). The machines this project runs on differ: one
-CPU measured bf16 matmul at ~1 GFLOP/s against ~175 fp32, another at 962 against 218
-(shared notes; README "Speed"). An explicit ``bf16`` on a CPU without the units runs, after one
-warning line that states the slowdown measured right then; ``fp16`` is CUDA-only.
+``auto`` is bf16 where it is faster and fp32 elsewhere: on CUDA GPUs that support bf16; on a CPU
+when a one-off measurement says so. A CPU whose flags (``/proc/cpuinfo``) list neither
+``avx512_bf16`` nor ``amx_bf16`` is fp32 without measuring (bf16 is emulated there); otherwise a
+3x3 convolution and a matmul (the UNet's two kinds of work) are timed in both types, and bf16 is
+chosen when both run at least 1.15x faster. The answer is cached per machine (CPU model, flags,
+threads, torch version) in ``$XDG_CACHE_HOME/difflo/precision.json``. The flags alone do not
+decide: the machines this project runs on differ (bf16 matmul ~1 GFLOP/s against ~175 fp32 on one,
+962 against 218 on another, and 166 against 295 on a third whose flags list AVX512-BF16; README
+"Speed"). An explicit ``bf16`` where it is slower runs, after one warning line that states the
+measured slowdown; ``fp16`` is CUDA-only.
 
 ``train.compile`` / ``difflo sample --compile`` wrap the network in ``torch.compile``; the weights
 and checkpoints are those of the plain module.
@@ -19,6 +22,7 @@ and checkpoints are those of the plain module.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ from .errors import DiffloError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_MIN_SPEEDUP = 1.15            # auto takes bf16 on a CPU only when it is at least this much faster
 
 _cache: dict = {}
 
@@ -73,31 +78,76 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_ratio(n: int = 256, repeats: int = 5) -> float:
-    """Time of a bf16 n x n matmul over an fp32 one on this CPU (best of ``repeats``; cached)."""
-    if "ratio" not in _cache:
-        def best(dtype):
-            a = torch.randn(n, n).to(dtype)
-            torch.mm(a, a)                                     # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                torch.mm(a, a)
-                times.append(time.perf_counter() - t0)
-            return min(times)
-        _cache["ratio"] = best(torch.bfloat16) / best(torch.float32)
-    return _cache["ratio"]
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()                                                         # warm-up (oneDNN primitive creation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_bf16() -> dict:
+    """bf16 time / fp32 time of a 3x3 conv (64 -> 64 channels, 32x32, batch 8) and a 512^3 matmul
+    (well under a second in all, also where bf16 is emulated at ~1 GFLOP/s)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, 32, 32, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    a = torch.randn(512, 512, generator=g)
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("conv", lambda x, w, a: F.conv2d(x, w, padding=1)), ("matmul", lambda x, w, a: a @ a)):
+            t32 = _best_time(lambda: fn(x, w, a))
+            xb, wb, ab = x.bfloat16(), w.bfloat16(), a.bfloat16()
+            out[name] = _best_time(lambda: fn(xb, wb, ab)) / t32
+    return out
+
+
+def _machine_key() -> str:
+    flags = sorted((cpu_flags() or set()) & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return f"{cpu_model()}|{','.join(flags)}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+
+
+def bf16_ratios() -> dict:
+    """measure_bf16() for this machine, from the cache file or measured once and stored there."""
+    if "ratios" in _cache:
+        return _cache["ratios"]
+    from .io import cache_home, write_text_atomic
+    path, key = cache_home() / "precision.json", _machine_key()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if not isinstance(stored, dict) or not isinstance(stored.get(key), dict):
+        stored = stored if isinstance(stored, dict) else {}
+        stored[key] = measure_bf16()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(stored, indent=1))
+        except OSError:
+            pass                                                  # a read-only home: measure again next time
+    _cache["ratios"] = stored[key]
+    return _cache["ratios"]
+
+
+def _speed(ratio: float) -> str:
+    return f"{ratio:.3g}x slower" if ratio > 1 else f"{1 / ratio:.3g}x faster"
+
+
+def measured_bf16() -> tuple[bool, str]:
+    """(bf16 is at least BF16_MIN_SPEEDUP faster here, the measurement in words)."""
+    r = bf16_ratios()
+    return (all(v <= 1 / BF16_MIN_SPEEDUP for v in r.values()),
+            f"bf16 measured {_speed(r['conv'])} than fp32 in a 3x3 conv and {_speed(r['matmul'])} in a matmul")
 
 
 def cpu_bf16() -> tuple[bool, str]:
-    """(native bf16 on this CPU, how that was decided)."""
+    """(auto should take bf16 on this CPU, why): no bf16 flags -> no (not measured); else measured."""
     flags = cpu_flags()
-    if flags is not None:
-        have = [f for f in CPU_BF16_FLAGS if f in flags]
-        return (True, f"the CPU has {'/'.join(f.upper() for f in have)}") if have else \
-            (False, "the CPU lists no AVX512-BF16/AMX-BF16")
-    ratio = matmul_ratio()
-    return ratio <= 1.0, f"bf16 matmul measured {ratio:.2f}x the fp32 time"
+    if flags is not None and not any(f in flags for f in CPU_BF16_FLAGS):
+        return False, "the CPU lists no AVX512-BF16/AMX-BF16"
+    return measured_bf16()
 
 
 def resolve(asked: str, device: torch.device, log=print, what: str = "precision") -> Precision:
@@ -117,12 +167,13 @@ def resolve(asked: str, device: torch.device, log=print, what: str = "precision"
                           f"{device.type} use auto, bf16 or fp32")
     if device.type != "cpu":                                  # mps: no bf16 autocast decision made here
         return Precision(asked, "fp32" if asked == "auto" else asked, f"{device.type}: fp32 by default")
-    native, why = cpu_bf16()
     if asked == "auto":
-        return Precision(asked, "bf16" if native else "fp32", why)
-    if asked == "bf16" and not native:
-        log(f"warning: {what}=bf16 on a CPU without bf16 matrix units ({why}): bf16 matmul measured "
-            f"{matmul_ratio():.0f}x the fp32 time here, so this will be slower than fp32")
+        fast, why = cpu_bf16()
+        return Precision(asked, "bf16" if fast else "fp32", why)
+    if asked == "bf16":
+        fast, why = measured_bf16()
+        if not fast:
+            log(f"warning: {what}=bf16 does not pay on this CPU ({why}); it runs as asked")
     return Precision(asked, asked, "asked")
 
 
