@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))          # run from a checkout without ins
 
 import torch  # noqa: E402
 
-TARGETS = {"train_ratio": 1.3, "infer_ratio": 1.3, "peak_fraction": 0.7}
+TARGETS = {"train_ratio_default": 1.3, "train_ratio_same": 1.1, "infer_ratio_default": 1.5, "infer_ratio_same": 1.2,
+           "sample_evals_over_train_img": 3.0}
 
 # The matched size (the issue's diffusers reference: 32/64/128 channels, 2 blocks per level, attention at 8x8,
 # 3.9M parameters, 32x32x3 images), and a tiny one for --quick.
@@ -84,9 +85,10 @@ def diffusers_net(s: dict):
 class Trainer:
     """One model's training step and inference call, as its own library's training code does it."""
 
-    def __init__(self, name: str, s: dict, device: torch.device, compile_: bool = False):
+    def __init__(self, name: str, s: dict, device: torch.device, compile_: bool = False, precision: str = "fp32"):
         torch.manual_seed(0)
-        self.name, self.s, self.device = name, s, device
+        self.name, self.s, self.device, self.precision = name, s, device, precision
+        self.amp = {"fp32": None, "bf16": torch.bfloat16}[precision]      # autocast dtype (weights stay fp32)
         self.net = (difflo_net(s) if name == "difflo" else diffusers_net(s)).to(device)
         self.params = sum(p.numel() for p in self.net.parameters())
         self.fwd = torch.compile(self.net) if compile_ else self.net
@@ -114,7 +116,14 @@ class Trainer:
         y = torch.randint(0, self.s["num_classes"] + 1, (B,), generator=g).to(self.device)
         return x0, y
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
     def loss(self, x0, y):
+        with self.autocast():
+            return self._loss(x0, y)
+
+    def _loss(self, x0, y):
         if self.name == "difflo":
             from difflo.diffusion import training_loss
             gen = torch.Generator(self.device).manual_seed(self.step_count)
@@ -142,9 +151,10 @@ class Trainer:
     def infer(self, x, y) -> torch.Tensor:
         self.net.eval()
         t = torch.full((x.shape[0],), 500, device=self.device)
-        if self.name == "difflo":
-            return self.fwd(x, t.float(), y)
-        return self.fwd(x, t, class_labels=y).sample
+        with self.autocast():
+            if self.name == "difflo":
+                return self.fwd(x, t.float(), y).float()
+            return self.fwd(x, t, class_labels=y).sample.float()
 
 
 # --------------------------------------------------------------------------- measurements
@@ -153,18 +163,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(n: int, repeats: int, device: torch.device) -> float:
-    """The best fp32 GFLOP/s of an n x n matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
+def _best_gflops(fn, flops: float, repeats: int, device: torch.device) -> float:
+    fn()
     best = 0.0
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        fn()
         sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def matmul_peak(n: int, repeats: int, device: torch.device, dtype=torch.float32) -> float:
+    """The best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in dtype."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    return _best_gflops(lambda: a @ b, 2 * n**3, repeats, device)
+
+
+def conv_peak(repeats: int, device: torch.device, quick: bool) -> float:
+    """The best fp32 GFLOP/s of a 3x3 conv, 64 -> 64 channels, 32x32, batch 64, in channels_last."""
+    B, C, H = (4, 16, 8) if quick else (64, 64, 32)
+    import torch.nn.functional as F
+    x = torch.randn(B, C, H, H, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C, C, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return _best_gflops(lambda: F.conv2d(x, w, padding=1), 2 * B * C * C * 9 * H * H, repeats, device)
+
+
+def limits(s: dict, device: torch.device, quick: bool, bf16: bool) -> dict:
+    """The machine's limit as the best of an fp32 matmul, a channels_last conv and (where bf16 units are
+    listed) a bf16 matmul."""
+    out = {"fp32_matmul": matmul_peak(s["matmul_n"], s["matmul_repeats"], device),
+           "channels_last_conv": conv_peak(s["matmul_repeats"], device, quick)}
+    if bf16:
+        out["bf16_matmul"] = matmul_peak(s["matmul_n"], s["matmul_repeats"], device, torch.bfloat16)
+    out["limit"] = max(out.values())
+    return out
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -353,19 +388,71 @@ def memory(s: dict, quick: bool, device: str, models: list[str]) -> list[dict]:
     return [out[k] for k in sorted(out, key=lambda k: (k[1], k[0]))]
 
 
+# --------------------------------------------------------------------------- sampling vs training
+def sampling_vs_training(device: torch.device, quick: bool) -> dict:
+    """The demo model (difflo's default config) at difflo's auto precision: training images/s (batch 64,
+    difflo's step) and guided DDIM network evaluations/s (images through the network per second; 250
+    images per call of 2 x 250 with w = 3, as `difflo sample`)."""
+    from difflo import config as config_mod
+    from difflo.model import Model, build_net
+    from difflo.precision import resolve
+    from difflo.sample import SampleSettings, generate
+
+    cfg = config_mod.Config()
+    prec = resolve("auto", device, log=lambda *a: None)
+    torch.manual_seed(0)
+    net = build_net(cfg).to(device)
+    B, n, steps = (4, 4, 2) if quick else (64, 250, 10)
+    size, c = cfg.model.image_size, cfg.model.in_channels
+    path = __import__("difflo.paths", fromlist=["make_path"]).make_path(cfg.diffusion)
+    opt = torch.optim.AdamW(net.parameters(), foreach=True)
+    x0, y = torch.randn(B, c, size, size, device=device), torch.randint(0, 10, (B,), device=device)
+
+    def train_step():
+        with torch.autocast(device.type, dtype=prec.dtype, enabled=prec.dtype is not None):
+            loss = path.training_loss(net, x0, y, cfg.diffusion, torch.Generator(device).manual_seed(0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        train_step()
+    sync(device)
+    t0 = time.perf_counter()
+    k = 2 if quick else 8
+    for _ in range(k):
+        train_step()
+    sync(device)
+    train_ips = k * B / (time.perf_counter() - t0)
+    calls = []
+    net.eval().register_forward_pre_hook(lambda m, args: calls.append(int(args[0].shape[0])))
+    settings = SampleSettings(sampler="ddim", steps=steps, w=3.0, precision="auto")
+    labels = torch.arange(n) % 10
+    generate(Model(net, cfg), labels[:4], range(4), SampleSettings(sampler="ddim", steps=1, w=3.0))   # warm-up
+    calls.clear()
+    sync(device)
+    t0 = time.perf_counter()
+    generate(Model(net, cfg), labels, range(n), settings, batch_size=n)
+    sync(device)
+    evals_s = sum(calls) / (time.perf_counter() - t0)
+    return {"precision": str(prec), "train_batch": B, "train_img_s": train_ips, "sample_images": n,
+            "sample_batch_per_call": 2 * n, "sample_evals_s": evals_s, "ratio": evals_s / train_ips}
+
+
 # --------------------------------------------------------------------------- report
+ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "MALLOC_", "DIFFLO_", "ONEDNN_", "DNNL_")
+
+
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    from difflo import memory, precision
+    flags = precision.cpu_flags() or set()
+    info = {"platform": platform.platform(), "cpu": precision.cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": str(device)}
+            "torch": torch.__version__, "device": str(device), "malloc": memory.tune_malloc(),
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+            "difflo_auto_precision": str(precision.resolve("auto", device, log=lambda *a: None))}
     try:
         import diffusers
         info["diffusers"] = diffusers.__version__
@@ -377,30 +464,40 @@ def machine(device: torch.device) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = [f"difflo vs diffusers UNet2DModel - {res['date']} - {res['machine']['cpu']} "
-             f"({res['machine']['torch_threads']} threads, {res['machine']['device']})" + (" [QUICK: meaningless]"
-                                                                                         if res["quick"] else ""),
-             f"fp32 matmul peak: {res['matmul_peak_gflops']:.1f} GFLOP/s"]
-    for m, d in res["models"].items():
-        lines.append(f"{m:9s}: {d['params'] / 1e6:.3f}M params, {d['train_gflop_per_image']:.3f} GFLOP/image "
+    m = res["machine"]
+    lim = res["limits"]
+    lines = [f"difflo vs diffusers UNet2DModel - {res['date']} - {m['cpu']} ({m['torch_threads']} threads, "
+             f"{m['device']}; flags {' '.join(m['cpu_flags']) or '-'}; torch {m['torch_cpu_capability']})"
+             + (" [QUICK: meaningless]" if res["quick"] else ""),
+             "environment: " + (", ".join(f"{k}={v}" for k, v in m["env"].items()) or "(no BLAS/OpenMP/malloc "
+                                                                                    "variables set)")
+             + f"; malloc tuning: {m['malloc']}; difflo precision auto = {m['difflo_auto_precision']}",
+             "limit: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in lim.items() if k != "limit")
+             + f" GFLOP/s -> {lim['limit']:.1f}"]
+    for name, d in res["models"].items():
+        lines.append(f"{name:9s}: {d['params'] / 1e6:.3f}M params, {d['train_gflop_per_image']:.3f} GFLOP/image "
                      f"training (fwd+bwd), {d['infer_gflop_per_image']:.3f} GFLOP/image inference")
-    lines.append("")
-    hdr = (f"{'batch':>5} | {'train img/s difflo':>18} {'diffusers':>9} {'ratio':>5} {'GFLOP/s':>13} {'% peak':>11} | "
-           f"{'infer img/s difflo':>18} {'diffusers':>9} {'ratio':>5} {'GFLOP/s':>13} {'% peak':>11}")
-    lines += [hdr, "-" * len(hdr)]
+    keys = list(res["throughput"][0]["train_img_s"])
+    lines += ["", "| batch | phase | " + " | ".join(f"{k} img/s" for k in keys) + " | "
+              + " | ".join(r for r in res["ratio_names"]) + " | best % of limit |",
+              "|---|---|" + "---|" * (len(keys) + len(res["ratio_names"]) + 1)]
     for r in res["throughput"]:
-        cells = []
-        for k in ("train", "infer"):
-            ips, gf, pk = r[f"{k}_img_s"], r[f"{k}_gflops"], r[f"{k}_peak_fraction"]
-            cells.append(f"{ips['difflo']:>18.1f} {ips['diffusers']:>9.1f} {r[f'{k}_ratio']:>5.2f} "
-                         f"{gf['difflo']:>6.1f}/{gf['diffusers']:<6.1f} {100 * pk['difflo']:>5.1f}/{100 * pk['diffusers']:<5.1f}")
-        lines.append(f"{r['batch']:>5} | {cells[0]} | {cells[1]}")
-    lines.append("(GFLOP/s and % of the matmul peak: difflo/diffusers; medians over alternating repeats)")
-    lines.append("")
-    lines.append(f"{'batch':>5} {'model':>9} | {'peak RSS MB: baseline':>21} {'train':>8} {'sample':>8}")
+        for kind in ("train", "infer"):
+            ips = r[f"{kind}_img_s"]
+            ratios = r[f"{kind}_ratios"]
+            lines.append(f"| {r['batch']} | {kind} | " + " | ".join(f"{ips[k]:.1f}" for k in keys) + " | "
+                         + " | ".join(f"{ratios[n]:.2f}" for n in res["ratio_names"]) + " | "
+                         + f"{100 * max(r[f'{kind}_peak_fraction'].values()):.0f}% |")
+    lines.append("(medians over alternating repeats; ratios are difflo / diffusers images/s)")
+    sv = res.get("sampling")
+    if sv:
+        lines += ["", f"demo model at difflo's auto precision ({sv['precision']}): training {sv['train_img_s']:.1f} "
+                      f"img/s (batch {sv['train_batch']}); guided DDIM {sv['sample_evals_s']:.1f} network "
+                      f"evaluations/s ({sv['sample_batch_per_call']} per call) = {sv['ratio']:.2f}x training"]
+    lines += ["", f"| batch | model | peak RSS MB: baseline | train | sample |", "|---|---|---|---|---|"]
     for r in res["memory"]:
-        lines.append(f"{r['batch']:>5} {r['model']:>9} | {r['baseline_rss_mb']:>21.0f} {r['train_peak_rss_mb']:>8.0f} "
-                     f"{r['sample_peak_rss_mb']:>8.0f}")
+        lines.append(f"| {r['batch']} | {r['model']} | {r['baseline_rss_mb']:.0f} | {r['train_peak_rss_mb']:.0f} | "
+                     f"{r['sample_peak_rss_mb']:.0f} |")
     if res["grid"]:
         g0 = res["grid"][0]
         lines += ["", f"sample grid: {g0['images']} images, w = 3, difflo generate(), model {g0['model']}"]
@@ -423,10 +520,13 @@ def main(argv=None) -> int:
     p.add_argument("--grid-model", choices=["demo", "bench"], default="demo",
                    help="model for the sample-grid timings: the default difflo config (demo) or the matched one")
     p.add_argument("--skip-grid", action="store_true", help="no sample-grid timings")
+    p.add_argument("--skip-memory", action="store_true", help="no peak-RSS measurements")
     p.add_argument("--rss-child", nargs=3, metavar=("MODEL", "PHASES", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.threads or a.quick:
         torch.set_num_threads(a.threads or 1)      # the smoke run: one thread, robust on a loaded machine
+    from difflo import memory as difflo_memory, precision
+    difflo_memory.tune_malloc()                    # as the difflo CLI does (DIFFLO_MALLOC_TUNING=0 to compare)
     if a.rss_child:
         rss_child(a.rss_child[0], a.rss_child[1].split(","), int(a.rss_child[2]), a.quick, a.device)
         return 0
@@ -441,13 +541,21 @@ def main(argv=None) -> int:
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": a.quick,
            "machine": machine(device), "targets": TARGETS, "compile": a.compile,
            "settings": {k: v for k, v in s.items() if k != "grid"} | {"grid": [list(g) for g in s["grid"]]}}
-    print("measuring the fp32 matmul peak ...", file=sys.stderr)
-    res["matmul_peak_gflops"] = matmul_peak(s["matmul_n"], s["matmul_repeats"], device)
-    trainers = {n: Trainer(n, s, device, a.compile) for n in ("difflo", "diffusers")}
+    # bf16 is measured where the hardware lists it (or on CUDA); elsewhere it is emulated (~100x slower).
+    bf16 = device.type == "cuda" or bool(set(res["machine"]["cpu_flags"]) & set(precision.CPU_BF16_FLAGS))
+    print("measuring the machine's limits ...", file=sys.stderr)
+    res["limits"] = limits(s, device, a.quick, bf16)
+    auto = precision.resolve("auto", device, log=lambda *a: None).used
+    precs = ["fp32", "bf16"] if bf16 else ["fp32"]
+    trainers = {f"{n}@{pr}": Trainer(n, s, device, a.compile, pr) for n in ("difflo", "diffusers") for pr in precs}
+    res["ratio_names"] = [f"default (difflo@auto={auto} / diffusers@fp32)"] + [f"same ({pr})" for pr in precs]
+    ratio_pairs = {res["ratio_names"][0]: (f"difflo@{auto}", "diffusers@fp32")}
+    ratio_pairs.update({f"same ({pr})": (f"difflo@{pr}", f"diffusers@{pr}") for pr in precs})
     res["models"] = {}
-    for n, tr in trainers.items():
-        tg, ig = flops_per_image(tr, s["batch_sizes"][0])
-        res["models"][n] = {"params": tr.params, "train_gflop_per_image": tg, "infer_gflop_per_image": ig}
+    for n in ("difflo", "diffusers"):
+        tg, ig = flops_per_image(trainers[f"{n}@fp32"], s["batch_sizes"][0])
+        res["models"][n] = {"params": trainers[f"{n}@fp32"].params, "train_gflop_per_image": tg,
+                            "infer_gflop_per_image": ig}
     res["throughput"] = []
     for B in s["batch_sizes"]:
         print(f"throughput at batch {B} ...", file=sys.stderr)
@@ -455,16 +563,20 @@ def main(argv=None) -> int:
         for kind in ("train", "infer"):
             rates = throughput(trainers, B, s, device, kind)
             med = {n: statistics.median(v) for n, v in rates.items()}
-            gf = {n: med[n] * res["models"][n][f"{kind}_gflop_per_image"] for n in med}
+            gf = {n: med[n] * res["models"][n.split("@")[0]][f"{kind}_gflop_per_image"] for n in med}
             row[f"{kind}_img_s"] = med
             row[f"{kind}_img_s_repeats"] = rates
-            row[f"{kind}_ratio"] = med["difflo"] / med["diffusers"]
+            row[f"{kind}_ratios"] = {name: med[a_] / med[b_] for name, (a_, b_) in ratio_pairs.items()}
             row[f"{kind}_gflops"] = gf
-            row[f"{kind}_peak_fraction"] = {n: gf[n] / res["matmul_peak_gflops"] for n in gf}
+            row[f"{kind}_peak_fraction"] = {n: gf[n] / res["limits"]["limit"] for n in gf}
         res["throughput"].append(row)
     del trainers
-    print("peak memory in fresh processes ...", file=sys.stderr)
-    res["memory"] = memory(s, a.quick, a.device, ["difflo", "diffusers"])
+    print("sampling vs training throughput (demo model) ...", file=sys.stderr)
+    res["sampling"] = sampling_vs_training(device, a.quick)
+    res["memory"] = []
+    if not a.skip_memory:
+        print("peak memory in fresh processes ...", file=sys.stderr)
+        res["memory"] = memory(s, a.quick, a.device, ["difflo", "diffusers"])
     if not a.skip_grid:
         print("sample-grid timings ...", file=sys.stderr)
     res["grid"] = [] if a.skip_grid else grid_timings(s, device, "bench" if a.quick else a.grid_model)

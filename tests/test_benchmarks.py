@@ -20,9 +20,16 @@ def test_quick_benchmark_writes_the_report(tmp_path):
     assert "difflo vs diffusers UNet2DModel" in proc.stdout and f"wrote {out}" in proc.stdout
     r = json.loads(out.read_text())
 
-    assert r["quick"] is True and {"date", "machine", "settings", "targets", "matmul_peak_gflops"} <= r.keys()
-    assert {"cpu", "torch", "diffusers", "torch_threads", "device"} <= r["machine"].keys()
-    assert r["matmul_peak_gflops"] > 0
+    assert r["quick"] is True and {"date", "machine", "settings", "targets", "limits", "sampling"} <= r.keys()
+    assert {"cpu", "cpu_flags", "torch", "diffusers", "torch_threads", "device", "env", "malloc",
+            "difflo_auto_precision"} <= r["machine"].keys()
+    lim = r["limits"]
+    assert lim["fp32_matmul"] > 0 and lim["channels_last_conv"] > 0 and lim["limit"] == max(
+        v for k, v in lim.items() if k != "limit")
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & set(r["machine"]["cpu_flags"]))
+    assert ("bf16_matmul" in lim) == bf16
+    precs = ["fp32", "bf16"] if bf16 else ["fp32"]
+    names = {f"{n}@{p}" for n in ("difflo", "diffusers") for p in precs}
     # matched size: the same parameter count and the same counted FLOPs per image
     d, h = r["models"]["difflo"], r["models"]["diffusers"]
     assert d["params"] == h["params"] > 0
@@ -34,10 +41,16 @@ def test_quick_benchmark_writes_the_report(tmp_path):
     assert row["batch"] == r["settings"]["batch_sizes"][0]
     for kind in ("train", "infer"):
         for key in ("img_s", "gflops", "peak_fraction"):
-            assert set(row[f"{kind}_{key}"]) == {"difflo", "diffusers"}
+            assert set(row[f"{kind}_{key}"]) == names
             assert all(v > 0 for v in row[f"{kind}_{key}"].values())
         assert all(len(v) == r["settings"]["repeats"] for v in row[f"{kind}_img_s_repeats"].values())
-        assert row[f"{kind}_ratio"] == pytest.approx(row[f"{kind}_img_s"]["difflo"] / row[f"{kind}_img_s"]["diffusers"])
+        ips, ratios = row[f"{kind}_img_s"], row[f"{kind}_ratios"]
+        assert list(ratios) == r["ratio_names"] and len(ratios) == 1 + len(precs)
+        for p in precs:
+            assert ratios[f"same ({p})"] == pytest.approx(ips[f"difflo@{p}"] / ips[f"diffusers@{p}"])
+    sv = r["sampling"]
+    assert sv["train_img_s"] > 0 and sv["sample_evals_s"] > 0
+    assert sv["ratio"] == pytest.approx(sv["sample_evals_s"] / sv["train_img_s"])
 
     assert {m["model"] for m in r["memory"]} == {"difflo", "diffusers"}
     for m in r["memory"]:
