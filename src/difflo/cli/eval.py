@@ -119,7 +119,6 @@ def _write_json(path: str | None, res: dict) -> None:
 
 
 def run(args) -> int:
-
     device = pick_device(getattr(args, "device", "auto"))
     cmd = args.eval_command
     if cmd == "train-classifier":
