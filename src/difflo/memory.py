@@ -5,9 +5,10 @@ and unmaps them on ``free``, so every page of every large activation faults agai
 sampling the demo model with 500 images per network call spent 0.62 s of system time per second of
 user time (benchmarks/malloc.txt). :func:`tune_malloc` sets, through ``mallopt``, what the environment
 variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` would: large
-``threshold`` (the default) fixes the mmap threshold at its largest, 32 MB (glibc's dynamic
-threshold starts at 128 kB), never trims the heap's top and pads it by 256 MB, so blocks up to
-32 MB are reused from the heap; ``heap`` also serves larger blocks from the heap (no mmap at all).
+``heap`` (the default) serves every block from the heap (no mmap), never trims the heap's top and
+pads it by 256 MB, so freed blocks of any size are reused; ``threshold`` only fixes the mmap
+threshold at its largest, 32 MB (glibc's dynamic threshold starts at 128 kB), which is enough at
+200 images per network call but not at 500, where activations exceed 32 MB.
 The peak footprint is unchanged (freed blocks are reused, not added), but the process does not
 shrink back between ops.
 
@@ -29,7 +30,7 @@ SETTINGS = {                                   # benchmarks/malloc.py measures t
     "heap": ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 62), (M_TOP_PAD, 256 << 20)),
     "threshold": ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 62), (M_TOP_PAD, 256 << 20)),
 }
-DEFAULT = "threshold"       # measured fastest (benchmarks/malloc.txt); blocks > 32 MB still go back to the OS
+DEFAULT = "heap"            # measured (benchmarks/malloc.txt): "threshold" still faults on blocks > 32 MB
 
 _state: dict = {}
 
