@@ -14,6 +14,7 @@ rm -rf "$OUT/before-src" "$OUT/before" "$OUT/after"
 mkdir -p "$OUT/before-src" && git archive "$REV" src | tar -x -C "$OUT/before-src"
 PYTHONPATH="$OUT/before-src/src" $PY -m difflo demo --out "$OUT/before" > "$OUT/before.log" 2>&1
 $PY -m difflo demo --out "$OUT/after" > "$OUT/after.log" 2>&1
+$PY -m difflo eval train-classifier --data mnist10k > "$OUT/classifier.log" 2>&1 || true   # once per machine (cached)
 $PY -m difflo eval fid-ref --data mnist10k --split test --n 1000 --out "$OUT/ref.npz"
 $PY - "$OUT/train-1000.npz" <<'PY'
 import sys, numpy as np
@@ -26,13 +27,13 @@ $PY -m difflo eval fid --samples "$OUT/train-1000.npz" --ref "$OUT/ref.npz" | te
 for x in before after; do
   $PY -m difflo eval model --ckpt "$OUT/$x/run" --n 1000 --ref "$OUT/ref.npz" --json "$OUT/$x.json"
 done
-$PY - "$OUT" <<'PY'
-import csv, json, re, sys, pathlib
+$PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
+import json, re, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 floor = re.search(r"FID[^0-9]*([0-9.]+)", (out / "floor.txt").read_text())
 rows = []
 for x in ("before", "after"):
-    steps = max(int(r["step"]) for r in csv.DictReader(open(out / x / "run" / "metrics.csv")))
+    steps = max(int(p.name.split("_")[1]) for p in (out / x / "run" / "checkpoints").glob("step_*"))
     r = json.loads((out / f"{x}.json").read_text())
     rows.append(f"| {x} | {steps} | {r.get('class_accuracy', float('nan')):.3f} | {r.get('fid', float('nan')):.1f} |")
 print("| demo | steps in 5 min | class accuracy (N=1000) | Inception FID (N=1000 vs 1000) |\n|---|---|---|---|")
