@@ -9,7 +9,6 @@ calls; and what that means for a 64-image DDIM-50 grid (50 calls) and for the de
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,7 @@ import torch  # noqa: E402
 from difflo import config as config_mod, memory, precision  # noqa: E402
 from difflo.model import build_net  # noqa: E402
 from difflo.paths import make_path  # noqa: E402
-
-
-def steady(fn, n: int = 5) -> float:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def main() -> int:
@@ -66,7 +57,7 @@ def main() -> int:
             t0 = time.perf_counter()
             call()
             first = time.perf_counter() - t0
-            rows[mode] = (first, steady(call))
+            rows[mode] = (first, median_time(call, repeats=5, warmup=0))
         (_, eager), (first, comp) = rows["eager"], rows["compiled"]
         saved = eager - comp
         even = (first - comp) / saved if saved > 0 else float("inf")

@@ -10,7 +10,6 @@ and the whole UNet (training step and inference), the median time in each layout
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,19 +23,9 @@ import torch.nn.functional as F  # noqa: E402
 from difflo import memory, precision  # noqa: E402
 from difflo.nn import UNet, UNetConfig  # noqa: E402
 from difflo.nn.unet import Attention  # noqa: E402
+from timing import median_time as timed  # noqa: E402  (benchmarks/timing.py)
 
 CL = torch.channels_last
-
-
-def timed(fn, repeats: int = 7) -> float:
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def ops(B: int, C: int, H: int):
