@@ -25,8 +25,8 @@ from .schedules import SPACINGS
 
 VARIANCES = ("fixed_small", "fixed_large")
 
-__all__ = ["SampleSettings", "settings_for", "check_settings", "check_sampler", "check_steps", "sampler_options",
-           "generate"]
+__all__ = ["SampleSettings", "VARIANCES", "settings_for", "check_settings", "check_sampler", "check_steps",
+           "sampler_options", "describe", "generate"]
 
 
 def check_sampler(sampler: str, model: Model) -> str:
