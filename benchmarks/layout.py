@@ -93,9 +93,8 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="also under bf16 autocast")
     a = ap.parse_args()
     memory.tune_malloc()
-    flags = sorted((precision.cpu_flags() or set()) & {"avx512f", "avx512_bf16", "amx_bf16"})
     print(f"# channels_last / default, {time.strftime('%Y-%m-%d')}, {precision.cpu_model()} "
-          f"({' '.join(flags)}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"({' '.join(precision.speed_flags())}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     dtypes = ["fp32", "bf16"] if a.bf16 else ["fp32"]
     print("| op | shape | " + " | ".join(f"{d} default ms | {d} channels_last ms | {d} speed-up" for d in dtypes)
           + " |")

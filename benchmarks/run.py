@@ -395,6 +395,7 @@ def sampling_vs_training(device: torch.device, quick: bool) -> dict:
     images per call of 2 x 250 with w = 3, as `difflo sample`)."""
     from difflo import config as config_mod
     from difflo.model import Model, build_net
+    from difflo.paths import make_path
     from difflo.precision import resolve
     from difflo.sample import SampleSettings, generate
 
@@ -404,7 +405,7 @@ def sampling_vs_training(device: torch.device, quick: bool) -> dict:
     net = build_net(cfg).to(device)
     B, n, steps = (4, 4, 2) if quick else (64, 250, 10)
     size, c = cfg.model.image_size, cfg.model.in_channels
-    path = __import__("difflo.paths", fromlist=["make_path"]).make_path(cfg.diffusion)
+    path = make_path(cfg.diffusion)
     opt = torch.optim.AdamW(net.parameters(), foreach=True)
     x0, y = torch.randn(B, c, size, size, device=device), torch.randint(0, 10, (B,), device=device)
 
@@ -445,9 +446,8 @@ ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "MALLOC_", "DIFFLO
 
 def machine(device: torch.device) -> dict:
     from difflo import memory, precision
-    flags = precision.cpu_flags() or set()
     info = {"platform": platform.platform(), "cpu": precision.cpu_model(), "cpu_count": os.cpu_count(),
-            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}),
+            "cpu_flags": precision.speed_flags(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "device": str(device), "malloc": memory.tune_malloc(),

@@ -135,13 +135,9 @@ def _t_label(t):
     return f"t={t}" if isinstance(t, int) else f"t={t:.3g}"
 
 
-def _device(model: Model):
-    return next(model.net.parameters()).device
-
-
 def _labels(model: Model, n: int, *classes: int) -> torch.Tensor:
     """(n,) for one class, (n, k) for k classes (one per branch of a combining wrapper)."""
-    y = torch.tensor([list(classes)] * n, device=_device(model))
+    y = torch.tensor([list(classes)] * n, device=model.device)
     return y.squeeze(1) if len(classes) == 1 else y
 
 

@@ -186,10 +186,15 @@ def mask_image(img: Image.Image, size: int, what: str = "mask") -> Image.Image:
     return Image.fromarray(np.where(np.asarray(m) >= 128, 255, 0).astype(np.uint8), "L")
 
 
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """A 0/255 mask image (:func:`mask_image`) as (1, 1, H, W) floats: 1 = regenerate."""
+    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
+
+
 def load_mask(path, image_path, size: int) -> torch.Tensor:
     """(1, 1, size, size) of 0/1: 1 (white, >= 128) = regenerate. Must be as large as the image."""
     m, im = open_image(path), open_image(image_path)
     if m.size != im.size:
         raise DiffloError(f"mask {path} is {m.size[0]}x{m.size[1]} but image {image_path} is "
                           f"{im.size[0]}x{im.size[1]}; give a mask of the image's size")
-    return torch.from_numpy((np.asarray(mask_image(m, size, f"mask {path}")) >= 128).astype(np.float32))[None, None]
+    return mask_tensor(mask_image(m, size, f"mask {path}"))

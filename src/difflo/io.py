@@ -36,11 +36,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def cache_home() -> Path:
     """$XDG_CACHE_HOME/difflo, else ~/.cache/difflo."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -2,10 +2,10 @@
 
 glibc serves allocations above its mmap threshold (dynamic, at most 32 MB) with a fresh ``mmap``
 and unmaps them on ``free``, so every page of every large activation faults again at every op:
-sampling the demo model with 500 images per network call spent 0.62 s of system time per second of
-user time (benchmarks/malloc.txt). :func:`tune_malloc` sets, through ``mallopt``, what the environment
-variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` would: large
-``heap`` (the default) serves every block from the heap (no mmap), never trims the heap's top and
+sampling the demo model spent 0.62 (200 images per network call) to 0.91 (500 per call) seconds of
+system time per second of user time (benchmarks/malloc.txt). :func:`tune_malloc` sets, through
+``mallopt``, what the environment variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` /
+``MALLOC_TOP_PAD_`` would. ``heap`` (the default) serves every block from the heap (no mmap), never trims the heap's top and
 pads it by 256 MB, so freed blocks of any size are reused; ``threshold`` only fixes the mmap
 threshold at its largest, 32 MB (glibc's dynamic threshold starts at 128 kB), which is enough at
 200 images per network call but not at 500, where activations exceed 32 MB.

@@ -22,6 +22,7 @@ and checkpoints are those of the plain module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .errors import DiffloError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 BF16_MIN_SPEEDUP = 1.15            # auto takes bf16 on a CPU only when it is at least this much faster
 
 _cache: dict = {}
@@ -53,29 +55,37 @@ class Precision:
         return self.used if self.asked == self.used else f"{self.used} ({self.asked}: {self.why})"
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where they cannot be read."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``key: value`` lines of /proc/cpuinfo (Linux; empty elsewhere), read once."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return None
+    return info
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where they cannot be read."""
+    flags = _cpuinfo().get("flags")
+    return frozenset(flags.split()) if flags is not None else None
 
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     import platform
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def speed_flags() -> list[str]:
+    """The flags among SPEED_FLAGS this CPU lists (what a speed figure should be reported with)."""
+    return sorted(set(SPEED_FLAGS) & (cpu_flags() or set()))
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -105,8 +115,7 @@ def measure_bf16() -> dict:
 
 
 def _machine_key() -> str:
-    flags = sorted((cpu_flags() or set()) & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    return f"{cpu_model()}|{','.join(flags)}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    return f"{cpu_model()}|{','.join(speed_flags())}|{torch.get_num_threads()} threads|torch {torch.__version__}"
 
 
 def bf16_ratios() -> dict:

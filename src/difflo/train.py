@@ -98,9 +98,8 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- what the loop calls
 def environment(device: torch.device, prec: precision.Precision) -> dict:
     """RUN/environment.json: where and how the last (re)start trained (the precision chosen and why)."""
-    flags = precision.cpu_flags() or set()
     return {"precision": {"asked": prec.asked, "used": prec.used, "why": prec.why}, "device": str(device),
-            "cpu": precision.cpu_model(), "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "cpu": precision.cpu_model(), "cpu_flags": precision.speed_flags(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": memory.tune_malloc(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -106,7 +106,7 @@ def _grid(model: Model, a) -> list:
 
 def _image(model: Model, a, c, notes: list):
     """The --image file as the model sees it, or a model sample of class c."""
-    device = next(model.net.parameters()).device
+    device = model.device
     if a.image:
         return load_image(a.image, model.cfg.model.in_channels, model.cfg.model.image_size, notes).to(device)
     return edit.sample_input(model, c, a.seed, notes, _precision(model, a)).to(device)
@@ -136,7 +136,6 @@ def run_technique(a, model: Model) -> edit.EditResult:
     if a.technique == "denoise":
         if a.w > 0 and a.cls is None and model.num_classes:
             raise DiffloError("--w > 0 conditions on a class: give --class")
-        edit.time_grid(model, stride=a.stride)
         return edit.denoise(model, opts, _image(model, a, a.cls, notes), 0 if a.cls is None else a.cls,
                             a.stride, a.i_start, notes)
     if a.technique == "sdedit":

@@ -31,7 +31,7 @@ from PIL import Image
 from .. import edit, editing
 from ..checkpoint import WEIGHTS, resolve_weights
 from ..errors import DiffloError
-from ..images import grid_image, image_tensor, mask_image, model_image, open_image, save_image, to_uint8
+from ..images import grid_image, image_tensor, mask_image, mask_tensor, model_image, open_image, save_image, to_uint8
 from ..io import atomic_path
 from ..model import Model, load_model, pick_device
 from ..sample import describe, generate, settings_for
@@ -133,8 +133,6 @@ def to_model_image(img: Image.Image, channels: int, size: int, notes: list, what
     """As ``difflo edit`` loads a file (:func:`difflo.images.model_image`): the model's mode and size."""
     try:
         return model_image(img, channels, size, notes, what, note_mode=False)     # the page shows the image
-    except RequestError:
-        raise
     except DiffloError as e:
         raise RequestError(str(e)) from None
 
@@ -290,6 +288,7 @@ class App:
         files = {}                                                  # name -> PIL image, written into the job
         notes: list[str] = []
         path = self.model.path
+        ts = edit.time_grid(self.model, steps=p["steps"])            # as difflo edit --steps
         if tech in ("sdedit", "inpaint"):
             files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes)
             cls = self._cls(f, "class")
@@ -310,15 +309,14 @@ class App:
             args += ["--mask", "mask.png", "--steps", str(p["steps"]), "--jump-length", str(j),
                      "--jump-n-sample", str(r)]
             evals = p["steps"] * r * per_step
-            mask = torch.from_numpy(np.asarray(files["mask.png"]) >= 128).float()[None, None]
-            run = lambda model, x: edit.inpaint(model, opts, x, mask.to(x.device), cls, path.sampling_times(p["steps"]),
-                                                j, r)
+            mask = mask_tensor(files["mask.png"])
+            run = lambda model, x: edit.inpaint(model, opts, x, mask.to(x.device), cls, ts, j, r)
         elif tech == "anagram":
             view = f.choice("view", info["views"], "rot180")
             a, b = self._cls(f, "a"), self._cls(f, "b")
             args += ["--a", str(a), "--b", str(b), "--view", view, "--steps", str(p["steps"])]
             evals = p["steps"] * per_step
-            run = lambda model, x: edit.anagram(model, opts, a, b, view, path.sampling_times(p["steps"]))
+            run = lambda model, x: edit.anagram(model, opts, a, b, view, ts)
         else:
             size = f.int("kernel_size", 1, LIMITS["kernel_size"], 9)
             if size % 2 == 0:
@@ -328,7 +326,7 @@ class App:
             args += ["--low", str(low), "--high", str(high), "--kernel-size", str(size), "--sigma", _num(sigma),
                      "--steps", str(p["steps"])]
             evals = p["steps"] * per_step
-            run = lambda model, x: edit.hybrid(model, opts, low, high, size, sigma, path.sampling_times(p["steps"]))
+            run = lambda model, x: edit.hybrid(model, opts, low, high, size, sigma, ts)
         if evals > LIMITS["evals"]:
             raise RequestError(f"this edit needs {evals} network evaluations; the limit is {LIMITS['evals']}: "
                                f"lower steps or the resampling")
