@@ -108,7 +108,7 @@ def private_imports(known: dict[str, Path]) -> list[str]:
 
 
 CORE = {"difflo.schedules", "difflo.diffusion", "difflo.flow", "difflo.paths", "difflo.guidance", "difflo.samplers",
-        "difflo.editing", "difflo.nn", "difflo.errors", "difflo.io", "difflo.images"}
+        "difflo.editing", "difflo.nn", "difflo.errors", "difflo.io", "difflo.images", "difflo.pixels"}
 STUDIES = {"difflo.experiments", "difflo.study"}
 FRONT_ENDS = {"difflo.cli", "difflo.serve", "difflo.__main__"}
 LAYERS = ("numerical core", "library", "studies", "front ends")

@@ -134,9 +134,12 @@ def test_image_loading_converts_and_refuses(tmp_path):
     x = load_image(rgb, 1, 28, notes)
     assert x.shape == (1, 1, 28, 28) and x.min() >= -1 and x.max() <= 1 and x.max() > 0.5
     assert any("converted RGB to L" in n for n in notes) and any("resized 56x56" in n for n in notes)
-    rgba = Image.new("RGBA", (28, 28), (255, 255, 255, 0))          # transparent white: black once composited
+    rgba = Image.new("RGBA", (28, 28), (198, 123, 8, 0))          # transparent orange: the background once composited
     rgba.save(tmp_path / "rgba.png")
-    assert load_image(tmp_path / "rgba.png", 1, 28).max() == -1
+    assert load_image(tmp_path / "rgba.png", 1, 28).min() == 1                      # default white
+    assert load_image(tmp_path / "rgba.png", 1, 28, background=(0, 0, 0)).max() == -1
+    assert torch.equal(load_image(tmp_path / "rgba.png", 3, 28, background=(0, 0, 255))[0, :, 0, 0],
+                       torch.tensor([-1.0, -1.0, 1.0]))
     assert load_image(rgb, 3, 28).shape == (1, 3, 28, 28)
     Image.new("L", (20, 20), 255).save(tmp_path / "mask.png")
     with pytest.raises(DiffloError, match="mask .* is 20x20 but image .* is 56x56"):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DiffloError
+from .pixels import parse_colour
 from .nn.unet import UNetConfig
 
 
@@ -30,6 +31,10 @@ class DataConfig:
     image_size: int | None = None      # resize + center-crop to this size (None: the data set's own)
     flip: bool = False                 # random horizontal flips (not for digits)
     attribute: str | None = None       # CelebA: condition on this attribute (None: unconditional)
+    background: str = "white"          # images with transparency are composited over this colour (name, #rrggbb, r,g,b)
+    label: str | None = None           # emoji: subcategory (default) | category
+    styles: tuple[str, ...] | None = None   # emoji: image sets to use (default: google and twitter)
+    classes: tuple[str, ...] = ()      # class names, filled in from the data by training (stored with the model)
     cache_dir: str | None = None       # where decoded, resized arrays are cached (None: $XDG_CACHE_HOME/difflo, else ~/.cache/difflo)
     per_class: int | None = None       # keep only the first k images of each class (tiny-data studies)
 
@@ -161,6 +166,10 @@ class Config:
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
             problems.append(f"train.max_minutes={t.max_minutes} must be > 0")
+        try:
+            parse_colour(self.data.background)
+        except DiffloError as e:
+            problems.append(str(e))
         if self.data.per_class is not None and self.data.per_class < 1:
             problems.append(f"data.per_class={self.data.per_class} must be >= 1 (or null for every image)")
         if self.eval.n < 2 or (self.eval.ref_n is not None and self.eval.ref_n < 2):

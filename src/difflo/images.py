@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DiffloError
 from .io import atomic_path, pyplot
+from .pixels import BLACK, WHITE, to_mode
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -92,7 +93,7 @@ def plot_loss(metrics_csv: str | Path, out_png: str | Path) -> None:
 # ----------------------------------------------------------------------------- reading image files
 # The one decoder of ``difflo edit``'s files and the web page's uploads: open (PIL errors become one
 # line), bring any mode to 8-bit L or RGB (16-bit/32-bit/float greyscale scaled, not clipped; LAB
-# through a colour profile; alpha composited on black), resize to the model's size.
+# through a colour profile; transparency over the model's data.background, pixels.py), resize to the model's size.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -109,49 +110,20 @@ def open_image(source, what: str = "image") -> Image.Image:
         raise DiffloError(f"cannot read {what}{where}: {e} (give a PNG or JPG)") from None
 
 
-def flatten_alpha(img: Image.Image) -> Image.Image:
-    """Composite an image with transparency (RGBA, LA, PA, P with transparency) over black; others as they are."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit (I;16*), 32-bit integer (I) and float (F) greyscale -> 8-bit L, scaled to the range the
-    values use (PIL's convert clips instead: a 16-bit mid-grey would become white); LAB -> RGB."""
-    if img.mode == "LAB":                              # PIL converts LAB only through a colour profile
-        from PIL import ImageCms
-        lab_to_rgb = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                             "LAB", "RGB")
-        return ImageCms.applyTransform(img, lab_to_rgb)
-    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
-        return img
-    a = np.asarray(img, dtype=np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    if img.mode.startswith("I;16"):
-        top = 65535.0
-    elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
-        top = 1.0                                     # float images in [0, 1]
-    else:
-        top = 255.0 if not a.size or a.max() <= 255 else 65535.0 if a.max() <= 65535 else a.max()
-    return Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), "L")
-
-
 def model_image(img: Image.Image, channels: int, size: int, notes: list, what: str = "image",
-                note_mode: bool = True) -> Image.Image:
+                note_mode: bool = True, background=WHITE) -> Image.Image:
     """``img`` in the model's mode (L for 1 channel, RGB for 3) and size (LANCZOS), noting the resize
-    (and the mode conversion with ``note_mode``)."""
+    (and the mode conversion with ``note_mode``); transparency is composited over ``background``
+    (the model's ``data.background``, :mod:`difflo.pixels`)."""
     if channels not in (1, 3):
         raise DiffloError(f"this model has {channels} channels; image files can be loaded for 1 (L) or 3 (RGB)")
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
         if note_mode:
             notes.append(f"{what}: converted {img.mode} to {mode} for a {channels}-channel model"
-                         + (" (alpha composited on black)" if "A" in img.mode else ""))
+                         + (f" (transparency composited on {background})" if "A" in img.mode else ""))
         try:
-            img = flatten_alpha(to_8bit(img)).convert(mode)
+            img = to_mode(img, mode, background)
         except (ValueError, OSError) as e:
             raise DiffloError(f"cannot convert {what} from mode {img.mode} to {mode} ({e}); "
                               f"save it as an 8-bit RGB or greyscale PNG") from None
@@ -168,16 +140,17 @@ def image_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def load_image(path, channels: int, size: int, notes: list | None = None) -> torch.Tensor:
-    """(1, C, size, size) in [-1, 1] from an image file; converts channels and resizes, noting both."""
+def load_image(path, channels: int, size: int, notes: list | None = None, background=WHITE) -> torch.Tensor:
+    """(1, C, size, size) in [-1, 1] from an image file; converts channels (transparency over
+    ``background``) and resizes, noting both."""
     notes = notes if notes is not None else []
-    return image_tensor(model_image(open_image(path), channels, size, notes, str(path)))
+    return image_tensor(model_image(open_image(path), channels, size, notes, str(path), background=background))
 
 
 def mask_image(img: Image.Image, size: int, what: str = "mask") -> Image.Image:
     """An L image of 0/255: white (>= 128 after compositing alpha on black) = regenerate; NEAREST-resized."""
     try:
-        m = flatten_alpha(to_8bit(img)).convert("L")
+        m = to_mode(img, "L", BLACK)            # transparent = black = keep
     except (ValueError, OSError) as e:
         raise DiffloError(f"cannot read {what} (mode {img.mode}) as greyscale ({e}); save it as an 8-bit "
                           f"PNG") from None

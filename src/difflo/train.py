@@ -76,6 +76,7 @@ def resolve(cfg: config_mod.Config, dataset: data_mod.ArrayDataset) -> config_mo
     cfg.model.in_channels = dataset.channels
     cfg.model.image_size = dataset.image_size
     cfg.model.num_classes = dataset.num_classes
+    cfg.data.classes = tuple(dataset.classes)       # names travel with the model (grids, --classes, serve)
     cfg.validate()
     return cfg
 

@@ -100,6 +100,8 @@ def wrong_values(tp):
     if tp is str:
         return st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), nested,
                          st.lists(st.text(max_size=2), min_size=1, max_size=2))
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is str:
+        return st.one_of(st.integers(), nested, st.lists(st.integers(), min_size=1, max_size=2))
     if typing.get_origin(tp) is tuple:
         return st.one_of(words, nested, st.lists(words.filter(lambda s: not _is_number(s)), min_size=1, max_size=2))
     raise AssertionError(tp)

@@ -75,12 +75,12 @@ def summarize(name: str, root=None, split: str | None = None, image_size: int | 
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if attribute and not spec.takes_attribute:
+    if attribute and "attribute" not in spec.options:
         raise DataError(f"--attribute is only for celeba, not {name}")
     if name == "folder":
         if not root:
             raise DataError("the folder data set needs --root DIR: the folder of your images")
-        r = resolve_root("folder", root, folder.FILE_LIST)
+        r = resolve_root("folder", root, folder.FILE_LIST, downloadable=False)
         splits = [split] if split else [s for s in folder.SPLIT_DIRS if (r / s).is_dir()] or ["train"]
     else:
         splits = [check_split(name, split, spec.splits, spec.aliases)] if split else list(spec.splits)

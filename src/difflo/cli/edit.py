@@ -19,6 +19,7 @@ from .. import edit
 from ..editing import VIEWS
 from ..errors import DiffloError
 from ..images import load_image, load_mask
+from ..pixels import parse_colour
 from ..io import check_out_file
 from ..model import Model, load_model, pick_device
 from ..precision import PRECISIONS
@@ -108,7 +109,8 @@ def _image(model: Model, a, c, notes: list):
     """The --image file as the model sees it, or a model sample of class c."""
     device = model.device
     if a.image:
-        return load_image(a.image, model.cfg.model.in_channels, model.cfg.model.image_size, notes).to(device)
+        return load_image(a.image, model.cfg.model.in_channels, model.cfg.model.image_size, notes,
+                          background=parse_colour(model.cfg.data.background)).to(device)
     return edit.sample_input(model, c, a.seed, notes, _precision(model, a)).to(device)
 
 

@@ -18,13 +18,14 @@ from importlib import resources
 import numpy as np
 
 from ..errors import DataError
-from .base import ArrayDataset, DatasetSpec, check_split, data_home, default_root  # noqa: F401
+from .base import DATA_OPTIONS, ArrayDataset, DatasetSpec, check_split, data_home, default_root  # noqa: F401
 from .celeba import FILE_LIST as _CELEBA_FILES, load_celeba
 from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
 from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
 from .folder import FILE_LIST as _FOLDER_FILES, load_folder
 from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .imaging import resize_array
+from ..pixels import parse_colour
 
 
 def load_mnist10k(split: str = "train", root=None, **_) -> ArrayDataset:
@@ -51,33 +52,50 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 aliases={"valid": "val"}),
     DatasetSpec("celeba", load_celeba, ("train", "valid", "test"), "CelebA aligned faces (train 162,770 / valid "
                 "19,867 / test 19,962), cropped to image_size (64); unconditional or one attribute (2 classes)",
-                _CELEBA_FILES, aliases={"val": "valid"}, takes_attribute=True),
+                _CELEBA_FILES, aliases={"val": "valid"}, options=("attribute",)),
     DatasetSpec("folder", load_folder, ("train",), "any image folder: one subfolder per class, or flat "
-                "(unconditional); train/ val/ test/ subfolders are splits", _FOLDER_FILES),
+                "(unconditional); train/ val/ test/ subfolders are splits", _FOLDER_FILES, options=("background",)),
 ]}
 
 
-def load(name: str, split: str = "train", root=None, image_size: int | None = None, attribute: str | None = None,
-         cache_dir=None) -> ArrayDataset:
+def load(name: str, split: str = "train", root=None, image_size: int | None = None, cache_dir=None,
+         **options) -> ArrayDataset:
     """A named data set (see DATASETS); ``image_size`` resizes and center-crops (None: the data
-    set's own size, 64 for flowers102 and celeba); ``attribute`` is for celeba only."""
+    set's own size, 64 for flowers102 and celeba); ``options`` are DATA_OPTIONS (attribute for
+    celeba, background for image files, label and styles for emoji)."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
-    if attribute and not spec.takes_attribute:
-        raise DataError(f"data.attribute={attribute!r} is only for celeba, not {name}; remove it")
+    for key, value in options.items():
+        if key not in DATA_OPTIONS:
+            raise TypeError(f"data.load: unknown option {key!r}")
+        if value != DATA_OPTIONS[key] and value is not None and key not in spec.options:
+            takers = [s.name for s in DATASETS.values() if key in s.options]
+            raise DataError(f"data.{key}={value!r} is only for {', '.join(takers)}, not {name}; remove it")
     if image_size is not None and image_size < 1:
         raise DataError(f"data.image_size={image_size} must be a positive number of pixels")
-    ds = spec(split=split, root=root, image_size=image_size, attribute=attribute, cache_dir=cache_dir)
+    if "background" in options:
+        options["background"] = parse_colour(options["background"])            # one clear line if it is not
+    ds = spec(split=split, root=root, image_size=image_size, cache_dir=cache_dir, **options)
     if image_size is not None and spec.native_size is not None and image_size != ds.image_size:
         ds.images = resize_array(ds.images, image_size)
     return ds
 
 
+def options_of(cfg) -> dict:
+    """The DATA_OPTIONS a ``DataConfig`` sets."""
+    return {k: getattr(cfg, k, default) for k, default in DATA_OPTIONS.items()}
+
+
+def load_split(cfg, split: str) -> ArrayDataset:
+    """``split`` of the data set a ``DataConfig`` describes (its size and options; no flips, no per_class)."""
+    return load(cfg.name, split, cfg.root, image_size=getattr(cfg, "image_size", None),
+                cache_dir=getattr(cfg, "cache_dir", None), **options_of(cfg))
+
+
 def from_config(cfg) -> ArrayDataset:
     """The training data set described by a ``DataConfig``."""
-    ds = load(cfg.name, cfg.split, cfg.root, image_size=getattr(cfg, "image_size", None),
-              attribute=getattr(cfg, "attribute", None), cache_dir=getattr(cfg, "cache_dir", None))
+    ds = load_split(cfg, cfg.split)
     ds.flip = bool(getattr(cfg, "flip", False))
     k = getattr(cfg, "per_class", None)
     if k is not None:
@@ -102,5 +120,5 @@ def first_per_class(ds: ArrayDataset, k: int) -> ArrayDataset:
     return ds
 
 
-__all__ = ["ArrayDataset", "DATASETS", "DatasetSpec", "FASHION_CLASSES", "MNIST_CLASSES", "from_config", "load",
+__all__ = ["ArrayDataset", "DATA_OPTIONS", "DATASETS", "DatasetSpec", "load_split", "options_of", "FASHION_CLASSES", "MNIST_CLASSES", "from_config", "load",
            "data_home", "default_root"]

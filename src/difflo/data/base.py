@@ -60,20 +60,32 @@ class ArrayDataset:
 
 @dataclass
 class DatasetSpec:
-    """A registry entry: ``spec(split=..., root=..., image_size=..., attribute=..., cache_dir=...)`` loads."""
+    """A registry entry: ``spec(split=..., root=..., image_size=..., cache_dir=..., **options)`` loads.
+
+    ``options`` names the data-set options (``DATA_OPTIONS``) this loader reads; ``load`` refuses a
+    non-default value for any other, so a setting never silently does nothing."""
     name: str
     loader: Callable[..., ArrayDataset]
     splits: tuple[str, ...]               # the real splits ("all" is their union where supported)
     description: str = ""
     files: str = ""                       # the files it reads, for messages and `difflo data info`
     aliases: dict[str, str] = field(default_factory=dict)
-    takes_attribute: bool = False
+    options: tuple[str, ...] = ()        # the DATA_OPTIONS it reads
     native_size: int | None = None        # the size of the stored images (None: decoded, resized)
 
-    def __call__(self, split: str = "train", root=None, image_size: int | None = None,
-                 attribute: str | None = None, cache_dir=None) -> ArrayDataset:
-        return self.loader(split=split, root=root, image_size=image_size, attribute=attribute,
-                           cache_dir=cache_dir)
+    def __call__(self, split: str = "train", root=None, image_size: int | None = None, cache_dir=None,
+                 **options) -> ArrayDataset:
+        return self.loader(split=split, root=root, image_size=image_size, cache_dir=cache_dir,
+                           **{k: v for k, v in options.items() if k in self.options})
+
+
+# Options beyond name/root/split/image_size that some loaders read, with their defaults (DataConfig's).
+DATA_OPTIONS: dict[str, object] = {
+    "attribute": None,         # celeba: condition on this attribute
+    "background": "white",     # files with transparency: composited over this colour (difflo.pixels)
+    "label": None,             # emoji: subcategory | category
+    "styles": None,            # emoji: which image sets (google, twitter)
+}
 
 
 def check_split(name: str, split: str, splits, aliases: dict[str, str] | None = None, all_ok: bool = True) -> str:
@@ -99,16 +111,16 @@ def default_root(name: str) -> Path:
     return data_home() / name
 
 
-def resolve_root(name: str, root, files: str, fallbacks: tuple[Path, ...] = ()) -> Path:
+def resolve_root(name: str, root, files: str, fallbacks: tuple[Path, ...] = (), downloadable: bool = True) -> Path:
     """The directory to read ``name`` from: ``root`` if given (it must exist), else the default
     location (`difflo data download` puts files there), else the first existing fallback."""
     if root is not None and str(root) != "":
         path = Path(root).expanduser()
         if not path.is_dir():
             what = "is a file, not a directory" if path.exists() else "does not exist"
+            fetch = f", or fetch them with `difflo data download {name} --root DIR`" if downloadable else ""
             raise DataError(f"data root {path} {what} (data set {name}, which reads {files}); "
-                            f"set data.root / --root to the directory that holds them, "
-                            f"or fetch them with `difflo data download {name} --root DIR`")
+                            f"set data.root / --root to the directory that holds them{fetch}")
         return path
     for path in (default_root(name), *fallbacks):
         if path.is_dir():

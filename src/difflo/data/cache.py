@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import DataError
 from ..io import cache_home
 
-FORMAT = 1
+FORMAT = 2                 # 2: transparency composited over data.background (1 dropped alpha)
 
 
 def cache_dir_of(cache_dir) -> Path:

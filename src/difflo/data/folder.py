@@ -9,7 +9,8 @@
 
 Images are resized (shorter side) and center-cropped to ``image_size``; with no image_size all
 images must already share one size (cropped to a centred square). They are kept as 1 channel only
-if every image is grayscale, else converted to RGB (alpha dropped; EXIF orientation applied).
+if every image is grayscale, else converted to RGB (EXIF orientation applied). Transparency (RGBA,
+LA, palette) is composited over ``data.background`` (default white; :mod:`difflo.pixels`).
 Decoded once and cached.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..pixels import WHITE
 from . import cache
 from .base import ArrayDataset, check_split, resolve_root
 from .imaging import GRAY_MODES, IMAGE_EXTENSIONS, decode_all, is_image_file, probe
@@ -46,8 +48,9 @@ def _scan(d: Path) -> tuple[dict[str, list[Path]], list[Path]]:
 def index(split: str, root) -> tuple[list[Path], np.ndarray, tuple[str, ...], Path, str]:
     """Image files, labels, class names, the folder and the canonical split (no decoding)."""
     if root is None or str(root) == "":
-        raise DataError("the folder data set needs data.root=DIR (--root DIR): the folder of your images")
-    root = resolve_root("folder", root, FILE_LIST)
+        raise DataError("the folder data set needs data.root=DIR (--root DIR): point it at the folder of your images "
+                        "(one subfolder per class, or a flat folder)")
+    root = resolve_root("folder", root, FILE_LIST, downloadable=False)
     splits = [s for s in SPLIT_DIRS if (root / s).is_dir()]
     if splits:
         split = check_split(f"folder {root}", split, splits)
@@ -82,7 +85,7 @@ def index(split: str, root) -> tuple[list[Path], np.ndarray, tuple[str, ...], Pa
     return files, np.asarray(labels, np.int64), tuple(class_names) if labelled else (), root, split
 
 
-def load_folder(split="train", root=None, image_size=None, cache_dir=None, **_) -> ArrayDataset:
+def load_folder(split="train", root=None, image_size=None, cache_dir=None, background=WHITE, **_) -> ArrayDataset:
     files, labels, classes, root, split = index(split, root)
     fix = "replace or delete it"
 
@@ -98,10 +101,10 @@ def load_folder(split="train", root=None, image_size=None, cache_dir=None, **_) 
                                 f"{files[j].name} is {other[0]}x{other[1]}); set data.image_size (e.g. 64) to "
                                 f"resize and center-crop them all")
             size = min(sizes[0])
-        images = decode_all(files, size, channels, desc=f"folder {root.name}", fix=fix)
+        images = decode_all(files, size, channels, desc=f"folder {root.name}", fix=fix, background=background)
         return {"images": images}
 
-    recipe = f"folder {root.resolve()} gray-if-all resize-shorter+center-crop {image_size}"
+    recipe = f"folder {root.resolve()} gray-if-all resize-shorter+center-crop {image_size} background {background}"
     arrays, _ = cache.cached(f"folder-{root.name}", split, image_size, files, recipe, cache_dir, build)
     return ArrayDataset(arrays["images"], labels, len(classes), "folder", classes=classes, split=split,
                         source=str(root))

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from ..pixels import WHITE, to_mode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 CHUNK = 64                  # images per task of the decoding threads
@@ -53,17 +54,16 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 
 
 def decode(path: Path, size: int | None, channels: int, box: tuple[int, int, int, int] | None = None,
-           fix: str = "replace or delete it") -> np.ndarray:
+           fix: str = "replace or delete it", background=WHITE) -> np.ndarray:
     """One image file -> uint8 (size, size, channels). ``box`` (left, upper, right, lower) is cropped
-    first (in the stored image's pixels); ``size`` None keeps the (square) size."""
+    first (in the stored image's pixels); ``size`` None keeps the (square) size. Transparency is
+    composited over ``background`` (:mod:`difflo.pixels`)."""
     try:
         with Image.open(path) as im:
             if box is None and size is not None and im.format == "JPEG":
                 im.draft(None, (2 * size, 2 * size))       # decode at 1/2, 1/4 or 1/8 scale when large
             im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I;16"):                  # 16-bit grey: keep the high byte (convert clips)
-                im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), "L")
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = to_mode(im, "L" if channels == 1 else "RGB", background)   # 8 bits; alpha over background
             if box is not None:
                 im = im.crop(box)
             if size is not None:
@@ -75,20 +75,20 @@ def decode(path: Path, size: int | None, channels: int, box: tuple[int, int, int
 
 
 def decode_all(paths: list[Path], size: int | None, channels: int, box=None, desc: str = "decoding",
-               fix: str = "replace or delete it") -> np.ndarray:
+               fix: str = "replace or delete it", background=WHITE) -> np.ndarray:
     """Decode many files in parallel threads (PIL releases the GIL while decoding and resizing)
     into one uint8 (N, size, size, channels) array, with a progress bar on a terminal."""
     from tqdm import tqdm
 
     if not paths:
         raise DataError("no images to decode")
-    first = decode(paths[0], size, channels, box, fix)
+    first = decode(paths[0], size, channels, box, fix, background)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
     out[0] = first
 
     def work(lo: int, hi: int) -> int:
         for i in range(lo, hi):
-            arr = decode(paths[i], size, channels, box, fix)
+            arr = decode(paths[i], size, channels, box, fix, background)
             if arr.shape != first.shape:
                 raise DataError(f"{paths[i]} decodes to {arr.shape[1]}x{arr.shape[0]}, but {paths[0]} to "
                                 f"{first.shape[1]}x{first.shape[0]}; set data.image_size to resize them all")

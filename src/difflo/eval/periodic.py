@@ -56,8 +56,7 @@ class Judge:
             st = fid_mod.load_stats(path)
             if st["extractor"] == self.extractor.name:
                 return st
-        ds = data_mod.load(d.name, e.ref_split, d.root, image_size=d.image_size, attribute=d.attribute,
-                           cache_dir=d.cache_dir)
+        ds = data_mod.load_split(d, e.ref_split)
         t0 = time.time()
         st = evaluate.reference_stats(ds, self.extractor, e.ref_n)
         self.ref_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from ..checkpoint import WEIGHTS, resolve_weights
 from ..errors import DiffloError
 from ..images import grid_image, image_tensor, mask_image, mask_tensor, model_image, open_image, save_image, to_uint8
 from ..io import atomic_path
+from ..pixels import WHITE, parse_colour
 from ..model import Model, load_model, pick_device
 from ..sample import describe, generate, settings_for
 from ..samplers import SAMPLERS
@@ -129,10 +130,12 @@ def decode_image(data, what: str = "image") -> Image.Image:
         raise RequestError(f"{what} is a damaged {img.format} file ({e})") from None
 
 
-def to_model_image(img: Image.Image, channels: int, size: int, notes: list, what: str = "image") -> Image.Image:
-    """As ``difflo edit`` loads a file (:func:`difflo.images.model_image`): the model's mode and size."""
+def to_model_image(img: Image.Image, channels: int, size: int, notes: list, what: str = "image",
+                   background=WHITE) -> Image.Image:
+    """As ``difflo edit`` loads a file (:func:`difflo.images.model_image`): the model's mode and size,
+    transparency over the model's ``data.background``."""
     try:
-        return model_image(img, channels, size, notes, what, note_mode=False)     # the page shows the image
+        return model_image(img, channels, size, notes, what, note_mode=False, background=background)
     except DiffloError as e:
         raise RequestError(str(e)) from None
 
@@ -190,6 +193,7 @@ class App:
         self.queue = JobQueue(jobs_root)
         m = self.model
         self.C, self.S = m.cfg.model.in_channels, m.cfg.model.image_size
+        self.background = parse_colour(m.cfg.data.background)
         # The samplers that fit the model's path, from the registry (a new sampler appears by itself).
         self.samplers = self.edit_samplers = tuple(m.path.samplers)
         self.max_steps = min(LIMITS["steps"], m.path.max_steps or LIMITS["steps"])
@@ -290,7 +294,8 @@ class App:
         path = self.model.path
         ts = edit.time_grid(self.model, steps=p["steps"])            # as difflo edit --steps
         if tech in ("sdedit", "inpaint"):
-            files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes)
+            files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes,
+                                                background=self.background)
             cls = self._cls(f, "class")
             args += ["--image", "input.png", "--class", str(cls)]
         if tech == "sdedit":
@@ -350,7 +355,8 @@ class App:
     def upload(self, body) -> dict:
         """Check an uploaded image and return it as the model will see it (its size, channels)."""
         notes: list[str] = []
-        img = to_model_image(decode_image(Fields(body).body.get("image"), "image"), self.C, self.S, notes)
+        img = to_model_image(decode_image(Fields(body).body.get("image"), "image"), self.C, self.S, notes,
+                             background=self.background)
         return {"image": png_data_url(img), "notes": notes}
 
     # ------------------------------------------------------------------ jobs
