@@ -55,9 +55,9 @@ def test_bad_sample_inputs(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "g.png")
     cases = [
         (["--ckpt", str(tmp_path / "missing"), "--out", out], "not found"),
-        (["--ckpt", ckpt, "--classes", "10", "--out", out], "class index out of range"),
-        (["--ckpt", ckpt, "--classes", "-1", "--out", out], "class index out of range"),
-        (["--ckpt", ckpt, "--classes", "two", "--out", out], "comma-separated integers"),
+        (["--ckpt", ckpt, "--classes", "10", "--out", out], "class index 10 out of range in --classes"),
+        (["--ckpt", ckpt, "--classes", "-1", "--out", out], "class index -1 out of range"),
+        (["--ckpt", ckpt, "--classes", "two", "--out", out], "no class 'two' in --classes"),
         (["--ckpt", ckpt, "--steps", "0", "--out", out], "must be >= 1"),
         (["--ckpt", ckpt, "--steps", "5000", "--out", out], "exceeds the model's 1000"),
         (["--ckpt", ckpt, "--w", "-1", "--out", out], "must be >= 0"),

@@ -6,6 +6,7 @@ it into the one denoiser interface the samplers consume (x0 prediction, guided, 
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 
 from . import config as config_mod, precision as precision_mod
 from .checkpoint import load_weights, resolve_weights, verify_file
+from .data.idx import FASHION_CLASSES
 from .errors import CheckpointError, DiffloError
 from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
 from .nn import UNet
@@ -39,6 +41,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+KNOWN_NAMES = {"fashion-mnist": FASHION_CLASSES}   # for checkpoints written before data.classes was stored
+
+
 @dataclass
 class Model:
     """A network with the resolved config it was trained with."""
@@ -60,6 +65,49 @@ class Model:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """One name per class: the data set's names stored with the model (``data.classes``), else
+        the indices as text (models trained before names were stored, data sets without names)."""
+        names = tuple(self.cfg.data.classes) or KNOWN_NAMES.get(self.cfg.data.name, ())
+        return names if len(names) == self.num_classes else tuple(str(c) for c in range(self.num_classes))
+
+    def class_label(self, c: int) -> str:
+        """A grid row's label: the class's name, or "class c" where the model has no names."""
+        name = self.class_names[c]
+        return name if name != str(c) else f"class {c}"
+
+    def class_index(self, token, flag: str = "--class") -> int:
+        """A class given by index (7, "7") or by name ("plant-flower"; case-insensitive): its index."""
+        k = self.num_classes
+        if k == 0:
+            return 0
+        text = str(token).strip()
+        if text.lstrip("-").isdigit():
+            c = int(text)
+            if not 0 <= c < k:
+                raise DiffloError(f"class index {c} out of range in {flag}: this model has classes 0..{k - 1}")
+            return c
+        names = self.class_names
+        folded = [n.casefold() for n in names]
+        if text.casefold() in folded:
+            return folded.index(text.casefold())
+        close = difflib.get_close_matches(text, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else \
+            f"; this model's classes are {', '.join(names[:8])}{', ...' if k > 8 else ''} (or indices 0..{k - 1})"
+        raise DiffloError(f"no class {text!r} in {flag}{hint}")
+
+    def parse_classes(self, spec: str, flag: str = "--classes") -> list[int]:
+        """'all', or comma-separated indices and/or names, as class indices ([0] for an unconditional model)."""
+        if self.num_classes == 0:
+            return [0]
+        if spec.strip() == "all":
+            return list(range(self.num_classes))
+        classes = [self.class_index(c, flag) for c in spec.split(",") if c.strip() != ""]
+        if not classes:
+            raise DiffloError(f"{flag} must be 'all' or comma-separated class indices or names; got {spec!r}")
+        return classes
 
     def precision(self, asked: str) -> precision_mod.Precision:
         """The precision that runs for ``asked`` on this model's device (a warning printed once to stderr)."""

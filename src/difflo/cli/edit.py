@@ -58,14 +58,14 @@ def add_parser(sub) -> None:
     f = tsub.add_parser("forward", help="the forward process at chosen timesteps, as a strip")
     common(f, classes=False, times=None)
     f.add_argument("--image", help="input PNG/JPG (default: a model sample of --class)")
-    f.add_argument("--class", dest="cls", type=int, default=0, help="class of the generated input (no --image)")
+    f.add_argument("--class", dest="cls", default="0", help="class (index or name) of the generated input (no --image)")
     f.add_argument("--t", default="250,500,750", help="comma-separated timesteps (default 250,500,750)")
 
     d = tsub.add_parser("denoise", help="blur vs one-step vs iterative denoising of a noisy image, with PSNR")
     common(d, times="stride")
     d.set_defaults(w=0.0)
     d.add_argument("--image", help="clean input PNG/JPG (default: a model sample of --class)")
-    d.add_argument("--class", dest="cls", type=int, default=None,
+    d.add_argument("--class", dest="cls", default=None,
                    help="class of the generated input, and the condition when --w > 0 (default w 0: unconditional)")
     d.add_argument("--i-start", type=int, default=10,
                    help="index into the strided timesteps of the noise level (default 10: t=690 for stride 30)")
@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
     s = tsub.add_parser("sdedit", help="image-to-image: noise an image to several levels and denoise toward a class")
     common(s, times="stride")
     s.add_argument("--image", required=True, help="input PNG/JPG (hand-drawn or out of domain is fine)")
-    s.add_argument("--class", dest="cls", type=int, required=True, help="target class")
+    s.add_argument("--class", dest="cls", required=True, help="target class (index or name)")
     s.add_argument("--levels", default="1,3,5,7,10,20",
                    help="start levels: the number of strided steps from the clean end (default 1,3,5,7,10,20)")
 
@@ -81,21 +81,21 @@ def add_parser(sub) -> None:
     common(p)
     p.add_argument("--image", required=True)
     p.add_argument("--mask", required=True, help="mask PNG of the image's size: white (>=128) = regenerate")
-    p.add_argument("--class", dest="cls", type=int, required=True)
+    p.add_argument("--class", dest="cls", required=True, help="class (index or name) to fill in with")
     p.add_argument("--jump-length", type=positive_int, default=1, help="RePaint jump length j (default 1)")
     p.add_argument("--jump-n-sample", type=positive_int, default=1,
                    help="RePaint resampling: run each chunk of j steps r times (default 1: no jumps)")
 
     a = tsub.add_parser("anagram", help="an image that reads as class A upright and class B in another view")
     common(a)
-    a.add_argument("--a", type=int, required=True, help="class seen upright")
-    a.add_argument("--b", type=int, required=True, help="class seen in --view")
+    a.add_argument("--a", required=True, help="class seen upright (index or name)")
+    a.add_argument("--b", required=True, help="class seen in --view (index or name)")
     a.add_argument("--view", choices=[v for v in VIEWS], default="rot180", help="default rot180")
 
     h = tsub.add_parser("hybrid", help="low frequencies from class A, high frequencies from class B")
     common(h)
-    h.add_argument("--low", type=int, required=True, help="class A (low frequencies, seen from afar)")
-    h.add_argument("--high", type=int, required=True, help="class B (high frequencies, seen close up)")
+    h.add_argument("--low", required=True, help="class A (low frequencies, seen from afar; index or name)")
+    h.add_argument("--high", required=True, help="class B (high frequencies, seen close up; index or name)")
     h.add_argument("--kernel-size", type=positive_int, default=13, help="Gaussian kernel size, odd (default 13)")
     h.add_argument("--sigma", type=nonneg_float, default=2.0, help="Gaussian sigma in pixels (default 2)")
     e.set_defaults(func=run)
@@ -122,6 +122,9 @@ def run_technique(a, model: Model) -> edit.EditResult:
     """Run the technique ``a`` names (parsed ``difflo edit`` arguments) on a loaded model."""
     notes: list[str] = []
     seeds = [a.seed + i for i in range(a.n)]
+    for key, flag in (("cls", "--class"), ("a", "--a"), ("b", "--b"), ("low", "--low"), ("high", "--high")):
+        if getattr(a, key, None) is not None:                  # class names or indices -> indices
+            setattr(a, key, model.class_index(getattr(a, key), flag))
     if a.technique == "forward":
         values = []
         if a.t:

@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
     n = s.add_mutually_exclusive_group()
     n.add_argument("--grid", type=positive_int, metavar="K", help="K images per class in a grid (default 8)")
     n.add_argument("--n", type=positive_int, help="N images in total (for .npz sample sets)")
-    s.add_argument("--classes", default="all", help="comma-separated class indices, or 'all' (default)")
+    s.add_argument("--classes", default="all",
+                   help="comma-separated class indices or names (e.g. 0,3 or plant-flower,face-smiling), or 'all' "
+                        "(default)")
     s.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
@@ -46,22 +48,6 @@ def add_parser(sub) -> None:
     s.add_argument("--gif", help="also write the denoising trajectory of the first batch as a GIF")
     s.add_argument("--out", required=True, help="grid.png, or samples.npz (images uint8 NxHxWxC, labels)")
     s.set_defaults(func=run)
-
-
-def parse_classes(spec: str, num_classes: int) -> list[int]:
-    if num_classes == 0:
-        return [0]
-    if spec == "all":
-        return list(range(num_classes))
-    try:
-        classes = [int(c) for c in spec.split(",") if c.strip() != ""]
-    except ValueError:
-        raise DiffloError(f"--classes must be 'all' or comma-separated integers like 0,1,2; got {spec!r}") from None
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
-        raise DiffloError(f"class index out of range in --classes {spec!r}: this model has classes "
-                          f"0..{num_classes - 1}")
-    return classes
 
 
 def run_sampling(model, labels, seeds, settings: SampleSettings, batch_size: int, gif: Path | None = None):
@@ -95,7 +81,7 @@ def run(args) -> int:
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, eta=args.eta, w=args.w,
                             spacing=args.spacing, variance=args.variance, clip_x0=False if args.no_clip else None,
                             precision=args.precision)
-    classes = parse_classes(args.classes, model.num_classes)
+    classes = model.parse_classes(args.classes)
     if args.n:
         labels = torch.tensor(classes).repeat(-(-args.n // len(classes)))[:args.n]
     else:
@@ -111,7 +97,7 @@ def run(args) -> int:
             np.savez_compressed(tmp, images=u8, labels=labels.numpy().astype(np.int64))
     else:
         ncol = len(labels) // len(classes) if not args.n else min(len(labels), 10)
-        rows = [f"class {c}" for c in classes] if not args.n and model.num_classes else None
+        rows = [model.class_label(c) for c in classes] if not args.n and model.num_classes else None
         save_image(grid_image(u8, ncol, rows), out)
     print(f"wrote {out}: {len(labels)} images in {dt:.1f}s ({describe(settings)}; "
           f"precision {model.precision(settings.precision)})"

@@ -208,7 +208,7 @@ class App:
         edit_default = edit.default_sampler(m)                                      # as difflo edit
         return {
             "ckpt": self.ckpt_arg, "weights": "ema" if self.ema else "raw", "objective": m.objective,
-            "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": _class_names(m),
+            "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": list(m.class_names),
             "image_size": self.S, "channels": self.C, "samplers": list(self.samplers),
             "edit_samplers": list(self.edit_samplers),
             "defaults": {"sampler": default, "steps": min(sc.steps, self.max_steps), "w": sc.w,
@@ -250,7 +250,7 @@ class App:
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
         seeds = [p["seed"] + i for i in range(len(labels))]
-        row_labels = [f"class {c}" for c in classes] if k else None
+        row_labels = [self.model.class_label(c) for c in classes] if k else None
 
         def work(job: Job) -> dict:
             job.total = p["steps"]
@@ -384,16 +384,6 @@ def trajectory_strip(frames, columns: int = 10) -> Image.Image:
     xs = np.stack([frames[i]["x"][0] for i in idx])
     x0s = np.stack([frames[i]["x0"][0] for i in idx])
     return grid_image(np.concatenate([xs, x0s]), len(idx), ["x_t", "x0"])
-
-
-def _class_names(m: Model) -> list[str]:
-    k = m.num_classes
-    if not k:
-        return []
-    from ..data.idx import FASHION_CLASSES, MNIST_CLASSES
-    known = {"mnist10k": MNIST_CLASSES, "mnist": MNIST_CLASSES, "fashion-mnist": FASHION_CLASSES}
-    names = known.get(m.cfg.data.name)
-    return list(names) if names and len(names) == k else [str(i) for i in range(k)]
 
 
 def _display_path(p: Path) -> str:
