@@ -96,6 +96,15 @@ def test_lr_schedule():
     assert lr_at(100, t) == 1.0
 
 
+def test_lr_schedule_follows_the_time_budget():
+    """With train.max_minutes the decay ends when the time runs out, if that comes before the last step."""
+    t = TrainConfig(lr=1.0, warmup_steps=10, steps=100_000, lr_schedule="cosine", min_lr_ratio=0.0, max_minutes=2)
+    assert lr_at(20, t, elapsed=0.0) == pytest.approx(1.0, abs=1e-6)
+    assert lr_at(20, t, elapsed=60.0) == pytest.approx(0.5) and lr_at(20, t, elapsed=600.0) == pytest.approx(0.0)
+    t.max_minutes = None
+    assert lr_at(20, t, elapsed=60.0) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_ema_decay_warmup():
     t = TrainConfig(ema_decay=0.999)
     assert ema_decay_at(0, t) == pytest.approx(0.1) and ema_decay_at(10_000, t) == 0.999

@@ -33,14 +33,17 @@ from .sample import generate
 METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", "fid", "fd_classifier", "class_accuracy"]
 
 
-def lr_at(step: int, t: config_mod.TrainConfig) -> float:
+def lr_at(step: int, t: config_mod.TrainConfig, elapsed: float = 0.0) -> float:
     """1) linear warmup over warmup_steps, then 2) constant, or a decay to lr * min_lr_ratio at the
-    last step: cosine, or exponential (lr * min_lr_ratio^progress)."""
+    end: cosine, or exponential (lr * min_lr_ratio^progress). The end is the last step, or with
+    train.max_minutes the time budget if that comes first: progress = max(steps done, time used)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return t.lr
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    if t.max_minutes is not None:
+        progress = max(progress, min(1.0, elapsed / (60 * t.max_minutes)))
     if t.lr_schedule == "exponential":
         return t.lr * t.min_lr_ratio ** progress
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -222,7 +225,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     # 5) The loop.
     net.train()
     while step < t.steps and not faults.stop_requested():         # SIGINT/SIGTERM: save, stop (faults.py)
-        lr = lr_at(step, t)
+        lr = lr_at(step, t, time.time() - start)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)
