@@ -137,7 +137,7 @@ def check_batch(ds, size: int, channels: int):
 # ---------------------------------------------------------------- loaders
 
 def test_registry_has_every_loader():
-    assert list(DATASETS) == ["mnist10k", "mnist", "fashion-mnist", "cifar10", "flowers102", "celeba", "folder"]
+    assert list(DATASETS) == ["mnist10k", "mnist", "fashion-mnist", "cifar10", "flowers102", "celeba", "folder", "emoji"]
     with pytest.raises(DataError, match="unknown data set 'svhn'; choose one of mnist10k, mnist"):
         data.load("svhn")
 
@@ -552,12 +552,13 @@ def test_wired_into_difflo_cli(tmp_path, capsys):
 
 # ---------------------------------------------------------------- configs and training on each data set
 
-@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "flowers102", "celeba", "folder"])
-def test_config_validates_and_fits_its_data(name):
+@pytest.mark.parametrize("name,file", [(n, n) for n in ["mnist", "fashion-mnist", "cifar10", "flowers102", "celeba",
+                                                         "folder"]] + [("emoji", "emoji32"), ("emoji", "emoji64")])
+def test_config_validates_and_fits_its_data(name, file):
     from difflo import config as config_mod
     from difflo.train import resolve
 
-    cfg = config_mod.load(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    cfg = config_mod.load(Path(__file__).parent.parent / "configs" / f"{file}.yaml")
     cfg.validate()
     assert cfg.data.name == name and cfg.data.flip == (name in ("cifar10", "flowers102", "celeba", "folder"))
     size = cfg.data.image_size or DATASETS[name].native_size
@@ -583,7 +584,7 @@ def _prepare(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10", "flowers102", "celeba", "folder"])
-def test_two_training_steps(tmp_path, name):
+def test_two_training_steps(tmp_path, name):          # emoji: tests/test_emoji.py
     from difflo.train import train
 
     root, extra = _prepare(name, tmp_path)

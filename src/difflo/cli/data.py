@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data import DATASETS, celeba, data_home, flowers, folder, load
+from ..data import DATASETS, celeba, data_home, emoji, flowers, folder, load
 from ..data.base import check_split, resolve_root
 from ..data.download import download
 from ..data.imaging import GRAY_MODES, probe
@@ -29,7 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d = dsub.add_parser("download", help="fetch a data set from its official source and verify its checksums",
                         description="Download a data set's files from their official source and verify the published "
                                     "MD5 checksums (files already present are verified, not fetched again). CelebA "
-                                    "is on Google Drive only: the command prints how to fetch it by hand.")
+                                    "is on Google Drive only: the command prints how to fetch it by hand. emoji is "
+                                    "two npm packages: fetched with `npm pack` (needs Node.js/npm; $DIFFLO_NPM names "
+                                    "another npm) and checked against their published sha512 integrity.")
     d.add_argument("name", metavar="NAME", help=names)
     d.add_argument("--root", help=f"where to put the files (default {data_home()}/NAME, where the loaders look "
                                   f"when data.root is not set)")
@@ -41,8 +43,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     i.add_argument("--root", help="the data set's directory (default: where `difflo data download` puts it)")
     i.add_argument("--split", help="only this split (default: every split)")
     i.add_argument("--image-size", type=positive_int, help="as data.image_size (default: the data set's own, 64 for "
-                                                     "flowers102 and celeba)")
+                                                     "flowers102, celeba and emoji)")
     i.add_argument("--attribute", help="celeba: count the classes of this attribute (as data.attribute)")
+    i.add_argument("--label", help="emoji: subcategory (default) or category (as data.label)")
+    i.add_argument("--styles", help="emoji: google, twitter or google,twitter (default; as data.styles)")
     i.add_argument("--cache-dir", help="as data.cache_dir")
     p.set_defaults(func=run)
     return p
@@ -52,7 +56,8 @@ def run(args) -> int:
     if args.data_command == "download":
         download(args.name, args.root, timeout=args.timeout)
         return 0
-    print(info_text(args.name, args.root, args.split, args.image_size, args.attribute, args.cache_dir))
+    print(info_text(args.name, args.root, args.split, args.image_size, args.attribute, args.cache_dir,
+                    label=args.label, styles=args.styles))
     return 0
 
 
@@ -68,15 +73,19 @@ class SplitSummary:
 
 
 def summarize(name: str, root=None, split: str | None = None, image_size: int | None = None,
-              attribute: str | None = None, cache_dir=None) -> list[SplitSummary]:
-    """One summary per split (every split when ``split`` is None). Flowers-102, CelebA and folders
-    are counted from their label files and image headers, without decoding the images."""
+              attribute: str | None = None, cache_dir=None, label: str | None = None,
+              styles: str | None = None) -> list[SplitSummary]:
+    """One summary per split (every split when ``split`` is None). Flowers-102, CelebA, emoji and
+    folders are counted from their label files and image headers, without decoding the images."""
 
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[name]
     if attribute and "attribute" not in spec.options:
         raise DataError(f"--attribute is only for celeba, not {name}")
+    for flag, value in (("--label", label), ("--styles", styles)):
+        if value is not None and flag[2:] not in spec.options:
+            raise DataError(f"{flag} is only for emoji, not {name}")
     if name == "folder":
         if not root:
             raise DataError("the folder data set needs --root DIR: the folder of your images")
@@ -92,6 +101,9 @@ def summarize(name: str, root=None, split: str | None = None, image_size: int | 
         elif name == "celeba":
             files, labels, n_cls, classes, src, s = celeba.index(s, root, attribute)
             size, ch = image_size or celeba.DEFAULT_SIZE, 3
+        elif name == "emoji":
+            _, labels, classes, src, s, _ = emoji.index(s, root, label, styles)
+            n_cls, size, ch = len(classes), emoji.check_size(image_size), 3
         elif name == "folder":
             files, labels, classes, src, s = folder.index(s, root)
             n_cls = len(classes)
@@ -109,9 +121,10 @@ def summarize(name: str, root=None, split: str | None = None, image_size: int | 
     return out
 
 
-def info_text(name: str, root=None, split=None, image_size=None, attribute=None, cache_dir=None) -> str:
+def info_text(name: str, root=None, split=None, image_size=None, attribute=None, cache_dir=None, label=None,
+              styles=None) -> str:
 
-    rows = summarize(name, root, split, image_size, attribute, cache_dir)
+    rows = summarize(name, root, split, image_size, attribute, cache_dir, label, styles)
     first = rows[0]
     n_cls = len(first.classes)
     lines = [f"{name}: {DATASETS[name].description}",
@@ -132,4 +145,6 @@ def info_text(name: str, root=None, split=None, image_size=None, attribute=None,
         for c, label in enumerate(names):
             lines.append(f"{label:<{cw}}" + "".join(f"  {int(r.class_counts[c]) if c < len(r.class_counts) else 0:>9,}"
                                                     for r in rows))
+    if name == "emoji":
+        lines += ["", emoji.LICENCE]
     return "\n".join(lines)

@@ -8,6 +8,9 @@ Batches are float tensors in [-1, 1], (B, C, H, W). Loaders (``DATASETS``; docs/
 - ``mnist``, ``fashion-mnist`` (IDX files), ``cifar10`` (python batches): read as stored.
 - ``flowers102``, ``celeba``, ``folder``: JPEG/PNG files, resized and center-cropped to
   ``image_size``, decoded once and cached as ``.npz`` (``cache.py``).
+- ``emoji``: 64x64 Noto Emoji and Twemoji images read from the two npm tarballs
+  (``emoji-datasource-google``/``-twitter@16.0.0``), composited over ``data.background``, labelled
+  by subcategory (98) or category (9), with a deterministic 10% test split; decoded once and cached.
 
 Nothing is downloaded implicitly; ``difflo data download NAME`` fetches and verifies the files.
 """
@@ -22,6 +25,7 @@ from .base import DATA_OPTIONS, ArrayDataset, DatasetSpec, check_split, data_hom
 from .celeba import FILE_LIST as _CELEBA_FILES, load_celeba
 from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
 from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
+from .emoji import FILE_LIST as _EMOJI_FILES, load_emoji
 from .folder import FILE_LIST as _FOLDER_FILES, load_folder
 from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .imaging import resize_array
@@ -55,13 +59,16 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 _CELEBA_FILES, aliases={"val": "valid"}, options=("attribute",)),
     DatasetSpec("folder", load_folder, ("train",), "any image folder: one subfolder per class, or flat "
                 "(unconditional); train/ val/ test/ subfolders are splits", _FOLDER_FILES, options=("background",)),
+    DatasetSpec("emoji", load_emoji, ("train", "test"), "emoji (Noto Emoji and Twemoji, train 6,807 / test 755), "
+                "64x64x3 over data.background, 98 subcategories or 9 categories (data.label)", _EMOJI_FILES,
+                options=("background", "label", "styles")),
 ]}
 
 
 def load(name: str, split: str = "train", root=None, image_size: int | None = None, cache_dir=None,
          **options) -> ArrayDataset:
     """A named data set (see DATASETS); ``image_size`` resizes and center-crops (None: the data
-    set's own size, 64 for flowers102 and celeba); ``options`` are DATA_OPTIONS (attribute for
+    set's own size, 64 for flowers102, celeba and emoji); ``options`` are DATA_OPTIONS (attribute for
     celeba, background for image files, label and styles for emoji)."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")

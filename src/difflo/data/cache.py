@@ -49,8 +49,9 @@ def source_key(files: list[Path], recipe: str) -> str:
 
 
 def cached(name: str, split: str, size, files: list[Path], recipe: str, cache_dir,
-           build: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], Path]:
-    """The arrays ``build()`` makes for these files, from the cache when it has them."""
+           build: Callable[[], dict[str, np.ndarray]], count: int | None = None) -> tuple[dict[str, np.ndarray], Path]:
+    """The arrays ``build()`` makes for these files, from the cache when it has them. An entry is
+    complete when it holds ``count`` images (default: one per file; archives pass their image count)."""
     key = source_key(files, recipe)
     directory = cache_dir_of(cache_dir)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
@@ -59,7 +60,7 @@ def cached(name: str, split: str, size, files: list[Path], recipe: str, cache_di
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-            if len(arrays.get("images", ())) == len(files):
+            if len(arrays.get("images", ())) == (len(files) if count is None else count):
                 return arrays, path
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             pass                                          # unreadable: rebuild it below

