@@ -5,6 +5,8 @@
     difflo eval model --ckpt runs/demo/run --n 1000 --ref refs/mnist10k-test.npz
     difflo eval fid --samples samples.npz --ref refs/mnist10k-test.npz
     difflo eval accuracy --samples samples.npz --data mnist10k
+    difflo eval train-classifier --data emoji --label subcategory --image-size 32   # colour: options in the name
+    difflo eval nearest --ckpt runs/emoji --n-per-class 8 --out nearest.png        # memorisation, scarce classes
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import data as data_mod
 from ..errors import DiffloError
 from ..eval import evaluate, fid as fid_mod
-from ..eval.classifier import default_classifier_path, load_classifier_file, train_and_save
+from ..eval.classifier import (class_categories, classifier_classes, classifier_path_for, default_classifier_path,
+                               load_classifier_file, train_and_save, train_command)
 from ..io import write_text_atomic
 from ..model import load_model, pick_device
-from .argtypes import nonneg_float, positive_int
+from .argtypes import nonneg_float, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -33,14 +37,19 @@ def add_parser(sub) -> None:
     c = es.add_parser("train-classifier", help="train the data set's classifier (for accuracy and fd_classifier)")
     c.add_argument("--data", required=True, help="data set name, e.g. mnist10k, fashion-mnist")
     c.add_argument("--root", help="where the data set's files are (as data.root)")
-    c.add_argument("--out", help="classifier file (default $XDG_CACHE_HOME/difflo/classifiers/NAME.safetensors, "
-                                  "~/.cache/difflo/... without XDG_CACHE_HOME)")
+    _data_option_flags(c)
+    c.add_argument("--out", help="classifier file (default $XDG_CACHE_HOME/difflo/classifiers/STEM.safetensors, "
+                                  "~/.cache/difflo/... without XDG_CACHE_HOME; STEM: the data set's name, then its "
+                                  "options and size where given, e.g. mnist10k, emoji-subcategory-32)")
     c.add_argument("--epochs", type=positive_int, help="default: about 1,000 steps, at most 8 epochs")
+    c.add_argument("--width", type=positive_int, help="channels of the first conv block (default: 32 for 1-channel "
+                                                     "data, the colour default for colour data)")
     c.add_argument("--seed", type=int, default=0)
 
     r = es.add_parser("fid-ref", help="reference feature statistics of a data split")
     r.add_argument("--data", required=True, help="data set name")
     r.add_argument("--root", help="where the data set's files are")
+    _data_option_flags(r)
     r.add_argument("--split", default="test", help="split to describe (default test)")
     r.add_argument("--n", type=positive_int, help="use a seeded random subset of N images (default: all)")
     r.add_argument("--out", required=True, help="statistics file (.npz)")
@@ -75,6 +84,46 @@ def add_parser(sub) -> None:
     m.add_argument("--json", help="also write the result as JSON")
     m.add_argument("--device", default="auto")
 
+    n = es.add_parser("nearest", help="memorisation: samples' nearest training images, vs held-out reals",
+                      description="Sample N images of each class and measure each one's distance (per-pixel RMS, "
+                                  "[0, 1] scale) to the nearest training image of its class and of any class, "
+                                  "against the same distance for held-out real images; a sample at most the "
+                                  "copy threshold from a training image counts as a copy.")
+    n.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+    n.add_argument("--classes", help="comma-separated class indices or names (default: the classes with at most "
+                                     "10 training images)")
+    n.add_argument("--n-per-class", type=positive_int, default=8, help="samples per class (default 8)")
+    n.add_argument("--max-train-images", type=positive_int, metavar="K",
+                   help="search a seeded random K training images (plus every image of the chosen classes) for "
+                        "the any-class neighbour and the copy threshold (default: all)")
+    n.add_argument("--percentile", type=positive_float, default=5.0,
+                   help="copy threshold: this percentile of the training images' distances to their nearest other "
+                        "one (default 5)")
+    n.add_argument("--sampler", help="default: the run's sample.sampler")
+    n.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
+    n.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
+    n.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+    n.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    n.add_argument("--batch-size", type=positive_int, default=250)
+    n.add_argument("--json", help="also write the table as JSON")
+    n.add_argument("--out", help="grid .png: one row per class, each sample next to its nearest training image of "
+                                 "its class")
+    n.add_argument("--device", default="auto")
+
+
+def _data_option_flags(p) -> None:
+    p.add_argument("--image-size", type=positive_int, help="resize to this size (as data.image_size; default: the "
+                                                          "data set's own, 64 for emoji)")
+    p.add_argument("--label", help="emoji: subcategory (default) or category (as data.label)")
+    p.add_argument("--styles", help="emoji: google, twitter or google,twitter (default; as data.styles)")
+    p.add_argument("--background", help="images with transparency (emoji, folder) are composited over this colour "
+                                        "(as data.background; default white)")
+    p.add_argument("--attribute", help="celeba: the attribute whose two values are the classes (as data.attribute)")
+
+
+def _options(args) -> dict:
+    return {k: getattr(args, k, None) for k in ("label", "styles", "background", "attribute")}
+
 
 def _feature_flags(p) -> None:
     p.add_argument("--features", choices=["inception", "classifier"], default="inception",
@@ -88,26 +137,43 @@ def _feature_flags(p) -> None:
 
 def _classifier_flags(p) -> None:
     p.add_argument("--classifier", help="classifier file (default: the cached one for --data or the model's data)")
-    p.add_argument("--data", help="data set whose cached classifier to use")
+    p.add_argument("--data", help="data set whose cached classifier to use (with its options below)")
+    _data_option_flags(p)
 
 
 def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def _classifier_path(args, data_name: str | None) -> Path:
+def _classifier_path(args, data_name: str | None = None, data_cfg=None) -> Path:
+    """--classifier, else the cached classifier of --data (with its option flags), else of the model's
+    data (``data_cfg``); a missing one is a one-line error naming the command that makes it."""
     if args.classifier:
         load_classifier_file(args.classifier)            # fail now, not after sampling
         return Path(args.classifier)
     name = getattr(args, "data", None) or data_name
-    if not name:
+    if getattr(args, "data", None) or (name and data_cfg is None):
+        data_cfg = SimpleNamespace(name=name, image_size=getattr(args, "image_size", None),
+                                   root=getattr(args, "root", None), **_options(args))
+    if data_cfg is None:
         raise DiffloError("give --classifier PATH or --data NAME (whose classifier `difflo eval train-classifier "
                           "--data NAME` made)")
-    path = default_classifier_path(name)
+    path = classifier_path_for(data_cfg)
     if not path.is_file():
-        raise DiffloError(f"no classifier for {name} yet ({path}); train it once with "
-                          f"`difflo eval train-classifier --data {name}`")
+        raise DiffloError(f"no classifier for {data_cfg.name} yet ({path}); train it once with "
+                          f"`{train_command(data_cfg)}`")
     return path
+
+
+def _check_fits(path: Path, model, data_cfg) -> None:
+    """The classifier knows the model's classes (number and, where both are stored, names)."""
+    _, meta = load_classifier_file(path)
+    theirs, ours = classifier_classes(meta), tuple(data_cfg.classes)
+    if int(meta["num_classes"]) != model.num_classes or (theirs and ours and theirs != ours):
+        what = f"{meta['num_classes']} classes" if int(meta["num_classes"]) != model.num_classes else "other classes"
+        raise DiffloError(f"classifier {path.name} knows {what} than the model ({model.num_classes} classes of "
+                          f"{data_cfg.name}); train the matching one with `{train_command(data_cfg)}` or give "
+                          f"--classifier")
 
 
 def _write_json(path: str | None, res: dict) -> None:
@@ -122,8 +188,9 @@ def run(args) -> int:
     device = pick_device(getattr(args, "device", "auto"))
     cmd = args.eval_command
     if cmd == "train-classifier":
-        out = Path(args.out) if args.out else default_classifier_path(args.data)
-        train_and_save(args.data, out, root=args.root, epochs=args.epochs, seed=args.seed)
+        out = Path(args.out) if args.out else default_classifier_path(args.data, args.image_size, **_options(args))
+        train_and_save(args.data, out, root=args.root, epochs=args.epochs, seed=args.seed, image_size=args.image_size,
+                       width=args.width, **_options(args))
         print(f"wrote {out}")
         return 0
 
@@ -133,7 +200,8 @@ def run(args) -> int:
             raise DiffloError(f"--out {out}: statistics are written as .npz")
         clf = _classifier_path(args, args.data) if args.features == "classifier" else None
         extractor = fid_mod.make_extractor(args.features, args.inception, str(clf) if clf else None, device)
-        ds = data_mod.load(args.data, args.split, root=args.root)
+        ds = data_mod.load(args.data, args.split, root=args.root, image_size=args.image_size,
+                           **{k: v for k, v in _options(args).items() if v is not None})
         t0 = time.time()
         st = evaluate.reference_stats(ds, extractor, args.n, progress=_progress())
         info = {"data": args.data, "split": args.split}
@@ -164,8 +232,15 @@ def run(args) -> int:
     if cmd == "model":
         model = load_model(args.ckpt, ema=not args.raw, device=device)
         clf = None
+        d = model.cfg.data
+        categories = None
         if not args.no_accuracy and model.num_classes > 0:
-            clf = _classifier_path(args, model.cfg.data.name)
+            clf = _classifier_path(args, data_cfg=d)
+            _check_fits(clf, model, d)
+            try:
+                categories = class_categories(d.name, model.class_names, d.label, d.root, d.styles)
+            except DiffloError as e:
+                print(f"note: no category accuracy ({e})")
         ref = fid_mod.load_stats(args.ref) if args.ref else None
         extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device) if ref else None
         if ref is None and clf is None:
@@ -177,10 +252,37 @@ def run(args) -> int:
         if args.save_samples:
             import numpy as np
             np.savez_compressed(args.save_samples, images=images, labels=labels)
-        res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, progress=_progress())
+        res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, categories=categories,
+                             progress=_progress())
         res.update(settings, ckpt=str(args.ckpt), weights="raw" if args.raw else "ema",
                    sampling_seconds=round(t_sample, 1), total_seconds=round(time.time() - t0, 1))
         print(evaluate.format_result(res))
         _write_json(args.json, res)
         return 0
+
+    if cmd == "nearest":
+        return _nearest(args, device)
     raise DiffloError(f"unknown eval command {cmd!r}")
+
+
+def _nearest(args, device) -> int:
+    from ..eval import memorization
+    from ..images import save_image
+    from ..io import check_out_file
+    from ..sample import settings_for
+
+    out = check_out_file(args.out, (".png",)) if args.out else None
+    model = load_model(args.ckpt, ema=not args.raw, device=device)
+    settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w)
+    classes = model.parse_classes(args.classes) if args.classes else None
+    t0 = time.time()
+    rep = memorization.nearest_report(model, classes, args.n_per_class, args.max_train_images, args.seed, settings,
+                                      args.percentile, args.batch_size)
+    print(memorization.format_report(rep))
+    print(f"({time.time() - t0:.0f}s)")
+    if out:
+        save_image(memorization.report_grid(rep, model.class_label), out)
+        print(f"wrote {out}: each sample followed by its nearest training image of its class")
+    _write_json(args.json, {"ckpt": str(args.ckpt), "weights": "raw" if args.raw else "ema", **rep.summary,
+                            "classes": rep.rows})
+    return 0

@@ -154,6 +154,20 @@ def entries_of(root: Path, style: str) -> list[tuple[str, str, str, str]]:
     return [out[k] for k in sorted(out)]
 
 
+def category_of(root=None, styles=None) -> dict[str, str]:
+    """``{subcategory: category}`` of every usable image of the chosen styles (default both), from the
+    tarballs' ``emoji.json`` (no image decoding); each subcategory lies in one category."""
+    _, styles = check_options(None, styles)
+    root = resolve_root("emoji", root, FILE_LIST)
+    out: dict[str, str] = {}
+    for style in styles:
+        for _, _, category, subcategory in entries_of(root, style):
+            if out.setdefault(subcategory, category) != category:
+                raise _unreadable(tarball(root, style), f"subcategory {subcategory!r} is in two categories "
+                                                        f"({out[subcategory]!r} and {category!r})")
+    return out
+
+
 def split_of(items: list[tuple], keys: list[str], classes: tuple[str, ...]) -> np.ndarray:
     """A bool mask of the ``test`` items (see the module docstring)."""
     test = np.zeros(len(items), dtype=bool)

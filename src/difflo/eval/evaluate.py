@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from ..errors import DiffloError
 from . import fid as fid_mod
-from .classifier import accuracy, classifier_record, load_classifier_file, uint8_to_tensor
+from .classifier import (accuracy_of, category_accuracy, classifier_record, load_classifier_file, predict,
+                         uint8_to_tensor)
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -62,8 +63,12 @@ def extractor_for_stats(stats: dict, inception: str | None = None, classifier: s
 
 
 def score(images: np.ndarray, labels: np.ndarray | None, *, ref: dict | None = None, extractor=None,
-          classifier: str | Path | None = None, progress: bool = False) -> dict:
-    """{fid or fd_classifier, class_accuracy, per_class, n, ...} for uint8 (N, H, W, C) images."""
+          classifier: str | Path | None = None, categories=None, progress: bool = False) -> dict:
+    """{fid or fd_classifier, class_accuracy, per_class, n, ...} for uint8 (N, H, W, C) images.
+
+    ``categories``: each class's category (``classifier.class_categories``, e.g. an emoji
+    subcategory's); adds ``category_accuracy``, the fraction of samples the classifier puts in a
+    class of the asked class's category."""
     out: dict = {"n": int(len(images))}
     if ref is not None:
         with _bar(len(images), "features", progress) as bar:
@@ -85,9 +90,16 @@ def score(images: np.ndarray, labels: np.ndarray | None, *, ref: dict | None = N
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if labels.min() < 0 or labels.max() >= num_classes:
             raise DiffloError(f"sample labels out of range for the classifier's {num_classes} classes")
-        acc = accuracy(clf, uint8_to_tensor(images), labels, num_classes)
+        pred = predict(clf, uint8_to_tensor(images))
+        acc = accuracy_of(pred, labels, num_classes)
         out.update(class_accuracy=acc["accuracy"], per_class=acc["per_class"], **classifier_record(classifier),
                    classifier_data=meta.get("data"), classifier_test_accuracy=meta.get("test_accuracy"))
+        if categories is not None:
+            if len(categories) != num_classes:
+                raise DiffloError(f"{len(categories)} class categories for the classifier's {num_classes} classes")
+            out.update(category_accuracy=category_accuracy(pred, labels, categories),
+                       num_categories=len(set(categories)),
+                       classifier_test_category_accuracy=meta.get("test_category_accuracy"))
     return out
 
 
@@ -135,4 +147,8 @@ def format_result(res: dict) -> str:
         lines.append(f"class accuracy: {res['class_accuracy']:.4f}  [N={res['n']}, classifier "
                      f"{res['classifier']}{digest} (held-out real accuracy {res.get('classifier_test_accuracy')})]{how}")
         lines.append(f"  per class: {per}")
+    if "category_accuracy" in res:
+        lines.append(f"category accuracy: {res['category_accuracy']:.4f}  [N={res['n']}, {res['num_categories']} "
+                     f"categories: the predicted class is in the asked class's category (held-out real "
+                     f"{res.get('classifier_test_category_accuracy')})]{how}")
     return "\n".join(lines)

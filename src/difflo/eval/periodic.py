@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import data as data_mod
 from ..errors import DiffloError
 from . import evaluate, fid as fid_mod
-from .classifier import default_classifier_path, train_and_save
+from .classifier import classifier_path_for, train_and_save
 
 EVAL_FIELDS = ["step", "fid", "fd_classifier", "class_accuracy", "n", "seconds"]
 
@@ -32,14 +32,14 @@ class Judge:
         self.cfg, self.ref_dir, self.log = cfg, Path(ref_dir), log
         self.classifier = None
         if cfg.model.num_classes > 0:
-            self.classifier = Path(e.classifier) if e.classifier else default_classifier_path(
-                d.name if d.image_size is None else f"{d.name}-{d.image_size}")
+            self.classifier = Path(e.classifier) if e.classifier else classifier_path_for(d)
             if not self.classifier.is_file():
                 if e.classifier:
                     raise DiffloError(f"eval.classifier={e.classifier}: no such file (make one with "
                                       f"`difflo eval train-classifier --data {d.name} --out {e.classifier}`)")
                 log(f"eval: training the {d.name} classifier once (cached at {self.classifier})")
-                train_and_save(d.name, self.classifier, root=d.root, image_size=d.image_size, log=log)
+                train_and_save(d.name, self.classifier, root=d.root, image_size=d.image_size, log=log,
+                               cache_dir=d.cache_dir, **data_mod.options_of(d))
         if e.features == "classifier":
             if self.classifier is None:
                 raise DiffloError("eval.features=classifier needs a labelled data set; use eval.features=inception")
