@@ -19,10 +19,15 @@ trial() {   # name, config, overrides...
   $PY -m difflo train --config "$config" --out "$OUT/$name" $common "$@" > "$OUT/$name.log" 2>&1
   $PY -m difflo eval model --ckpt "$OUT/$name" --n "$N" --w "$W" --steps 50 --ref "$REF" --json "$OUT/$name.json" >> "$OUT/$name.log" 2>&1
 }
+sampler() {   # name, trained candidate, sampler: the same weights under another sampler
+  local name=$1 run=$2 s=$3
+  [ -f "$OUT/$name.json" ] && return 0
+  $PY -m difflo eval model --ckpt "$OUT/$run" --n "$N" --w "$W" --sampler "$s" --steps 50 --ref "$REF" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+}
 trial base      configs/mnist10k.yaml
 trial cosine    configs/mnist10k.yaml train.lr_schedule=cosine
-trial cosine-lr4e-3 configs/mnist10k.yaml train.lr_schedule=cosine train.lr=4e-3
-trial flow-cosine configs/mnist10k-flow.yaml train.lr_schedule=cosine
+trial flow      configs/mnist10k-flow.yaml
+sampler base-ddpm base ddpm
 $PY - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -16,6 +16,11 @@ which the next save removes. Replacing or deleting a checkpoint first renames it
 A failed write (disk full) removes the partial ``.tmp-*`` directory and raises CheckpointError.
 No code is pickled: weights + config rebuild the model.
 
+``--ckpt`` has one grammar everywhere (:func:`resolve_weights`): a run directory (its newest
+checkpoint), its ``checkpoints/`` folder (the newest there), a step folder, a ``.safetensors`` file,
+a diffusers model folder (read by :mod:`difflo.pretrained`), or ``demo``: the checkpoint packaged in
+``difflo/assets/demo/`` (a folder named demo in the working directory is ``./demo``).
+
 Test hook: with ``DIFFLO_FAULT_SLEEP_IN_SAVE=SECONDS`` in the environment, every save sleeps that
 long after each file it writes (before the rename), to widen the window in which
 tests/faults/ kill a run in the middle of a checkpoint write. Never set it otherwise.
@@ -23,6 +28,7 @@ tests/faults/ kill a run in the middle of a checkpoint write. Never set it other
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import shutil
@@ -39,6 +45,10 @@ from .errors import CheckpointError
 FORMAT = "difflo"
 FORMAT_VERSION = 1
 WEIGHTS = ("model.safetensors", "ema.safetensors")
+DEMO = "demo"                             # --ckpt demo: the checkpoint packaged in difflo/assets/demo/
+# Names that only a diffusers model folder has (a pipeline save, or a bare UNet2DModel folder).
+DIFFUSERS_MARKERS = ("model_index.json", "config.json", "scheduler_config.json", "unet", "scheduler", "vae",
+                     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -131,7 +141,12 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, e
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    return checkpoints_in(Path(run_dir) / "checkpoints")
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """Complete checkpoint directories (``step_*`` with a manifest) directly in ``root``, oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "manifest.json").exists())
@@ -190,22 +205,52 @@ def load_train_state(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable difflo training state ({type(e).__name__})") from None
 
 
+def is_diffusers_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder laid out by diffusers (difflo.pretrained reads it)."""
+    path = Path(path)
+    return path.is_dir() and any((path / m).exists() for m in DIFFUSERS_MARKERS)
+
+
+def demo_checkpoint() -> Path:
+    """The checkpoint directory packaged with difflo (``difflo/assets/demo/``), if this install has it."""
+    path = Path(str(importlib.resources.files("difflo").joinpath("assets", "demo")))
+    if not (path.is_dir() and any(path.iterdir())):
+        here = "; a folder named demo in this directory is --ckpt ./demo" if Path(DEMO).exists() else ""
+        raise CheckpointError(f"the demo checkpoint is not in this install (no {path}): train one with "
+                              f"`difflo demo` and use --ckpt runs/demo/run{here}")
+    return path
+
+
 def resolve_weights(path: str | Path, ema: bool = True) -> Path:
-    """A run directory, a checkpoint directory or a .safetensors file -> the weights file."""
+    """``--ckpt`` -> what to load: the weights file of a run directory (its newest checkpoint), of its
+    ``checkpoints/`` folder (the newest there), of a checkpoint directory or ``demo``; a .safetensors
+    file itself; a diffusers model folder itself (its weights file too gives the folder)."""
+    if str(path) == DEMO:
+        path = demo_checkpoint()
     path = Path(path)
     name = WEIGHTS[1] if ema else WEIGHTS[0]
     if path.is_file():
+        if path.name.startswith("diffusion_pytorch_model.") and is_diffusers_folder(path.parent):
+            return path.parent
         return path
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found: give a run directory (e.g. runs/demo), "
-                              f"a checkpoint directory or a .safetensors file")
+        raise CheckpointError(f"checkpoint {path} not found: give a run directory (e.g. runs/demo/run), its "
+                              f"checkpoints/ folder, a checkpoint directory, a .safetensors file, a diffusers "
+                              f"model folder or demo")
     if (path / name).is_file():
         return path / name
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/step_*/{name}); "
-                              f"train first with `difflo train --out {path}`")
-    return ckpts[-1] / name
+    other = WEIGHTS[0] if ema else WEIGHTS[1]
+    if (path / other).is_file():
+        use = "the raw weights: add --no-ema" if ema else "the EMA weights: drop --no-ema"
+        raise CheckpointError(f"{path} has {other} but no {name}; use {use}")
+    ckpts = checkpoints_in(path) or list_checkpoints(path)
+    if ckpts:
+        return ckpts[-1] / name
+    if is_diffusers_folder(path):
+        return path
+    run = path.parent if path.name == "checkpoints" else path
+    raise CheckpointError(f"{path} holds no checkpoint (no checkpoints/step_*/{name}); "
+                          f"train first with `difflo train --out {run}`")
 
 
 def read_safetensors(path: str | Path, what: str = "weights file") -> tuple[dict[str, torch.Tensor], dict]:

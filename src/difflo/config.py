@@ -42,8 +42,12 @@ class DataConfig:
 @dataclass
 class DiffusionConfig:
     objective: str = "diffusion"       # diffusion (DDPM, discrete t) | flow (rectified flow, t in [0, 1])
-    schedule: str = "cosine"           # diffusion: linear | cosine | sigmoid
+    schedule: str = "cosine"           # diffusion: linear | cosine | sigmoid | scaled_linear | explicit
     timesteps: int = 1000              # diffusion: T
+    beta_start: float = 1e-4           # diffusion, linear / scaled_linear: the first beta
+    beta_end: float = 0.02             # diffusion, linear / scaled_linear: the last beta
+    betas: tuple[float, ...] = ()      # diffusion, explicit: the T betas themselves (diffusers' trained_betas)
+    clip_range: float = 1.0            # sample.clip_x0 clamps x0 to [-clip_range, clip_range] (clip_sample_range)
     prediction: str = "v"              # diffusion: eps | x0 | v;  flow: u (the velocity)
     loss_weighting: str = "none"       # diffusion: none | min_snr
     min_snr_gamma: float = 5.0
@@ -81,11 +85,12 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Defaults for `difflo sample` (each is also a flag)."""
-    sampler: str = "ddim"
+    """Defaults for `difflo sample` (each is also a flag). DDPM 50, w = 2: the demo model's best
+    Inception FID among the measured defaults (docs/decisions.md "Demo defaults", 2026-11-30)."""
+    sampler: str = "ddpm"
     steps: int = 50
     eta: float = 0.0
-    w: float = 3.0
+    w: float = 2.0
     spacing: str = "trailing"          # leading | trailing | linspace
     clip_x0: bool = True
     variance: str = "fixed_small"      # DDPM only: fixed_small | fixed_large
@@ -128,7 +133,7 @@ class Config:
         path = PATHS.get(d.objective, PATHS["diffusion"])
         fitting = samplers_for(d.objective) if d.objective in OBJECTIVES else tuple(samplers.SAMPLERS)
         choices = [("diffusion.objective", d.objective, OBJECTIVES),
-                   ("diffusion.schedule", d.schedule, schedules.SCHEDULES),
+                   ("diffusion.schedule", d.schedule, schedules.BETA_SCHEDULES),
                    ("diffusion.prediction", d.prediction, path.predictions),
                    ("diffusion.loss_weighting", d.loss_weighting, path.loss_weightings),
                    ("diffusion.t_sampling", d.t_sampling, path.t_samplings),
@@ -162,6 +167,17 @@ class Config:
                 problems.append(f"{key}={value} must be in [0, 1]")
         if d.logit_std <= 0:
             problems.append(f"diffusion.logit_std={d.logit_std} must be > 0")
+        if not (0.0 < d.beta_start < 1.0 and 0.0 < d.beta_end < 1.0):
+            problems.append(f"diffusion.beta_start={d.beta_start} and beta_end={d.beta_end} must lie in (0, 1)")
+        if d.schedule == "explicit":
+            if len(d.betas) != d.timesteps or not all(0.0 < b < 1.0 for b in d.betas):
+                problems.append(f"diffusion.schedule=explicit needs diffusion.betas: diffusion.timesteps="
+                                f"{d.timesteps} values in (0, 1) (got {len(d.betas)})")
+        elif d.betas:
+            problems.append(f"diffusion.betas is read only with diffusion.schedule=explicit (schedule is "
+                            f"{d.schedule!r})")
+        if d.clip_range <= 0:
+            problems.append(f"diffusion.clip_range={d.clip_range} must be > 0")
         if path.max_steps_for(d) is not None and s.steps > path.max_steps_for(d):
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:

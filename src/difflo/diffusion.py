@@ -42,8 +42,10 @@ class DiscreteSchedule:
 
     @classmethod
     def from_config(cls, d) -> "DiscreteSchedule":
-        """The schedule of a DiffusionConfig (``schedule``, ``timesteps``)."""
-        return cls.from_name(d.schedule, d.timesteps)
+        """The schedule of a DiffusionConfig (``schedule``, ``timesteps``; ``beta_start``/``beta_end``
+        for linear and scaled_linear, ``betas`` for explicit)."""
+        return cls(schedules.alphas_cumprod(schedules.get_betas(d.schedule, d.timesteps, d.beta_start, d.beta_end,
+                                                                d.betas)))
 
     @staticmethod
     def max_steps_for(d) -> int:

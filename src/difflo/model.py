@@ -3,6 +3,10 @@
 :class:`Model` is a network with the resolved config it was trained with; its ``path`` (see
 :mod:`difflo.paths`) carries everything that depends on the objective. :func:`make_denoiser` turns
 it into the one denoiser interface the samplers consume (x0 prediction, guided, optionally clamped).
+
+The network is any module called as ``net(x, time, y) -> output`` (:class:`difflo.nn.UNet`'s call):
+difflo's UNet, or a diffusers UNet2DModel behind :class:`difflo.pretrained.DiffusersUNet` when
+``--ckpt`` names a diffusers model folder (:func:`load_model`).
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import config as config_mod, precision as precision_mod
-from .checkpoint import load_weights, resolve_weights, verify_file
+from . import config as config_mod, precision as precision_mod, pretrained
+from .checkpoint import is_diffusers_folder, load_weights, resolve_weights, verify_file
 from .data.idx import FASHION_CLASSES
 from .errors import CheckpointError, DiffloError
 from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
@@ -46,8 +50,9 @@ KNOWN_NAMES = {"fashion-mnist": FASHION_CLASSES}   # for checkpoints written bef
 
 @dataclass
 class Model:
-    """A network with the resolved config it was trained with."""
-    net: UNet
+    """A network with the resolved config it was trained with. ``net`` is called as
+    ``net(x, time, y)``: difflo's UNet, or a foreign network wrapped to that call (difflo.pretrained)."""
+    net: torch.nn.Module
     cfg: config_mod.Config
 
     @functools.cached_property
@@ -61,6 +66,27 @@ class Model:
     @property
     def num_classes(self) -> int:
         return self.cfg.model.num_classes
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the network knows the null class that guidance asks for (index ``num_classes``):
+        always for difflo's own models; for a class-conditional diffusers model once it is named
+        (:meth:`set_null_class`)."""
+        foreign = pretrained.foreign_net(self.net)
+        return foreign is None or not foreign.conditional or foreign.null_class is not None
+
+    def set_null_class(self, k: int) -> None:
+        """``--null-class K``: the class index a diffusers model reads as "no class". A difflo-trained
+        model's own null class is ``num_classes`` (the only value accepted for it)."""
+        foreign = pretrained.foreign_net(self.net)
+        if foreign is not None:
+            self.cfg.model.num_classes = foreign.set_null_class(int(k))
+        elif self.num_classes == 0:
+            raise DiffloError("--null-class: this model is unconditional (no class labels), so there is no null "
+                              "class to name")
+        elif k != self.num_classes:
+            raise DiffloError(f"--null-class {k}: a difflo-trained model's null class is its index num_classes = "
+                              f"{self.num_classes}; --null-class is for diffusers models")
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +125,11 @@ class Model:
         raise DiffloError(f"no class {text!r} in {flag}{hint}")
 
     def parse_classes(self, spec: str, flag: str = "--classes") -> list[int]:
-        """'all', or comma-separated indices and/or names, as class indices ([0] for an unconditional model)."""
+        """'all', or comma-separated indices and/or names, as class indices ([0] for an unconditional model,
+        with a note when ``spec`` names classes)."""
         if self.num_classes == 0:
+            if spec.strip() != "all":
+                _warn_once(f"note: this model is unconditional (no class labels): {flag} {spec} is ignored")
             return [0]
         if spec.strip() == "all":
             return list(range(self.num_classes))
@@ -134,8 +163,14 @@ def build_net(cfg: config_mod.Config) -> UNet:
 
 
 def load_model(path, ema: bool = True, device="cpu") -> Model:
-    """Rebuild the network from a run directory, checkpoint directory or weights file alone."""
+    """Rebuild the network from a ``--ckpt`` alone: a run directory, its ``checkpoints/`` folder, a
+    checkpoint directory, a difflo ``.safetensors`` file, ``demo`` (see
+    :func:`difflo.checkpoint.resolve_weights`) or a diffusers model folder (:mod:`difflo.pretrained`;
+    it has one set of weights, so ``ema`` does not apply)."""
     weights = resolve_weights(path, ema)
+    if is_diffusers_folder(weights):
+        net, cfg = pretrained.load_folder(weights)
+        return Model(net.to(device).eval(), cfg)
     verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
     state, cfg_dict, _ = load_weights(weights)
     try:
@@ -157,9 +192,15 @@ def load_model(path, ema: bool = True, device="cpu") -> Model:
 
 
 def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None):
-    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped; the network
-    runs under autocast to ``autocast`` (None: float32; see difflo.precision)."""
+    """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped to
+    [-diffusion.clip_range, clip_range]; the network runs under autocast to ``autocast`` (None: float32;
+    see difflo.precision). An unconditional model ignores w (a note says so when w would guide)."""
     den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast)
     if model.num_classes > 0:
+        if w != 1.0 and not model.has_null_class:
+            raise DiffloError(pretrained.null_class_needed(w))
         den = CFGDenoiser(den, w, null_class=model.num_classes)
-    return ClampDenoiser(den) if clip_x0 else den
+    elif w not in (0.0, 1.0, model.cfg.sample.w):
+        _warn_once(f"note: this model is unconditional (no class labels): guidance w={w:g} has no effect")
+    r = model.cfg.diffusion.clip_range
+    return ClampDenoiser(den, -r, r) if clip_x0 else den

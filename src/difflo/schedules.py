@@ -17,7 +17,8 @@ import math
 import numpy as np
 import torch
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
+SCHEDULES = ("linear", "cosine", "sigmoid")                 # named schedules (difflo's training choices)
+BETA_SCHEDULES = SCHEDULES + ("scaled_linear", "explicit")  # every diffusion.schedule a config may name
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -25,6 +26,19 @@ def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> to
     from 1e-4 to 0.02 over T = 1000 steps. ``beta_start``/``beta_end`` are given for T = 1000 and
     used as they are (as diffusers' ``beta_schedule="linear"`` does)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """sqrt(beta_t) linear in t (Rombach et al. 2022, Latent Diffusion; diffusers' ``"scaled_linear"``):
+    beta_t = (sqrt(beta_start) + t/(T-1) (sqrt(beta_end) - sqrt(beta_start)))^2."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+def logistic_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """diffusers' ``beta_schedule="sigmoid"`` (GeoDiff, Xu et al. 2022): beta_t = beta_start +
+    (beta_end - beta_start) sigmoid(linspace(-6, 6, T)). Not difflo's ``sigmoid`` schedule (RIN's
+    alpha_bar, :func:`sigmoid_betas`); difflo reads it as explicit betas."""
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
 def betas_from_alpha_bar(alpha_bar, T: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -54,15 +68,27 @@ def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.
     return betas_from_alpha_bar(lambda t: alpha_bar(t).to(torch.float64).clamp(min=1e-12), T, max_beta)
 
 
-def get_betas(name: str, T: int) -> torch.Tensor:
-    """The betas of a named schedule ("linear", "cosine" or "sigmoid")."""
+def get_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+              betas=None) -> torch.Tensor:
+    """The betas of a schedule: a named one ("linear", "cosine" or "sigmoid"), "scaled_linear"
+    (``linear`` and ``scaled_linear`` run from ``beta_start`` to ``beta_end``), or "explicit": the T
+    values of ``betas`` themselves (e.g. a diffusers scheduler's ``trained_betas``)."""
     if name == "linear":
-        return linear_betas(T)
+        return linear_betas(T, beta_start, beta_end)
+    if name == "scaled_linear":
+        return scaled_linear_betas(T, beta_start, beta_end)
     if name == "cosine":
         return cosine_betas(T)
     if name == "sigmoid":
         return sigmoid_betas(T)
-    raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if name == "explicit":
+        values = torch.as_tensor(list(betas or ()), dtype=torch.float64)
+        if values.shape != (T,):
+            raise ValueError(f"an explicit schedule needs T = {T} betas, got {values.numel()}")
+        if not bool(((values > 0) & (values < 1)).all()):
+            raise ValueError("explicit betas must lie in (0, 1)")
+        return values
+    raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:

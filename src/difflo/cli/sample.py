@@ -16,18 +16,19 @@ from ..sample import VARIANCES, SampleSettings, describe, generate, settings_for
 from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
 from ..schedules import SPACINGS
-from .argtypes import nonneg_float, positive_int, seed
+from .argtypes import CKPT_HELP, nonneg_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
     s = sub.add_parser("sample", help="sample images from a trained model",
                        description="Sample a labelled grid (.png) or a sample set (.npz) from a checkpoint.")
-    s.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--sampler", choices=list(SAMPLERS),
-                   help="default: the run's sample.sampler (ddim for diffusion, euler for flow)")
+                   help="default: the run's sample.sampler (ddpm in configs/mnist10k.yaml, euler for flow)")
     s.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's, 50)")
     s.add_argument("--eta", type=nonneg_float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
-    s.add_argument("--w", type=nonneg_float, help="classifier-free guidance scale (0 uncond., 1 cond.; default 3)")
+    s.add_argument("--w", type=nonneg_float,
+                   help="classifier-free guidance scale (0 uncond., 1 cond.; default: the run's sample.w)")
     s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing")
     s.add_argument("--variance", choices=list(VARIANCES), help="DDPM variance")
     s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
@@ -39,6 +40,9 @@ def add_parser(sub) -> None:
     s.add_argument("--classes", default="all",
                    help="comma-separated class indices or names (e.g. 0,3 or plant-flower,face-smiling), or 'all' "
                         "(default)")
+    s.add_argument("--null-class", type=int, metavar="K",
+                   help="the class index a class-conditional diffusers model reads as 'no class', for guidance "
+                        "--w != 1 (a difflo-trained model's own is its num_classes)")
     s.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
@@ -75,6 +79,8 @@ def run(args) -> int:
     gif = check_out_file(args.gif, (".gif",), "--gif") if args.gif else None
     device = pick_device(args.device)
     model = load_model(args.ckpt, ema=args.ema, device=device)
+    if args.null_class is not None:
+        model.set_null_class(args.null_class)
     if args.compile:
         from ..precision import compile_net
         model.net = compile_net(model.net, device)

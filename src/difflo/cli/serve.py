@@ -6,14 +6,14 @@ import sys
 
 from ..serve.app import App
 from ..serve.server import make_server
-from .argtypes import port
+from .argtypes import CKPT_HELP, port
 
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="a local web page to sample, watch the denoising, and edit",
                        description="Serve a web page on this machine for a checkpoint: sample with any "
                                    "class, guidance and sampler, watch the trajectory, edit images.")
-    s.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+    s.add_argument("--ckpt", required=True, help=CKPT_HELP)
     s.add_argument("--port", type=port, default=7860, help="port (default 7860; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
