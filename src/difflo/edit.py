@@ -11,6 +11,7 @@ times are on the path's ``cli_scale`` (diffusion timesteps 0..T-1; flow per mill
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from .model import Model, make_denoiser
 from .sample import SampleSettings, check_sampler, check_steps, generate
 from .samplers import SeededNoise
 
-TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid")
+TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid", "invert", "interpolate")
 EDIT_SAMPLER_PREFERENCE = ("ddpm", "euler")     # stochastic DDPM for diffusion (RePaint's), Euler for flow
+ODE_SAMPLERS = ("euler", "ddim")                # what DDIM inversion inverts: Euler on flow (= DDIM there), else DDIM
+NOISE_SHOWN_AS = 0.5                            # inverted noise is shown as x_T / 2 (+-2 std fills the grey range)
 INPUT_SEED_OFFSET = 10_000                      # a generated input image uses seed + 10000
 
 
@@ -35,6 +38,12 @@ def default_sampler(model: Model) -> str:
     """The editing default: the first of EDIT_SAMPLER_PREFERENCE that fits the model's path."""
     fits = model.path.samplers
     return next((s for s in EDIT_SAMPLER_PREFERENCE if s in fits), fits[0])
+
+
+def ode_sampler(model: Model) -> str:
+    """The deterministic sampler that :func:`difflo.editing.ddim_invert` inverts: Euler on the flow
+    path (where DDIM is the same update), DDIM on discrete diffusion."""
+    return next(s for s in ODE_SAMPLERS if s in model.path.samplers)
 
 
 @dataclass
@@ -66,6 +75,7 @@ class EditResult:
     summary: str
     seeds: list[int]
     notes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)   # numbers a technique measured (e.g. PSNR)
 
     def figure(self) -> Image.Image:
         c, h, w = self.results.shape[1:]
@@ -251,3 +261,140 @@ def hybrid(model: Model, opts: EditOptions, low: int, high: int, kernel_size: in
                       out, {"hybrid": out, "lowpass": low_img, "highpass": high_img},
                       f"hybrid: low frequencies of class {lo}, high of class {hi} (Gaussian kernel {kernel_size}, "
                       f"sigma {sigma:g}; w={opts.w:g}, {opts.sampler})", opts.seeds)
+
+
+# ----------------------------------------------------------------------------- inversion, interpolation
+def _check_ode_sampler(opts: EditOptions, model: Model) -> str:
+    if opts.sampler not in ODE_SAMPLERS:
+        raise DiffloError(f"DDIM inversion is undone by {ode_sampler(model)} (deterministic, the same update); "
+                          f"got sampler {opts.sampler}")
+    return opts.sampler
+
+
+def _noise_image(z: torch.Tensor) -> torch.Tensor:
+    return (z * NOISE_SHOWN_AS).clamp(-1, 1)
+
+
+def invert(model: Model, opts: EditOptions, x: torch.Tensor, c: int, steps: list[int], notes=()) -> EditResult:
+    """DDIM inversion of x (1, C, H, W) to noise and back, conditioned on class c, once per step count:
+    the reconstruction PSNR per step count (``metrics["psnr_N"]``), against sampling the same grid from
+    a random seed's noise (``metrics["psnr_random_N"]``, seed ``opts.seeds[0]``). With w != 1 the w = 1
+    round trip is measured too (``metrics["psnr_N_w1"]``): guidance amplifies the mismatch between
+    each inversion step and the sampler step that undoes it (Mokady et al. 2023)."""
+    c = check_class(c, model.num_classes)
+    sampler = _check_ode_sampler(opts, model)
+    steps = list(dict.fromkeys(check_steps(n, model) for n in steps))
+    if not steps:
+        raise DiffloError("--steps needs at least one step count, e.g. 10,20,50")
+    notes = list(notes)
+    y = torch.tensor([c], device=x.device)
+    ws = [opts.w] + ([1.0] if opts.w != 1.0 and model.num_classes else [])
+    grids = {n: time_grid(model, steps=n) for n in steps}
+    recon, noise, metrics = {}, {}, {}
+    for w in ws:
+        den = dataclasses.replace(opts, w=w).denoiser(model)
+        suffix = "" if w == opts.w else "_w1"
+        for n, ts in grids.items():
+            z = editing.ddim_invert(den, x, ts, {"y": y})
+            recon[n, w] = editing.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
+            noise[n, w] = z
+            metrics[f"psnr_{n}{suffix}"] = editing.psnr(recon[n, w], x)
+    den = opts.denoiser(model)
+    seed = opts.seeds[0]
+    for n, ts in grids.items():
+        z = SeededNoise([seed], x.shape[1:], x.device)()
+        metrics[f"psnr_random_{n}"] = editing.psnr(editing.run_sampler(sampler, den, z, ts, {"y": y}, None, None), x)
+
+    two = len(ws) > 1
+    head = "  steps" + "".join(f"{f'w={w:g}':>8}" for w in ws) + f"  random noise (seed {seed}, w={opts.w:g})"
+    rows = [f"  {n:>5}" + "".join(f"{metrics[f'psnr_{n}' + ('' if w == opts.w else '_w1')]:8.2f}" for w in ws)
+            + f"  {metrics[f'psnr_random_{n}']:8.2f}" for n in steps]
+    what = model.class_label(c) if model.num_classes else "unconditional"
+    notes += [f"reconstruction PSNR (dB): DDIM inversion, then {sampler} back over the same grid, {what}:",
+              head, *rows]
+    if opts.w > 1.0 and model.num_classes:
+        notes.append(f"inversion with classifier-free guidance (w={opts.w:g} > 1) is inexact: guidance amplifies the "
+                     f"mismatch between each inversion step and the sampler step that undoes it (Mokady et al. "
+                     f"2023); measured against w=1: "
+                     + ", ".join(f"{metrics[f'psnr_{n}'] - metrics[f'psnr_{n}_w1']:+.2f} dB at {n} steps"
+                                 for n in steps))
+    grid, labels, results, raw = [], [], [], {"input": x}
+    for w in ws:
+        suffix = "" if w == opts.w else "_w1"
+        for n in steps:
+            grid.append([x[0], _noise_image(noise[n, w])[0], recon[n, w][0]])
+            labels.append((f"w={w:g} " if two else "") + f"{n} steps {metrics[f'psnr_{n}{suffix}']:.1f} dB")
+            results.append(recon[n, w])
+            raw[f"recon_{n}{suffix}"] = recon[n, w]
+            raw[f"noise_{n}{suffix}"] = _noise_image(noise[n, w])
+    summary = (f"invert: DDIM inversion to noise and {sampler} back, {what} (w={opts.w:g}, trailing grid): "
+               + ", ".join(f"{metrics[f'psnr_{n}']:.2f} dB at {n} steps" for n in steps)
+               + f"; columns: input, inverted noise (shown as x_T * {NOISE_SHOWN_AS:g}), reconstruction")
+    return EditResult(grid, labels, torch.cat(results), raw, summary, [seed], notes, metrics)
+
+
+def interpolate(model: Model, opts: EditOptions, a: torch.Tensor | int, b: torch.Tensor | int,
+                class_a: int | None, class_b: int | None, frames: int, ts: list, notes=()) -> EditResult:
+    """``frames`` images between two noises: each end is an image (1, C, H, W), DDIM-inverted with its
+    class, or a seed (its initial noise, as ``difflo sample --seed``). Frame k (a = k / (frames - 1))
+    samples ``slerp(z_a, z_b, a)`` with the class embedding ``(1 - a) E[class_a] + a E[class_b]``. No
+    class: unconditional (the null class); one class: the same at both ends."""
+    if frames < 2:
+        raise DiffloError(f"--frames must be >= 2 (the two ends), got {frames}")
+    sampler = _check_ode_sampler(opts, model)
+    notes = list(notes)
+    k = model.num_classes
+    if k:
+        if class_a is None and class_b is None:
+            class_a = class_b = k                                       # the null class: unconditional
+            notes.append("no --class-a/--class-b: unconditional (the null class)")
+        else:
+            ca = None if class_a is None else check_class(class_a, k, "--class-a")
+            cb = None if class_b is None else check_class(class_b, k, "--class-b")
+            class_a, class_b = (cb if ca is None else ca), (ca if cb is None else cb)
+    else:
+        class_a = class_b = 0
+    device = model.device
+    shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
+    den = opts.denoiser(model)
+    zs, inputs, seeds, what = [], {}, [], []
+    for side, end, c in (("a", a, class_a), ("b", b, class_b)):
+        if isinstance(end, torch.Tensor):
+            x = end.to(device)
+            inputs[side] = x
+            zs.append(editing.ddim_invert(den, x, ts, {"y": torch.tensor([c], device=device)}))
+            what.append(f"image {side.upper()} (inverted)")
+        else:
+            seeds.append(int(end))
+            zs.append(SeededNoise([int(end)], shape, device)())
+            what.append(f"seed {int(end)}")
+    alphas = [j / (frames - 1) for j in range(frames)]                  # exactly 0 and 1 at the ends
+    z = torch.cat([editing.slerp(zs[0], zs[1], t) for t in alphas])
+    if k:
+        mixer = editing.ClassMixNet(model.net, k, editing.ClassMixNet.mix(k, class_a, class_b, alphas))
+        mixed = dataclasses.replace(model, net=mixer)
+        y = torch.tensor([mixer.label(j) for j in range(frames)], device=device)
+        out = editing.run_sampler(sampler, opts.denoiser(mixed), z.clone(), ts, {"y": y}, None, None)
+    else:
+        y = torch.zeros(frames, dtype=torch.long, device=device)
+        out = editing.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
+    metrics = {}
+    grid, labels = [list(out)], ["frames"]
+    if inputs and opts.w > 1.0 and k:
+        notes.append(f"image ends inverted with classifier-free guidance (w={opts.w:g} > 1): inexact, the end frames "
+                     f"reconstruct their images less well than at w=1 (see difflo edit invert)")
+    if inputs:
+        blank = torch.ones(shape, device=out.device)
+        grid.append([inputs["a"][0] if "a" in inputs else blank] + [blank] * (frames - 2)
+                    + [inputs["b"][0] if "b" in inputs else blank])
+        labels.append("inputs")
+        for side, j in (("a", 0), ("b", frames - 1)):
+            if side in inputs:
+                metrics[f"psnr_{side}"] = editing.psnr(out[j:j + 1], inputs[side])
+                notes.append(f"frame {j} reconstructs image {side.upper()} at {metrics[f'psnr_{side}']:.2f} dB")
+    name = lambda c: model.class_label(c) if k and c < k else "unconditional"
+    classes = name(class_a) if class_a == class_b else f"class embedding {name(class_a)} -> {name(class_b)}"
+    summary = (f"interpolate: {frames} frames from {what[0]} to {what[1]}: slerp of the noises, {classes} "
+               f"(w={opts.w:g}, {sampler}, {len(ts) - 1} steps)")
+    raw = {"frames": out, "noise": _noise_image(z), **{f"input_{s}": v for s, v in inputs.items()}}
+    return EditResult(grid, labels, out, raw, summary, seeds, notes, metrics)

@@ -24,6 +24,11 @@ Every technique reuses a sampler from :data:`difflo.samplers.SAMPLERS` unchanged
   ``ts[i:j + 1]``), re-noising between repeats with ``q(x_t | x_t')``.
 * **sdedit** (Meng et al. 2022, "SDEdit") noises the input to the time k steps before the clean end
   of the grid and runs the sampler over the last k steps.
+* **invert** (Song et al. 2021, "DDIM", Sec. 4.3) runs the deterministic DDIM update up the grid,
+  from the image to its noise (:func:`ddim_invert`); sampling that noise back with DDIM (Euler on
+  the flow path) at the same grid reconstructs the image up to the discretisation error.
+* **interpolate**: :func:`slerp` between two noises, and a linear mix of the class embeddings
+  passed to the network as class weights (:class:`ClassMixNet`).
 
 Conventions: masks are 1 where the image is *regenerated* (white in a mask file), 0 where known.
 """
@@ -229,3 +234,106 @@ def best_blur(noisy: torch.Tensor, clean: torch.Tensor, sigmas=(0.5, 0.75, 1.0, 
         if best is None or p > best[3]:
             best = (out, size, s, p)
     return best
+
+
+# ----------------------------------------------------------------------------- inversion, interpolation
+@torch.no_grad()
+def ddim_invert(denoiser, x0: torch.Tensor, ts, extra_args=None, callback=None) -> torch.Tensor:
+    """DDIM inversion (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", Sec. 4.3 and
+    Eq. 13: the eta = 0 update is an Euler step of the probability-flow ODE, which can be run from
+    data to noise). ``ts`` is a sampling grid (noise end first, clean end last); it is walked
+    backwards, and each step from t to the noisier t_next is DDIM's update with the roles swapped::
+
+        x0_hat = D(x_t, t),  eps_hat = (x_t - alpha_t x0_hat) / sigma_t,
+        x_{t_next} = alpha_{t_next} x0_hat + sigma_{t_next} eps_hat
+
+    i.e. for diffusion ``x_{t+1} = sqrt(abar_{t+1}) x0_hat + sqrt(1 - abar_{t+1}) eps_hat`` with the
+    prediction at the current ``x_t``. On the flow path (alpha = 1 - t, sigma = t) the same update is
+    exactly the backward Euler-in-time step ``x_{t_next} = x_t + (t_next - t) u(x_t, t)`` with
+    ``u = eps_hat - x0_hat``, t from 0 to 1 (tested). At the clean end (sigma = 0) eps is undefined:
+    the first step takes it from the denoiser at the next time, ``D(x0, t_next)`` (the smallest noise
+    level of the grid), as implementations that evaluate the network at the target time do throughout
+    (diffusers' DDIMInverseScheduler, Mokady et al. 2023).
+
+    The sampler evaluates the network at the other end of each step (x_{t_next}, t_next), so the round
+    trip is exact only as the step size goes to 0, and only for the same denoiser in both directions:
+    with classifier-free guidance w > 1 the guided eps is far from the ODE's and the error grows with w
+    (Mokady et al. 2023, "Null-text Inversion", Sec. 3). Returns x at ``ts[0]`` (the grid's noise end).
+    ``callback`` gets ``{"i", "t", "t_next", "x", "denoised"}`` after every step."""
+    extra_args = extra_args or {}
+    path = denoiser.path
+    ts = _ts_list(ts)[::-1]                                    # clean end first
+    x = x0
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        a, s = path.alpha_sigma(t)
+        a_n, s_n = path.alpha_sigma(t_next)
+        if s == 0:                                             # the clean end: eps from the next time
+            d = denoiser(x, t_next, **extra_args)
+            eps = (x - a_n * d) / s_n
+        else:
+            d = denoiser(x, t, **extra_args)
+            eps = (x - a * d) / s
+        x = a_n * d + s_n * eps
+        if callback is not None:
+            callback({"i": i, "t": t, "t_next": t_next, "x": x, "denoised": d})
+    return x
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, a: float, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985) per sample of (B, ...) batches:
+    ``slerp(z0, z1; a) = sin((1 - a) theta) / sin(theta) z0 + sin(a theta) / sin(theta) z1`` with
+    ``cos theta = <z0, z1> / (|z0| |z1|)``. a = 0 and a = 1 return z0 and z1 exactly; between
+    orthogonal unit vectors the norm stays 1. Where z0 and z1 are (anti)parallel (sin theta < eps)
+    it falls back to the linear ``(1 - a) z0 + a z1``. Gaussian noises in high dimension are nearly
+    orthogonal with norm ~sqrt(d), so slerp keeps intermediate noises on the shell where the model
+    was trained, where a linear mix would shrink them (by 1/sqrt(2) at a = 1/2)."""
+    a = float(a)
+    if a == 0.0:
+        return z0.clone()
+    if a == 1.0:
+        return z1.clone()
+    f0, f1 = z0.flatten(1).double(), z1.flatten(1).double()
+    cos = (f0 * f1).sum(1) / (f0.norm(dim=1) * f1.norm(dim=1)).clamp_min(1e-30)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(theta)
+    linear = sin < eps
+    safe = torch.where(linear, torch.ones_like(sin), sin)
+    c0 = torch.where(linear, torch.full_like(sin, 1.0 - a), torch.sin((1.0 - a) * theta) / safe)
+    c1 = torch.where(linear, torch.full_like(sin, a), torch.sin(a * theta) / safe)
+    shape = (-1,) + (1,) * (z0.dim() - 1)
+    return (c0.view(shape) * z0.double() + c1.view(shape) * z1.double()).to(z0.dtype)
+
+
+class ClassMixNet(torch.nn.Module):
+    """A network wrapper whose labels ``num_classes + 1 + j`` mean the class-embedding mix ``mixes[j]``
+    (one weight per row of the class-embedding table, the null class included). Ordinary labels (the
+    classes and the null class) become one-hot weights, which give exactly their own embedding, so
+    classifier-free guidance (which asks for the null class) and every denoiser wrapper work on top of
+    it. The network must accept ``class_weights`` (:class:`difflo.nn.UNet` does:
+    ``emb = sum_k class_weights[:, k] E[k]``).
+
+    For interpolation, ``mixes[j] = (1 - a_j) onehot(c_a) + a_j onehot(c_b)`` gives the embedding
+    ``(1 - a_j) E[c_a] + a_j E[c_b]``."""
+
+    def __init__(self, net, num_classes: int, mixes: torch.Tensor):
+        super().__init__()
+        self.net, self.num_classes = net, int(num_classes)
+        self.register_buffer("mixes", mixes.float(), persistent=False)
+
+    @staticmethod
+    def mix(num_classes: int, c_a: int, c_b: int, a) -> torch.Tensor:
+        """Rows ``(1 - a) onehot(c_a) + a onehot(c_b)`` over the ``num_classes + 1`` embeddings."""
+        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1)
+        eye = torch.eye(num_classes + 1, dtype=torch.float64)
+        return ((1 - a) * eye[c_a] + a * eye[c_b]).float()
+
+    def label(self, j: int) -> int:
+        """The label that selects ``mixes[j]``."""
+        return self.num_classes + 1 + j
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            return self.net(x, time, y)
+        k = self.num_classes + 1
+        table = torch.cat([torch.eye(k, device=y.device), self.mixes.to(y.device)])   # (k + mixes, k)
+        return self.net(x, time, None, class_weights=table[y])

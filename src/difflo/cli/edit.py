@@ -1,4 +1,5 @@
-"""``difflo edit TECHNIQUE``: forward, denoise, sdedit, inpaint, anagram, hybrid (see docs/editing.md).
+"""``difflo edit TECHNIQUE``: forward, denoise, sdedit, inpaint, anagram, hybrid, invert, interpolate
+(see docs/editing.md).
 
 Each technique writes into ``--out DIR``: ``figure.png`` (a labelled grid), ``raw.npz`` (every image
 as uint8 (N, H, W, C), by name) and one PNG per final result (``result_XX.png``). This module only
@@ -33,19 +34,21 @@ def add_parser(sub) -> None:
                                    "See docs/editing.md.")
     tsub = e.add_subparsers(dest="technique", required=True, metavar="TECHNIQUE")
 
-    def common(p, classes=True, times="steps"):
+    def common(p, classes=True, times="steps", tries=True, sampler=True, w=3.0):
         p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
         p.add_argument("--out", required=True, help="output directory (figure.png, raw.npz, result_XX.png)")
         p.add_argument("--figure", help="also write the figure to this PNG path")
-        p.add_argument("--seed", type=seed, default=0, help="try i uses seed + i (default 0)")
-        p.add_argument("--n", type=positive_int, default=1, help="number of tries (default 1)")
+        if tries:
+            p.add_argument("--seed", type=seed, default=0, help="try i uses seed + i (default 0)")
+            p.add_argument("--n", type=positive_int, default=1, help="number of tries (default 1)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--precision", choices=list(PRECISIONS),
                        help="the network's precision (default: the run's sample.precision, auto)")
         p.add_argument("--no-ema", dest="ema", action="store_false", default=True, help="use the raw weights")
         if classes:
-            p.add_argument("--w", type=nonneg_float, default=3.0, help="CFG scale in each branch (default 3)")
-            p.add_argument("--sampler", choices=list(SAMPLERS), help="default ddpm for diffusion, euler for flow")
+            p.add_argument("--w", type=nonneg_float, default=w, help=f"CFG scale in each branch (default {w:g})")
+            if sampler:
+                p.add_argument("--sampler", choices=list(SAMPLERS), help="default ddpm for diffusion, euler for flow")
             p.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
         if times == "steps":
             g = p.add_mutually_exclusive_group()
@@ -62,8 +65,7 @@ def add_parser(sub) -> None:
     f.add_argument("--t", default="250,500,750", help="comma-separated timesteps (default 250,500,750)")
 
     d = tsub.add_parser("denoise", help="blur vs one-step vs iterative denoising of a noisy image, with PSNR")
-    common(d, times="stride")
-    d.set_defaults(w=0.0)
+    common(d, times="stride", w=0.0)
     d.add_argument("--image", help="clean input PNG/JPG (default: a model sample of --class)")
     d.add_argument("--class", dest="cls", default=None,
                    help="class of the generated input, and the condition when --w > 0 (default w 0: unconditional)")
@@ -98,6 +100,25 @@ def add_parser(sub) -> None:
     h.add_argument("--high", required=True, help="class B (high frequencies, seen close up; index or name)")
     h.add_argument("--kernel-size", type=positive_int, default=13, help="Gaussian kernel size, odd (default 13)")
     h.add_argument("--sigma", type=nonneg_float, default=2.0, help="Gaussian sigma in pixels (default 2)")
+
+    i = tsub.add_parser("invert", help="DDIM inversion: an image to its noise and back, with the PSNR per step count")
+    common(i, tries=False, sampler=False, times=None, w=1.0)
+    i.add_argument("--image", required=True, help="input PNG/JPG")
+    i.add_argument("--class", dest="cls", required=True, help="class (index or name) to invert and sample back with")
+    i.add_argument("--steps", default="50",
+                   help="comma-separated step counts, one inversion each (e.g. 10,20,50; default 50)")
+    i.add_argument("--seed", type=seed, default=0, help="seed of the random-noise baseline (default 0)")
+
+    t = tsub.add_parser("interpolate", help="frames between two noises (slerp) and two classes (embedding mix)")
+    common(t, tries=False, sampler=False, times=None, w=1.0)
+    for side in ("a", "b"):
+        g = t.add_mutually_exclusive_group(required=True)
+        g.add_argument(f"--image-{side}", help=f"end {side.upper()}: an image PNG/JPG, DDIM-inverted to its noise")
+        g.add_argument(f"--seed-{side}", type=seed, help=f"end {side.upper()}: this seed's noise (as difflo sample --seed)")
+    t.add_argument("--class-a", help="class (index or name) at end A (default: --class-b; neither: unconditional)")
+    t.add_argument("--class-b", help="class at end B (default: --class-a); the embedding is mixed linearly between")
+    t.add_argument("--frames", type=positive_int, default=8, help="number of frames, ends included (default 8)")
+    t.add_argument("--steps", type=positive_int, default=50, help="DDIM (flow: Euler) steps (default 50)")
     e.set_defaults(func=run)
 
 
@@ -121,8 +142,9 @@ def _precision(model: Model, a) -> str:
 def run_technique(a, model: Model) -> edit.EditResult:
     """Run the technique ``a`` names (parsed ``difflo edit`` arguments) on a loaded model."""
     notes: list[str] = []
-    seeds = [a.seed + i for i in range(a.n)]
-    for key, flag in (("cls", "--class"), ("a", "--a"), ("b", "--b"), ("low", "--low"), ("high", "--high")):
+    seeds = [getattr(a, "seed", 0) + i for i in range(getattr(a, "n", 1))]
+    for key, flag in (("cls", "--class"), ("a", "--a"), ("b", "--b"), ("low", "--low"), ("high", "--high"),
+                      ("class_a", "--class-a"), ("class_b", "--class-b")):
         if getattr(a, key, None) is not None:                  # class names or indices -> indices
             setattr(a, key, model.class_index(getattr(a, key), flag))
     if a.technique == "forward":
@@ -136,8 +158,18 @@ def run_technique(a, model: Model) -> edit.EditResult:
         if not ts:
             raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
         return edit.forward(model, _image(model, a, a.cls, notes), ts, seeds, notes)
-    opts = edit.EditOptions(seeds, a.sampler or edit.default_sampler(model), a.w, not a.no_clip,
-                            _precision(model, a)).check(model)
+    sampler = getattr(a, "sampler", None) or (edit.ode_sampler(model) if a.technique in ("invert", "interpolate")
+                                               else edit.default_sampler(model))
+    opts = edit.EditOptions(seeds, sampler, a.w, not a.no_clip, _precision(model, a)).check(model)
+    if a.technique == "invert":
+        steps = int_list(a.steps, "--steps")
+        return edit.invert(model, opts, _image(model, a, None, notes), a.cls, steps, notes)
+    if a.technique == "interpolate":
+        ends = [load_image(img, model.cfg.model.in_channels, model.cfg.model.image_size, notes,
+                           background=parse_colour(model.cfg.data.background)).to(model.device)
+                if img is not None else s for img, s in ((a.image_a, a.seed_a), (a.image_b, a.seed_b))]
+        return edit.interpolate(model, opts, ends[0], ends[1], a.class_a, a.class_b, a.frames,
+                                edit.time_grid(model, steps=a.steps), notes)
     if a.technique == "denoise":
         if a.w > 0 and a.cls is None and model.num_classes:
             raise DiffloError("--w > 0 conditions on a class: give --class")

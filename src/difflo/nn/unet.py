@@ -174,9 +174,16 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(_groups(c), c)
         self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
+                class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``class_weights`` (optional, (B, num_classes + 1)): use the mix ``sum_k w_k E[k]`` of the class
+        embeddings (the null class is row num_classes) instead of ``E[y]``; a one-hot row gives exactly
+        ``E[y]``. Summed elementwise in float32 (not a matmul, which autocast would lower)."""
         emb = self.time_mlp(timestep_embedding(time, self.cfg.channels))   # (B, 4ch)
-        if self.class_emb is not None:
+        if self.class_emb is not None and class_weights is not None:
+            table = self.class_emb.weight                                    # (num_classes + 1, 4ch)
+            emb = emb + (class_weights.to(table)[:, :, None] * table[None]).sum(1)
+        elif self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.cfg.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(y)
