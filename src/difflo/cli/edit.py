@@ -25,7 +25,7 @@ from ..io import check_out_file
 from ..model import Model, load_model, pick_device
 from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
-from .argtypes import int_list, nonneg_float, positive_int, seed
+from .argtypes import CKPT_HELP, int_list, nonneg_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     tsub = e.add_subparsers(dest="technique", required=True, metavar="TECHNIQUE")
 
     def common(p, classes=True, times="steps", tries=True, sampler=True, w=3.0):
-        p.add_argument("--ckpt", required=True, help="run directory, checkpoint directory or .safetensors file")
+        p.add_argument("--ckpt", required=True, help=CKPT_HELP)
         p.add_argument("--out", required=True, help="output directory (figure.png, raw.npz, result_XX.png)")
         p.add_argument("--figure", help="also write the figure to this PNG path")
         if tries:
