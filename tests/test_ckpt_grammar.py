@@ -105,3 +105,30 @@ def test_demo_missing_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "demo").mkdir()
     assert_clean_error(*run_cli("sample", "--ckpt", "demo", "--out", tmp_path / "g.png")[::2],
                        "the demo checkpoint is not in this install", "--ckpt ./demo")
+
+
+def test_the_shipped_demo_serves_samples_and_edits(tmp_path):
+    """`--ckpt demo` works right after install: the packaged EMA weights load with names and today's
+    sampling defaults, the web page answers, and sample/edit run on it (a few steps)."""
+    import urllib.request
+
+    from difflo.serve.server import serve_in_thread
+
+    model = load_model("demo")
+    assert model.num_classes == 10 and model.class_names[7] == "7"
+    assert (model.cfg.sample.sampler, model.cfg.sample.steps, model.cfg.sample.w) == ("ddpm", 50, 2.0)
+    url, app, httpd = serve_in_thread("demo", device="cpu", jobs_root=tmp_path / "jobs")
+    try:
+        with urllib.request.urlopen(url + "/", timeout=30) as r:
+            assert "Generate" in r.read().decode()
+        assert app.info()["ckpt"] == "demo"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        app.close()
+    code, _, err = run_cli("sample", "--ckpt", "demo", "--classes", "3", "--grid", "1", "--steps", "2",
+                           "--out", tmp_path / "g.png")
+    assert code == 0 and (tmp_path / "g.png").is_file(), err
+    code, _, err = run_cli("edit", "anagram", "--ckpt", "demo", "--a", "6", "--b", "9", "--steps", "2",
+                           "--out", tmp_path / "anagram")
+    assert code == 0 and (tmp_path / "anagram" / "figure.png").is_file(), err
