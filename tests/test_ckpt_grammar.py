@@ -121,7 +121,7 @@ def test_the_shipped_demo_serves_samples_and_edits(tmp_path):
     try:
         with urllib.request.urlopen(url + "/", timeout=30) as r:
             assert "Generate" in r.read().decode()
-        assert app.info()["ckpt"] == "demo"
+        assert app.info()["num_classes"] == 10 and app.info()["defaults"]["sampler"] == "ddpm"
     finally:
         httpd.shutdown()
         httpd.server_close()

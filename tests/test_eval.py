@@ -136,7 +136,7 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
     assert code == 0, err
     assert "not FID" in out and "N=20" in out and "class accuracy" in out
     res = json.loads(res_json.read_text())
-    assert res["n"] == 20 and res["ref_n"] == 60 and res["steps"] == 2 and res["sampler"] == "ddim"
+    assert res["n"] == 20 and res["ref_n"] == 60 and res["steps"] == 2 and res["sampler"] == "ddpm"
     assert np.isfinite(res["fd_classifier"]) and 0.0 <= res["class_accuracy"] <= 1.0
     assert len(res["per_class"]) == 10
     assert res["classifier"] == clf_file.name and len(res["classifier_sha256"]) == 64

@@ -86,7 +86,7 @@ def test_generate_shows_the_grid(page, url, artifacts):
     assert np.array_equal(grid[::k, ::k], png)
     assert png[..., :3].std() > 10                              # not a flat image
     command = page.text_content("#s-command")
-    assert "difflo sample --ckpt" in command and "--classes 3 --grid 3 --sampler ddim --steps 4 --w 2 --seed 5" in command
+    assert "difflo sample --ckpt" in command and "--classes 3 --grid 3 --sampler ddpm --steps 4 --w 2 --seed 5" in command
     # the trajectory: a frame slider over the 4 recorded steps, and the strip
     assert page.get_attribute("#s-frame", "max") == "3"
     page.wait_for_function("() => document.getElementById('s-strip').naturalWidth > 0")

@@ -229,6 +229,9 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Path:
         path = demo_checkpoint()
     path = Path(path)
     name = WEIGHTS[1] if ema else WEIGHTS[0]
+    if path.is_dir() and (path / "difflo").is_dir() and not (path / "unet").exists() \
+            and not (path / "config.json").exists():
+        path = path / "difflo"                    # `difflo export`'s own layout (a net UNet2DModel cannot express)
     if path.is_file():
         if path.name.startswith("diffusion_pytorch_model.") and is_diffusers_folder(path.parent):
             return path.parent

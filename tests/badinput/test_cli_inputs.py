@@ -38,8 +38,9 @@ LEAVES = dict(commands())
 
 
 def test_every_command_is_covered():
-    assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment"}
-    assert len(LEAVES) == 3 + 2 + 8 + 6 + 1 + 1 + 1      # data: download/info; edit: 8; eval: 6; study; serve; experiment
+    assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment",
+                                      "export"}
+    assert len(LEAVES) == 3 + 2 + 8 + 6 + 1 + 1 + 1 + 1   # data: download/info; edit: 8; eval: 6; study; serve; experiment; export
 
 
 @fuzz(150)
@@ -180,6 +181,8 @@ def cases(ckpt, png, tmp):
         (["experiment", "report", "--out", str(tmp / "r.md")], "name the experiment folders"),
         (["experiment", "report", str(tmp / "none"), "--out", str(tmp / "r.md")], "not found"),
         (["experiment", "guidance", str(tmp / "none"), "--out", str(tmp / "x")], "only for `experiment report`"),
+        (["export", str(tmp / "none"), str(tmp / "out")], "not found"),
+        (["export", ckpt], "the following arguments are required: OUT"),
     ]
 
 

