@@ -27,7 +27,6 @@ tests/faults/ kill a run in the middle of a checkpoint write. Never set it other
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 import os
@@ -41,6 +40,7 @@ from safetensors.torch import load_file, save_file, safe_open
 
 from . import __version__
 from .errors import CheckpointError
+from .io import file_digest
 
 FORMAT = "difflo"
 FORMAT_VERSION = 1
@@ -53,11 +53,7 @@ DIFFUSERS_MARKERS = ("model_index.json", "config.json", "scheduler_config.json",
 
 def sha256_file(path: str | Path) -> str:
     """The sha256 (hex) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256").hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a small text file through a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_digest(path: str | Path, algorithm: str):
+    """The ``hashlib`` object of ``algorithm`` ("sha256", "sha512", "md5") over a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
 
 
 def cache_home() -> Path:

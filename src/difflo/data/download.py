@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import atomic_path
+from ..io import atomic_path, file_digest
 from . import emoji
 from .base import default_root
 
@@ -94,20 +94,12 @@ NPM_TIMEOUT = 1800.0                     # seconds for the whole `npm pack` (135
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5").hexdigest()
 
 
 def sha512_integrity(path: Path) -> str:
     """npm's integrity string of a file: "sha512-" + the base64 of its SHA-512 digest."""
-    h = hashlib.sha512()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha512-" + base64.b64encode(h.digest()).decode()
+    return "sha512-" + base64.b64encode(file_digest(path, "sha512").digest()).decode()
 
 
 class _Failed(Exception):

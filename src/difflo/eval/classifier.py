@@ -56,17 +56,12 @@ def default_epochs(n: int, batch_size: int = 128, target_steps: int = 1000) -> i
     return max(1, min(8, math.ceil(target_steps / max(1, n // batch_size))))
 
 
-WIDTH_GRAY = 32           # the network for 1-channel data (mnist10k: 98-99% held out)
-WIDTH_COLOUR = 32         # colour data: emoji 32x32, 61.2% of 98 subcategories held out (docs/evaluation.md)
-
-
-def default_width(channels: int) -> int:
-    return WIDTH_GRAY if channels == 1 else WIDTH_COLOUR
+WIDTH = 32        # mnist10k: 98-99% held out; emoji 32x32: 61.2% of 98 subcategories (docs/evaluation.md)
 
 
 def train_classifier(train: ArrayDataset, epochs: int | None = None, batch_size: int = 128, lr: float = 3e-3,
                      seed: int = 0, log=print, width: int | None = None, flip: bool | None = None) -> Classifier:
-    """``width``: default :func:`default_width`; ``flip``: random horizontal flips (default: colour data
+    """``width``: default ``WIDTH``; ``flip``: random horizontal flips (default: colour data
     only; digits are not mirror-symmetric). Colour images are shifted with edge padding, 1-channel
     ones with the background value -1."""
     batch_size = max(1, min(batch_size, len(train)))            # a tiny data set still takes steps
@@ -74,7 +69,7 @@ def train_classifier(train: ArrayDataset, epochs: int | None = None, batch_size:
     colour = train.channels != 1
     flip = colour if flip is None else flip
     torch.manual_seed(seed)
-    clf = Classifier(train.channels, train.num_classes, width or default_width(train.channels))
+    clf = Classifier(train.channels, train.num_classes, width or WIDTH)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr)
     n = len(train)
     steps = epochs * (n // batch_size)
@@ -272,7 +267,7 @@ def train_and_save(data_name: str, out: str | Path, root: str | None = None, spl
     train = data_mod.load(data_name, split, root=root, image_size=image_size, cache_dir=cache_dir, **options)
     if train.num_classes < 2:
         raise DiffloError(f"{data_name} has no class labels: a classifier needs a labelled data set")
-    width = width or default_width(train.channels)
+    width = width or WIDTH
     log(f"training a classifier on {data_name}/{split} ({len(train)} images, {train.num_classes} classes, "
         f"{train.image_size}x{train.image_size}x{train.channels}, width {width})")
     t0 = time.time()
