@@ -106,14 +106,6 @@ class EditResult:
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def check_class(c: int, num_classes: int, flag: str = "--class") -> int:
-    if num_classes == 0:
-        return 0
-    if not 0 <= c < num_classes:
-        raise DiffloError(f"class index {c} out of range in {flag}: this model has classes 0..{num_classes - 1}")
-    return c
-
-
 def time_grid(model: Model, steps: int | None = None, stride: int | None = None) -> list:
     """The sampling grid of ``steps`` steps, or the strided one (ending at the clean data)."""
     path = model.path
@@ -134,7 +126,7 @@ def cli_times(model: Model, values: list[float]) -> list:
 
 def sample_input(model: Model, c: int | None, seed: int, notes: list[str], precision: str = "auto") -> torch.Tensor:
     """A model sample of class c (DDIM 50, w 3) to edit when no image is given: (1, C, H, W)."""
-    c = check_class(0 if c is None else c, model.num_classes)
+    c = model.class_index(0 if c is None else c)
     x = generate(model, torch.tensor([c]), [seed + INPUT_SEED_OFFSET],
                  SampleSettings(sampler="ddim", steps=50, w=3.0, precision=precision))
     notes.append(f"input: a model sample of class {c} (seed {seed + INPUT_SEED_OFFSET})")
@@ -174,7 +166,7 @@ def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: i
         raise DiffloError(f"--i-start {i_start} out of range: stride {stride} gives {n} timesteps "
                           f"(indices 0..{n - 1})")
     t = ts[i_start]
-    c = check_class(c, model.num_classes)
+    c = model.class_index(c)
     den = opts.denoiser(model)
     noise = SeededNoise(opts.seeds, x0.shape[1:], x0.device)
     B = len(opts.seeds)
@@ -200,7 +192,7 @@ def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: i
 def sdedit(model: Model, opts: EditOptions, x_in: torch.Tensor, c: int, stride: int, levels: list[int],
            notes=()) -> EditResult:
     """SDEdit toward class c from each start level (steps before the clean end of the strided grid)."""
-    c = check_class(c, model.num_classes)
+    c = model.class_index(c)
     ts = time_grid(model, stride=stride)
     n = len(ts) - 1
     if not levels or any(not 0 <= k <= n for k in levels):
@@ -222,7 +214,7 @@ def sdedit(model: Model, opts: EditOptions, x_in: torch.Tensor, c: int, stride: 
 def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor, c: int, ts: list,
             jump_length: int = 1, jump_n_sample: int = 1, notes=()) -> EditResult:
     """RePaint: regenerate the mask's 1 region of x as class c."""
-    c = check_class(c, model.num_classes)
+    c = model.class_index(c)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x.device)
     out = editing.inpaint(opts.denoiser(model), x.expand(B, -1, -1, -1), mask, y, ts,
@@ -237,7 +229,7 @@ def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor
 
 def anagram(model: Model, opts: EditOptions, a: int, b: int, view: str, ts: list) -> EditResult:
     """An image that reads as class a upright and class b under ``view``."""
-    A, B_ = check_class(a, model.num_classes, "--a"), check_class(b, model.num_classes, "--b")
+    A, B_ = model.class_index(a, "--a"), model.class_index(b, "--b")
     den = editing.AnagramDenoiser(opts.denoiser(model), ["identity", view])
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
     out = editing.sample_plain(den, _labels(model, len(opts.seeds), A, B_), ts, opts.seeds, shape, opts.sampler)
@@ -251,7 +243,7 @@ def anagram(model: Model, opts: EditOptions, a: int, b: int, view: str, ts: list
 def hybrid(model: Model, opts: EditOptions, low: int, high: int, kernel_size: int, sigma: float,
            ts: list) -> EditResult:
     """Low frequencies from class ``low``, high frequencies from class ``high``."""
-    lo, hi = check_class(low, model.num_classes, "--low"), check_class(high, model.num_classes, "--high")
+    lo, hi = model.class_index(low, "--low"), model.class_index(high, "--high")
     den = editing.HybridDenoiser(opts.denoiser(model), kernel_size, sigma)
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
     out = editing.sample_plain(den, _labels(model, len(opts.seeds), lo, hi), ts, opts.seeds, shape, opts.sampler)
@@ -281,7 +273,7 @@ def invert(model: Model, opts: EditOptions, x: torch.Tensor, c: int, steps: list
     a random seed's noise (``metrics["psnr_random_N"]``, seed ``opts.seeds[0]``). With w != 1 the w = 1
     round trip is measured too (``metrics["psnr_N_w1"]``): guidance amplifies the mismatch between
     each inversion step and the sampler step that undoes it (Mokady et al. 2023)."""
-    c = check_class(c, model.num_classes)
+    c = model.class_index(c)
     sampler = _check_ode_sampler(opts, model)
     steps = list(dict.fromkeys(check_steps(n, model) for n in steps))
     if not steps:
@@ -349,8 +341,8 @@ def interpolate(model: Model, opts: EditOptions, a: torch.Tensor | int, b: torch
             class_a = class_b = k                                       # the null class: unconditional
             notes.append("no --class-a/--class-b: unconditional (the null class)")
         else:
-            ca = None if class_a is None else check_class(class_a, k, "--class-a")
-            cb = None if class_b is None else check_class(class_b, k, "--class-b")
+            ca = None if class_a is None else model.class_index(class_a, "--class-a")
+            cb = None if class_b is None else model.class_index(class_b, "--class-b")
             class_a, class_b = (cb if ca is None else ca), (ca if cb is None else cb)
     else:
         class_a = class_b = 0
