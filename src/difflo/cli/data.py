@@ -145,6 +145,6 @@ def info_text(name: str, root=None, split=None, image_size=None, attribute=None,
         for c, label in enumerate(names):
             lines.append(f"{label:<{cw}}" + "".join(f"  {int(r.class_counts[c]) if c < len(r.class_counts) else 0:>9,}"
                                                     for r in rows))
-    if name == "emoji":
-        lines += ["", emoji.LICENCE]
+    if DATASETS[name].licence:
+        lines += ["", DATASETS[name].licence]
     return "\n".join(lines)

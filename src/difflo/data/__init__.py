@@ -25,7 +25,7 @@ from .base import DATA_OPTIONS, ArrayDataset, DatasetSpec, check_split, data_hom
 from .celeba import FILE_LIST as _CELEBA_FILES, load_celeba
 from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
 from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
-from .emoji import FILE_LIST as _EMOJI_FILES, load_emoji
+from .emoji import FILE_LIST as _EMOJI_FILES, LICENCE as _EMOJI_LICENCE, load_emoji
 from .folder import FILE_LIST as _FOLDER_FILES, load_folder
 from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
 from .imaging import resize_array
@@ -61,7 +61,7 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 "(unconditional); train/ val/ test/ subfolders are splits", _FOLDER_FILES, options=("background",)),
     DatasetSpec("emoji", load_emoji, ("train", "test"), "emoji (Noto Emoji and Twemoji, train 6,807 / test 755), "
                 "64x64x3 over data.background, 98 subcategories or 9 categories (data.label)", _EMOJI_FILES,
-                options=("background", "label", "styles")),
+                options=("background", "label", "styles"), licence=_EMOJI_LICENCE),
 ]}
 
 

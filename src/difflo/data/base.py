@@ -71,6 +71,7 @@ class DatasetSpec:
     files: str = ""                       # the files it reads, for messages and `difflo data info`
     aliases: dict[str, str] = field(default_factory=dict)
     options: tuple[str, ...] = ()        # the DATA_OPTIONS it reads
+    licence: str = ""                     # licences and attribution, printed by `difflo data info`
     native_size: int | None = None        # the size of the stored images (None: decoded, resized)
 
     def __call__(self, split: str = "train", root=None, image_size: int | None = None, cache_dir=None,
