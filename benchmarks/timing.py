@@ -15,3 +15,14 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def child_json(cmd: list[str], what: str) -> dict:
+    """Run a measuring child process (its own peak memory) and return the JSON of its last stdout line;
+    a failed child stops the benchmark with ``what`` and the end of its stderr."""
+    import json
+    import subprocess
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])

@@ -187,7 +187,7 @@ def test_cache_holds_every_image_once(tmp_path, monkeypatch):
     root = make_emoji(tmp_path / "emoji")
     cache = tmp_path / "cache"
     train = data.load("emoji", "train", root, cache_dir=cache)
-    assert [p.name.split("-")[:5] for p in cache.glob("*.npz")] == [["emoji", "google", "twitter", "all", "64"]]
+    assert [p.name.split("-")[:5] for p in cache.glob("*.npy")] == [["emoji", "google", "twitter", "all", "64"]]
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded although cached")
@@ -202,7 +202,7 @@ def test_cache_holds_every_image_once(tmp_path, monkeypatch):
     write_tarball(root, "google")                                           # a replaced tarball: a new entry
     os.utime(root / emoji.TARBALLS["google"], ns=(1, 1))
     data.load("emoji", "train", root, cache_dir=cache)
-    assert len(list(cache.glob("*.npz"))) == 3
+    assert len(list(cache.glob("*.npy"))) == 3
 
 
 def test_from_config(tmp_path):

@@ -60,7 +60,11 @@ def test_statistics_of_another_extractor_are_refused(tmp_path):
     path = tmp_path / "ref.npz"
     fid.save_stats(path, np.zeros(3), np.eye(3), 10, "extractor-A", data="x")
     st = fid.load_stats(path)
-    assert st["n"] == 10 and st["data"] == "x"
+    assert st["n"] == 10 and st["data"] == "x" and "features" not in st
+    feats = np.arange(30, dtype=np.float64).reshape(10, 3)
+    fid.save_stats(path, np.zeros(3), np.eye(3), 10, "extractor-A", feats, data="x")
+    assert fid.load_stats(path)["features"].dtype == np.float32
+    np.testing.assert_array_equal(fid.load_stats(path)["features"], feats)
     with pytest.raises(DiffloError, match="extractor-A"):
         fid.distance_to(st, np.zeros((4, 3)), "extractor-B")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
@@ -135,21 +139,34 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
                              "--classifier", clf_file, "--save-samples", samples, "--json", res_json)
     assert code == 0, err
     assert "not FID" in out and "N=20" in out and "class accuracy" in out
+    assert "KD (difflo classifier features; not KID)" in out and "subsets of m=20" in out and "recall" in out
     res = json.loads(res_json.read_text())
     assert res["n"] == 20 and res["ref_n"] == 60 and res["steps"] == 2 and res["sampler"] == "ddpm"
     assert np.isfinite(res["fd_classifier"]) and 0.0 <= res["class_accuracy"] <= 1.0
     assert len(res["per_class"]) == 10
     assert res["classifier"] == clf_file.name and len(res["classifier_sha256"]) == 64
+    # KID's subsets: min(1000, N, reference) = 20; precision/recall on 20 samples vs 20 of the 60 references.
+    assert np.isfinite(res["kd_classifier"]) and res["kd_classifier_std"] >= 0 and "kid" not in res
+    assert (res["kid_subset_size"], res["kid_subsets"], res["prc_n_gen"], res["prc_n_real"]) == (20, 100, 20, 20)
+    assert 0.0 <= res["prc_precision"] <= 1.0 and 0.0 <= res["prc_recall"] <= 1.0
     # The same samples scored from the file give the same numbers.
     code, out, err = run_cli("eval", "fid", "--samples", str(samples), "--ref", str(ref))
     assert code == 0, err
-    assert f"{res['fd_classifier']:.2f}" in out
+    assert f"{res['fd_classifier']:.2f}" in out and f"{res['kd_classifier']:.5f}" in out
+    assert f"precision: {res['prc_precision']:.4f}  recall: {res['prc_recall']:.4f}" in out
+    code, out, err = run_cli("eval", "fid", "--samples", str(samples), "--ref", str(ref), "--kid-subset-size", "10",
+                             "--kid-subsets", "5")
+    assert code == 0, err
+    assert "5 subsets of m=10" in out
     code, out, err = run_cli("eval", "accuracy", "--samples", str(samples), "--classifier", str(clf_file))
     assert code == 0, err
     assert f"{res['class_accuracy']:.4f}" in out
 
 
 def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
+    ref, samples = tmp_path / "ref.npz", tmp_path / "s.npz"
+    fid.save_stats(ref, np.zeros(4), np.eye(4), 30, "x", np.zeros((30, 4)))
+    np.savez(samples, images=np.zeros((35, 28, 28, 1), np.uint8))
     cases = [
         (["eval", "fid", "--samples", str(tmp_path / "none.npz"), "--ref", str(tmp_path / "r.npz")], "not found"),
         (["eval", "accuracy", "--samples", str(tmp_path / "none.npz"), "--classifier", str(clf_file)], "not found"),
@@ -160,6 +177,10 @@ def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
         (["eval", "accuracy", "--samples", str(tmp_path / "none.npz"), "--classifier", str(tiny_run / "config.yaml")],
          "not a readable safetensors"),
         (["eval", "model", "--ckpt", str(tiny_run), "--no-accuracy"], "nothing to measure"),
+        (["eval", "model", "--ckpt", str(tiny_run), "--n", "10", "--ref", str(ref), "--kid-subset-size", "20"],
+         "KID subset size 20 is larger than the N=10 samples"),
+        (["eval", "fid", "--samples", str(samples), "--ref", str(ref), "--kid-subset-size", "40"],
+         "KID subset size 40 is larger than the 30 reference images"),
     ]
     for argv, msg in cases:
         code, out, err = run_cli(*argv)
@@ -200,6 +221,9 @@ def test_evaluation_during_training_logs_metrics_and_keeps_the_best(tmp_path, cl
     with open(tmp_path / "eval.csv") as f:
         evals = list(csv.DictReader(f))
     assert [int(r["step"]) for r in evals] == [2, 4] and evals[0]["n"] == "10"
+    for r in evals:                       # KID (classifier features) and precision/recall on N = 10 vs 10 of 30
+        assert np.isfinite(float(r["kd_classifier"])) and r["kid"] == "" and r["kid_subset_size"] == "10"
+        assert 0 <= float(r["prc_precision"]) <= 1 and 0 <= float(r["prc_recall"]) <= 1
     best = json.loads((tmp_path / "best" / "eval.json").read_text())
     assert best["fd_classifier"] == pytest.approx(min(float(r["fd_classifier"]) for r in evals), abs=1e-3)
     assert load_model(tmp_path / "best").num_classes == 10            # a complete checkpoint
@@ -212,3 +236,30 @@ def test_eval_config_is_validated():
         tiny_config("eval.features=lpips").validate()
     with pytest.raises(DiffloError, match="eval.n"):
         tiny_config("eval.n=1").validate()
+
+
+def test_a_reference_without_features_gives_the_distance_and_a_note(tmp_path, clf_file):
+    """Statistics files from before KID hold mu and sigma only: FID still works, KID/PR are skipped."""
+    ext = fid.ClassifierFeatures(clf_file)
+    digits = data.load("mnist10k", "test").images
+    m, s = fid.feature_stats(ext(digits[:40]))
+    fid.save_stats(tmp_path / "old.npz", m, s, 40, ext.name, classifier=str(clf_file))
+    np.savez(tmp_path / "s.npz", images=digits[40:52])
+    code, out, err = run_cli("eval", "fid", "--samples", tmp_path / "s.npz", "--ref", tmp_path / "old.npz")
+    assert code == 0, err
+    assert "note: no KID" in out and "not FID" in out and "KD (" not in out and "  recall: " not in out
+
+
+def test_kid_and_precision_recall_in_score_use_the_same_features_as_the_distance(clf_file):
+    """score() = fid.distance_to + kid.kid + precision_recall on the extractor's features, the larger set
+    cut (seeded) to the smaller one's size for precision/recall."""
+    from difflo.eval import kid, precision_recall
+    ext = fid.ClassifierFeatures(clf_file)
+    digits = data.load("mnist10k", "test").images
+    ref = evaluate.reference_stats(data.load("mnist10k", "test"), ext, n=50)
+    res = evaluate.score(digits[100:130], None, ref=ref, extractor=ext, kid_subsets=9)
+    feats = ext(digits[100:130])
+    assert res["kd_classifier"] == pytest.approx(kid.kid(feats, ref["features"], None, 9)["kid"], rel=1e-6)
+    real = ref["features"][np.sort(np.random.default_rng(0).choice(50, 30, replace=False))]
+    assert res["prc_precision"] == precision_recall.precision_recall(feats, real)["prc_precision"]
+    assert res["kid_subset_size"] == 30 and res["prc_n_real"] == 30

@@ -12,7 +12,7 @@ from conftest import TINY, assert_clean_error, run_cli
 from difflo import config as config_mod
 from difflo.data import first_per_class, load
 from difflo.errors import DiffloError
-from difflo.experiments import common, failure
+from difflo.experiments import common, failure, scarcity
 from difflo.cli.experiment import EXPERIMENTS, combine
 
 
@@ -135,10 +135,39 @@ def test_helpers_formulas():
     a[1, 0, 0] = 10
     assert failure.saturation(a) == pytest.approx(7 / 8)
     train = np.stack([np.full((2, 2, 1), 0, np.uint8), np.full((2, 2, 1), 255, np.uint8)])
-    d, idx = failure.nearest(np.stack([np.full((2, 2, 1), 51, np.uint8)]), train)
+    d, idx = common.nearest(np.stack([np.full((2, 2, 1), 51, np.uint8)]), train)
     assert idx.tolist() == [0] and d[0] == pytest.approx(0.2)
     imgs = np.stack([np.zeros((1, 1, 1)), np.full((1, 1, 1), 255), np.zeros((1, 1, 1))]).astype(np.uint8)
     assert common.class_variance(imgs, np.array([0, 0, 1])) == pytest.approx((0.25 + 0.0) / 2)
+
+
+def test_shown_classes_spread_over_many_classes():
+    assert common.shown_classes(10) == list(range(10)) and common.shown_classes(3) == [0, 1, 2]
+    many = common.shown_classes(98)
+    assert len(many) == 10 and many[0] == 0 and many[-1] == 97 and many == sorted(set(many))
+    res = {"images": np.arange(6).reshape(6, 1, 1, 1).astype(np.uint8), "labels": np.array([0, 1, 2, 0, 1, 2])}
+    assert common.firsts(res, [2, 0])[:, 0, 0, 0].tolist() == [2, 0]
+
+
+def test_scarcity_groups_copies_and_collapse():
+    """A model that copies its only training image of a scarce class scores distance 0 and 100% copies;
+    one that draws the same image k times has diversity 0 (mode collapse)."""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(0)
+    train_imgs = rng.integers(0, 256, (15, 4, 4, 3), dtype=np.uint8)
+    train = SimpleNamespace(images=train_imgs, labels=np.array([0, 0] + [1] * 13))
+    held = SimpleNamespace(images=rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8), labels=np.array([0, 1]))
+    samples = np.concatenate([np.repeat(train_imgs[:1], 3, 0),                     # class 0: one image, copied
+                              rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)])   # class 1: fresh noise
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    rows = scarcity.per_class_rows(samples, labels, {0: 1.0, 1: 0.5}, train, held)
+    assert [r["group"] for r in rows] == ["1-10", "11-30"] and [r["train_images"] for r in rows] == [2, 13]
+    assert rows[0]["nn_samples"] < 1e-6 and rows[0]["copies"] == 1.0 and rows[0]["diversity"] < 1e-6
+    assert rows[1]["copies"] == 0.0 and rows[1]["diversity"] > 0.2
+    groups = scarcity.summarize(rows)
+    assert [g["group"] for g in groups] == ["1-10", "11-30"] and groups[0]["diversity_ratio"] < 1e-6
+    assert scarcity.pairwise_rms(np.stack([np.zeros((1, 1, 1)), np.full((1, 1, 1), 255)]).astype(np.uint8)) == 1.0
+    assert scarcity.bin_of(101) == "101+" and scarcity.bin_of(10) == "1-10"
 
 
 def test_first_per_class_keeps_k_of_each_class_in_order():
@@ -159,6 +188,7 @@ def test_first_per_class_keeps_k_of_each_class_in_order():
     (["experiment", "report", "--out", "{tmp}/r.md"], "name the experiment folders"),
     (["experiment", "ema", "--out", "{tmp}", "--n", "1"], "--n must be >= 2"),
     (["experiment", "schedules", "--out", "{tmp}", "--schedules", "square"], "choose from"),
+    (["experiment", "steps", "--out", "{tmp}", "--samplers", "ddim,magic"], "--samplers 'ddim,magic': choose from"),
     (["experiment", "guidance", "extra", "--out", "{tmp}"], "only for `experiment report`"),
     (["experiment", "guidance", "--out", "{tmp}", "--set", "train.lr=-1", "--runs", "{tmp}/runs"], "train.lr"),
 ])

@@ -12,8 +12,10 @@ from difflo.flow import FlowPath
 from difflo.guidance import CFGDenoiser, ClampDenoiser
 from difflo.paths import OBJECTIVES, samplers_for
 from difflo.samplers import (SAMPLERS, Sampler, SeededNoise, ddim_step, ddpm_step, fitting, sample_ddim, sample_ddpm,
-                             sample_dpmpp_2m, sample_heun)
-from samplers_common import SHAPE, T, ddim_closed_form, noise_fn, path_for, step_inputs
+                             sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler,
+                             sample_euler_ancestral, sample_heun)
+from samplers_common import (MU, S, SAMPLER_CASES, SAMPLER_OPTIONS, SHAPE, T, GaussianDenoiser, case_id,
+                             ddim_closed_form, exact_chain_moments, noise_fn, objective_path, path_for, step_inputs)
 
 
 # --------------------------------------------------------------------------- DDIM and DDPM steps
@@ -61,21 +63,8 @@ class ToyDenoiser:
         return out
 
 
-SAMPLER_OPTIONS = {
-    "ddpm": [{"variance": "fixed_small"}, {"variance": "fixed_large"}],
-    "ddim": [{"eta": 0.0}, {"eta": 1.0}],
-}
-# Every registered sampler, with each of its option sets, on every objective's path it fits: built from the
-# registry (SAMPLERS and the paths' flags), so a new sampler is run by every test taking the `sampler` fixture.
-SAMPLER_CASES = [(name, opts, objective) for name in sorted(SAMPLERS) for opts in SAMPLER_OPTIONS.get(name, [{}])
-                 for objective in OBJECTIVES if name in samplers_for(objective)]
 SAMPLE_SHAPE = (3, 4, 4)
 N_STEPS = 8
-
-
-def objective_path(objective: str):
-    """The path the common tests run an objective's samplers on."""
-    return FlowPath() if objective == "flow" else path_for("cosine")   # flow: the straight path, t from 1 to 0
 
 
 def test_every_sampler_fits_some_objective():
@@ -99,8 +88,7 @@ def test_common_tests_run_every_registered_sampler():
     assert len(SAMPLER_CASES) == sum(len(SAMPLER_OPTIONS.get(name, [{}])) for name, _ in pairs)
 
 
-@pytest.fixture(params=SAMPLER_CASES, ids=[f"{n}-{obj}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
-                                           for n, o, obj in SAMPLER_CASES])
+@pytest.fixture(params=SAMPLER_CASES, ids=[case_id(*c) for c in SAMPLER_CASES])
 def sampler(request):
     name, opts, objective = request.param
     fn = SAMPLERS[name]
@@ -115,7 +103,7 @@ def sampler(request):
         grid = ts if n_steps == N_STEPS else path.sampling_times(n_steps, "trailing")
         return fn(den, x, grid, extra_args=extra, callback=callback, noise=noise, **opts)
 
-    run.ts, run.path, run.name = ts, path, name
+    run.ts, run.path, run.name, run.opts = ts, path, name, opts
     return run
 
 
@@ -164,11 +152,17 @@ def test_sampler_calls_denoiser_once_per_step_with_extra_args(sampler):
     y = torch.tensor([3, 4])
     out_y = sampler([0, 1], denoiser=den, y=y)
     ts = sampler.ts
-    if sampler.name == "heun":     # predictor at t, corrector at t_prev; the last step (to t_clean) is Euler
+    called = [c[0] for c in den.calls]
+    if sampler.opts.get("s_churn"):   # churn evaluates at t_hat, noisier than t (not at pure noise, t = 1)
+        per_step = 2 if sampler.name == "heun" else 1
+        t_hats = called[::per_step]
+        assert len(called) == SAMPLERS[sampler.name].evals(N_STEPS) and t_hats[0] == ts[0]
+        assert all(ts[i] < t_hat < 1.0 for i, t_hat in enumerate(t_hats) if i > 0)
+    elif sampler.name == "heun":     # predictor at t, corrector at t_prev; the last step (to t_clean) is Euler
         pairs = zip(ts[:-2], ts[1:-1])
-        assert [c[0] for c in den.calls] == [u for t, t_prev in pairs for u in (t, t_prev)] + ts[-2:-1]
+        assert called == [u for t, t_prev in pairs for u in (t, t_prev)] + ts[-2:-1]
     else:
-        assert [c[0] for c in den.calls] == ts[:-1]
+        assert called == ts[:-1]
     assert all(c[1] == 2 and torch.equal(c[2], y) for c in den.calls)
     assert not torch.allclose(out_y, sampler([0, 1]))   # y reached the denoiser and changed the result
 
@@ -185,11 +179,23 @@ def test_sampler_evals_counts_network_calls(sampler):
             assert len(den.calls) == 2 * n - 1
 
 
-@pytest.mark.parametrize("fn,opts", [(sample_ddpm, {}), (sample_ddim, {"eta": 0.5})])
-def test_stochastic_samplers_without_noise_raise(fn, opts):
-    path = path_for("linear")
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("fn,opts,flow", [(sample_ddpm, {}, False), (sample_ddim, {"eta": 0.5}, False),
+                                          (sample_euler_ancestral, {}, False), (sample_dpmpp_2m_sde, {}, False),
+                                          (sample_euler, {"s_churn": 1.0}, True),
+                                          (sample_heun, {"s_churn": 1.0}, True)])
+def test_stochastic_samplers_without_noise_raise(fn, opts, flow):
+    path = FlowPath() if flow else path_for("linear")
+    with pytest.raises(ValueError, match="noise"):
         fn(ToyDenoiser(path), torch.zeros(1, *SAMPLE_SHAPE), path.sampling_times(4), **opts)
+
+
+@pytest.mark.parametrize("fn", [sample_dpmpp_2m, sample_dpmpp_3m, sample_euler, sample_heun])
+def test_deterministic_samplers_ignore_noise(fn):
+    path = FlowPath() if fn in (sample_euler, sample_heun) else path_for("linear")
+    x = torch.randn(2, *SAMPLE_SHAPE, generator=torch.Generator().manual_seed(1))
+    ts = path.sampling_times(5)
+    assert torch.equal(fn(ToyDenoiser(path), x, ts), fn(ToyDenoiser(path), x, ts,
+                                                         noise=SeededNoise([9, 9], SAMPLE_SHAPE)))
 
 
 def test_ddim_eta0_ignores_noise():
@@ -213,20 +219,7 @@ def test_seeded_noise():
 # --------------------------------------------------------------------------- exact Gaussian data
 # x0 ~ N(mu, diag(s^2)) on D = 16 dims, shaped (N, 1, 4, 4). For this data E[x0 | x_t] is known in closed
 # form, so samplers driven by the exact denoiser can be checked statistically.
-MU = torch.linspace(-1.0, 1.0, 16).reshape(1, 1, 4, 4)
-S = torch.linspace(0.2, 1.5, 16).reshape(1, 1, 4, 4)
 N_GAUSS = 20000
-
-
-class GaussianDenoiser:
-    """E[x0 | x_t] = mu + alpha s^2 / (alpha^2 s^2 + sigma^2) (x_t - alpha mu)."""
-
-    def __init__(self, path, mu=MU, s=S):
-        self.path, self.mu, self.s2 = path, mu, s**2
-
-    def __call__(self, x, t):
-        a, sg = self.path.alpha_sigma(t)
-        return self.mu + (a * self.s2 / (a * a * self.s2 + sg * sg)) * (x - a * self.mu)
 
 
 def _run_gaussian(fn, den, ts, n=N_GAUSS, seed=0, **opts):
@@ -235,34 +228,6 @@ def _run_gaussian(fn, den, ts, n=N_GAUSS, seed=0, **opts):
     x = torch.randn(shape, generator=g)   # ts[0] = T-1: standard normal, as diffusers starts
     out = fn(den, x, ts, noise=lambda: torch.randn(shape, generator=g), **opts)
     return out.double().mean(0)[0], out.double().var(0)[0]
-
-
-def _exact_chain_moments(path, ts, kind, eta=0.0, variance="fixed_small"):
-    """Exact per-dimension mean and variance of the *discretized* chain's output for the Gaussian data,
-    written from the papers' formulas (DDIM Eq. 12/16; DDPM posterior, Ho et al. Eq. 7) on moments:
-    with x0_hat = k x + (1 - k alpha) mu every step is x_prev = A x + B + c z. ``ts`` is the sampler's
-    grid, its clean end included."""
-    mu, s2 = MU[0, 0].double(), S[0, 0].double() ** 2
-    m, v = torch.zeros_like(mu), torch.ones_like(mu)
-    ts = [int(t) for t in ts]
-    for t, tp in zip(ts[:-1], ts[1:]):
-        ab_t = path.alphas_cumprod[t].item()
-        ab_p = path.alphas_cumprod[tp].item() if tp >= 0 else 1.0
-        a = math.sqrt(ab_t)
-        k = a * s2 / (ab_t * s2 + 1 - ab_t)
-        kx, k0 = k, (1 - k * a) * mu            # x0_hat = kx x + k0
-        if kind == "ddim":
-            c2 = eta**2 * (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
-            d = math.sqrt(max(1 - ab_p - c2, 0.0)) / math.sqrt(1 - ab_t)   # coefficient of eps_hat / ...
-            A = math.sqrt(ab_p) * kx + d * (1 - a * kx)
-            B = math.sqrt(ab_p) * k0 - d * a * k0
-        else:
-            beta = 1 - ab_t / ab_p
-            A = math.sqrt(ab_p) * beta / (1 - ab_t) * kx + math.sqrt(1 - beta) * (1 - ab_p) / (1 - ab_t)
-            B = math.sqrt(ab_p) * beta / (1 - ab_t) * k0
-            c2 = 0.0 if tp < 0 else ((1 - ab_p) / (1 - ab_t) * beta if variance == "fixed_small" else beta)
-        m, v = A * m + B, A * A * v + c2
-    return m, v
 
 
 MEAN_TOL, VAR_RTOL = 0.05, 0.07
@@ -288,7 +253,7 @@ def test_ddpm_1000_steps_recovers_gaussian(name):
     mu, s2 = MU[0, 0].double(), S[0, 0].double() ** 2
     assert _matches_data(mean, var), ((mean - mu).abs().max().item(), (var / s2 - 1).abs().max().item())
     # and the exact moments of the discretized chain, within 5 standard errors
-    m_ex, v_ex = _exact_chain_moments(path, ts, "ddpm", variance="fixed_large")
+    m_ex, v_ex = exact_chain_moments(path, ts, "ddpm", variance="fixed_large")
     assert ((v_ex / s2 - 1).abs() < 0.01).all() and ((m_ex - mu).abs() < 1e-3).all()   # tiny bias
     assert ((mean - m_ex).abs() < 5 * (v_ex / N_DDPM).sqrt()).all()
     assert ((var / v_ex - 1).abs() < 5 * math.sqrt(2 / N_DDPM)).all()
@@ -301,7 +266,7 @@ def test_ddpm_100_steps_matches_exact_chain(variance):
     path = path_for("linear")
     ts = path.sampling_times(100, "leading")
     mean, var = _run_gaussian(sample_ddpm, GaussianDenoiser(path), ts, variance=variance)
-    m_ex, v_ex = _exact_chain_moments(path, ts, "ddpm", variance=variance)
+    m_ex, v_ex = exact_chain_moments(path, ts, "ddpm", variance=variance)
     assert ((mean - m_ex).abs() < 5 * (v_ex / N_GAUSS).sqrt()).all()
     assert ((var / v_ex - 1).abs() < 5 * math.sqrt(2 / N_GAUSS)).all(), (var / v_ex - 1).abs().max()
 
@@ -326,7 +291,7 @@ def test_ddim_gaussian(name):
         ts = path.sampling_times(n, "trailing")
         mean, var = _run_gaussian(sample_ddim, GaussianDenoiser(path), ts, seed=n)
         assert ((mean - mu).abs() < MEAN_TOL).all(), (mean - mu).abs().max()
-        m_ex, v_ex = _exact_chain_moments(path, ts, "ddim")
+        m_ex, v_ex = exact_chain_moments(path, ts, "ddim")
         assert ((mean - m_ex).abs() < 5 * (v_ex / N_GAUSS).sqrt()).all()
         assert ((var / v_ex - 1).abs() < 5 * math.sqrt(2 / N_GAUSS)).all(), (var / v_ex - 1).abs().max()
         # DDIM under-disperses here: never above s^2 by more than 5 SE
@@ -341,7 +306,7 @@ def test_ddim_eta1_gaussian_matches_exact_chain():
     path = path_for("cosine")
     ts = path.sampling_times(50, "trailing")
     mean, var = _run_gaussian(sample_ddim, GaussianDenoiser(path), ts, eta=1.0)
-    m_ex, v_ex = _exact_chain_moments(path, ts, "ddim", eta=1.0)
+    m_ex, v_ex = exact_chain_moments(path, ts, "ddim", eta=1.0)
     assert ((mean - m_ex).abs() < 5 * (v_ex / N_GAUSS).sqrt()).all()
     assert ((var / v_ex - 1).abs() < 5 * math.sqrt(2 / N_GAUSS)).all()
 
@@ -417,6 +382,101 @@ def test_dpmpp_is_second_order_on_gaussian(objective):
     assert err["sample_dpmpp_2m", 73] / err["sample_dpmpp_2m", 37] < 0.35, err
     assert err["sample_ddim", 73] / err["sample_ddim", 37] > 0.45, err
     assert err["sample_ddim", 73] > 3 * err["sample_dpmpp_2m", 37], err
+
+
+@pytest.mark.parametrize("objective", ["linear", "cosine", "flow"])
+def test_dpmpp_3m_step_local_error_on_gaussian(objective):
+    """One step from exact history (the exact ODE solution's x0 estimates at t + 2 dt, t + dt, t) to t - dt.
+    A step of order p has local error O(dt^(p+1)): halving dt shrinks it by 1/8 for p = 2, 1/16 for p = 3.
+
+    Pinned finding: DPM-Solver++(3M) as diffusers, k-diffusion and the DPM-Solver code write it (and difflo,
+    to equal them) has local error O(dt^3), like 2M (ratio 0.11-0.12 here, 2M's 0.12-0.13), but 4-7x smaller. Its
+    D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x0''/2, while its coefficient alpha (phi_2/h - 1/2) = alpha
+    h phi_3(h) is the one of h^2 x0'' in the Taylor integral: twice the coefficient makes the step third order
+    (ratio 0.061-0.071 here, -> 1/16), a documented difference that difflo
+    does not make, so that `dpmpp_3m` equals diffusers' DPMSolverMultistepScheduler(solver_order=3)."""
+    from difflo.samplers import dpmpp_2m_step, dpmpp_3m_step
+    path = FlowPath() if objective == "flow" else path_for(objective)
+    t0, dt0 = (0.5, 0.02) if objective == "flow" else (500, 20)
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    den = GaussianDenoiser(path, MU.double(), S.double())
+    lam = lambda u: math.log(path.alpha_sigma(u)[0] / path.alpha_sigma(u)[1])
+    err = {}
+    for dt in (dt0, dt0 / 2):
+        t2, t1, t, tp = t0 + 2 * dt, t0 + dt, t0, t0 - dt
+        exact = {u: _exact_ode_transport(path, x, 1.0 if objective == "flow" else 999, u) for u in (t2, t1, t, tp)}
+        m2, m1, m0 = (den(exact[u], u) for u in (t2, t1, t))
+        x3 = dpmpp_3m_step(exact[t], m0, m1, m2, path, t, tp, t1, t2)
+        h, r0, r1 = lam(tp) - lam(t), (lam(t) - lam(t1)) / (lam(tp) - lam(t)), (lam(t1) - lam(t2)) / (lam(tp) - lam(t))
+        d2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
+        taylor = x3 - path.alpha_sigma(tp)[0] * ((math.expm1(-h) + h) / h**2 - 0.5) * d2     # twice the D2 term
+        err["3m", dt] = (x3 - exact[tp]).abs().max().item()
+        err["taylor", dt] = (taylor - exact[tp]).abs().max().item()
+        err["2m", dt] = (dpmpp_2m_step(exact[t], m0, m1, path, t, tp, t1) - exact[tp]).abs().max().item()
+    ratio = {k: err[k, dt0 / 2] / err[k, dt0] for k in ("3m", "taylor", "2m")}
+    assert 0.09 < ratio["3m"] < 0.14 and 0.1 < ratio["2m"] < 0.14, ratio
+    assert err["3m", dt0 / 2] < err["2m", dt0 / 2] / 3, err
+    assert ratio["taylor"] < 0.08, ratio                # measured 0.061-0.071
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "flow"])
+def test_euler_ancestral_is_ddim_eta1(objective):
+    """Euler ancestral (k-diffusion's sigma-space step plus ancestral noise) is, in x = alpha x_sigma, DDIM
+    with eta = 1: the same states from the same noise, pure noise (flow's t = 1) included; on a variance-
+    preserving path that is also DDPM with fixed_small variance (the same posterior)."""
+    path = FlowPath() if objective == "flow" else path_for("cosine")
+    ts = path.sampling_times(7, "trailing")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = sample_euler_ancestral(ToyDenoiser(path), x, ts, noise=SeededNoise([1, 2], SHAPE[1:]))
+    b = sample_ddim(ToyDenoiser(path), x, ts, eta=1.0, noise=SeededNoise([1, 2], SHAPE[1:]))
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    if path.variance_preserving:   # and on a VP path DDIM eta = 1 is DDPM's fixed_small posterior step
+        c = sample_ddpm(ToyDenoiser(path), x, ts, variance="fixed_small", noise=SeededNoise([1, 2], SHAPE[1:]))
+        torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler_ancestral])
+def test_new_samplers_final_output_is_last_x0_hat(fn):
+    """Every step to the clean end is first order and noiseless: the sample is the last x0 estimate."""
+    path = path_for("cosine")
+    seen = []
+    out = fn(ToyDenoiser(path), torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)),
+             path.sampling_times(6), noise=noise_fn(torch.float32), callback=seen.append)
+    assert torch.equal(out, seen[-1]["denoised"])
+
+
+def test_churn_keeps_the_marginal():
+    """EDM's churn moves x_t ~ q(x_t | x0) to x_hat ~ q(x_t_hat | x0) with t_hat where sigma/alpha is
+    (1 + gamma) times larger: mean alpha_hat x0, std sigma_hat (N = 20000, within 5 SE)."""
+    from difflo.samplers import churn
+    path, t, gamma, n = FlowPath(), 0.4, 0.3, 20000
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4).double()
+    a, s = path.alpha_sigma(t)
+    x = a * x0 + s * torch.randn((n, 1, 4, 4), generator=g, dtype=torch.float64)
+    x_hat, t_hat = churn(x, path, t, gamma, lambda: torch.randn((n, 1, 4, 4), generator=g, dtype=torch.float64))
+    a_h, s_h = path.alpha_sigma(t_hat)
+    assert t_hat > t and abs(s_h / a_h - (1 + gamma) * s / a) < 1e-12
+    assert ((x_hat.mean(0) - a_h * x0[0]).abs() < 5 * s_h / n**0.5).all()
+    assert ((x_hat.std(0) / s_h - 1).abs() < 5 * (0.5 / n) ** 0.5).all()
+
+
+def test_churn_window_and_zero_churn():
+    """s_churn = 0 is the plain ODE solver bit for bit (no noise drawn); outside [s_tmin, s_tmax] no churn."""
+    path = FlowPath()
+    ts = path.sampling_times(6)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for fn in (sample_euler, sample_heun):
+        plain = fn(ToyDenoiser(path), x, ts)
+        assert torch.equal(plain, fn(ToyDenoiser(path), x, ts, s_churn=0.0, noise=noise_fn(torch.float32)))
+        assert torch.equal(plain, fn(ToyDenoiser(path), x, ts, s_churn=5.0, s_tmin=2.0, s_tmax=3.0,
+                                     noise=noise_fn(torch.float32)))
+        den = ToyDenoiser(path)
+        churned = fn(den, x, ts, s_churn=5.0, s_tmin=0.3, s_tmax=0.7, noise=noise_fn(torch.float32))
+        assert not torch.allclose(plain, churned)
+        grid_calls = [c[0] for c in den.calls if c[0] in ts]
+        assert sorted({t for t in ts[:-1] if not 0.3 <= t <= 0.7}) == sorted({t for t in grid_calls if t in ts[:-1]
+                                                                            and not 0.3 <= t <= 0.7})
 
 
 def test_exact_ode_transport_is_exact():

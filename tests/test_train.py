@@ -116,3 +116,18 @@ def test_batches_cover_each_epoch_once():
     idx = [batch_indices(s, 20, 5, seed=0) for s in range(4)]
     assert sorted(int(i) for b in idx for i in b) == list(range(20))
     assert not (batch_indices(4, 20, 5, 0) == idx[0]).all()      # a new permutation next epoch
+
+
+def test_resume_keeps_an_older_metrics_file_by_column_name(tmp_path):
+    """A run logged before columns were added resumes with its rows kept, in the new columns by name;
+    rows after the resumed step and a row cut by a kill are dropped."""
+    import csv
+    from difflo import train as train_mod
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,lr,images_per_s,elapsed_s,fid,fd_classifier,class_accuracy\n"
+                    "10,0.5,0.001,40.0,12.0,,,\n10,,,,13.0,,2.5,0.9\n20,0.4,0.001,40.0,24.0,,,\n30,0.3,0.0")
+    train_mod._start_metrics(path, 10)
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == train_mod.METRICS_FIELDS and "prc_recall" in rows[0]
+    assert [(r["step"], r["loss"], r["fd_classifier"], r["prc_recall"]) for r in rows] == [
+        ("10", "0.5", "", ""), ("10", "", "2.5", "")]

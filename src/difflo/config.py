@@ -35,7 +35,8 @@ class DataConfig:
     label: str | None = None           # emoji: subcategory (default) | category
     styles: tuple[str, ...] | None = None   # emoji: image sets to use (default: google and twitter)
     classes: tuple[str, ...] = ()      # class names, filled in from the data by training (stored with the model)
-    cache_dir: str | None = None       # where decoded, resized arrays are cached (None: $XDG_CACHE_HOME/difflo, else ~/.cache/difflo)
+    cache_dir: str | None = None       # where decoded, resized images are cached as .npy, read memory-mapped; needs room
+                                       # for the whole decoded set (None: $XDG_CACHE_HOME/difflo, else ~/.cache/difflo)
     per_class: int | None = None       # keep only the first k images of each class (tiny-data studies)
 
 
@@ -49,6 +50,7 @@ class DiffusionConfig:
     betas: tuple[float, ...] = ()      # diffusion, explicit: the T betas themselves (diffusers' trained_betas)
     clip_range: float = 1.0            # sample.clip_x0 clamps x0 to [-clip_range, clip_range] (clip_sample_range)
     prediction: str = "v"              # diffusion: eps | x0 | v;  flow: u (the velocity)
+    zero_terminal_snr: bool = False    # diffusion: rescale the schedule so alpha_bar_{T-1} = 0 (Lin et al. 2024; v or x0)
     loss_weighting: str = "none"       # diffusion: none | min_snr
     min_snr_gamma: float = 5.0
     t_sampling: str = "uniform"        # flow: uniform | logit_normal (diffusion: uniform)
@@ -81,6 +83,10 @@ class TrainConfig:
     compile: bool = False              # torch.compile the network (first steps are slow: compilation)
     precision: str = "auto"            # auto | fp32 | bf16 | fp16 (autocast; see difflo.precision): auto = bf16
                                        # where the hardware has bf16 units (CUDA, AVX512-BF16/AMX CPUs), else fp32
+    offset_noise: float = 0.0          # add k * N(0, 1) per image and channel to the training noise (offset noise)
+    grad_accum: int = 1                # split each step's batch into K micro-batches: the same update, less memory
+    log: tuple[str, ...] = ("csv",)    # [csv] (RUN/metrics.csv, always) or [csv, tensorboard] (+ RUN/tensorboard/;
+                                       # pip install "difflo[tensorboard]")
 
 
 @dataclass
@@ -91,9 +97,13 @@ class SampleConfig:
     steps: int = 50
     eta: float = 0.0
     w: float = 2.0
-    spacing: str = "trailing"          # leading | trailing | linspace
+    spacing: str = "trailing"          # leading | trailing | linspace | karras | exponential (noise-level grids)
     clip_x0: bool = True
     variance: str = "fixed_small"      # DDPM only: fixed_small | fixed_large
+    s_churn: float = 0.0               # euler/heun (flow): EDM's churn (Karras et al. 2022, Alg. 2); 0: deterministic
+    s_tmin: float = 0.0                # ... only at times s_tmin <= t <= s_tmax (the path's time: flow t in [0, 1])
+    s_tmax: float = 1.0
+    s_noise: float = 1.0               # ... the std of the added noise, relative
     precision: str = "auto"            # auto | fp32 | bf16 | fp16: the network's autocast (difflo.precision)
 
 
@@ -141,7 +151,7 @@ class Config:
                    ("train.precision", t.precision, precision.PRECISIONS),
                    ("sample.precision", s.precision, precision.PRECISIONS),
                    ("sample.sampler", s.sampler, fitting),
-                   ("sample.spacing", s.spacing, schedules.SPACINGS),
+                   ("sample.spacing", s.spacing, schedules.SPACING_CHOICES),
                    ("sample.variance", s.variance, ("fixed_small", "fixed_large")),
                    ("eval.features", self.eval.features, ("classifier", "inception"))]
         for key, value, allowed in choices:
@@ -151,14 +161,21 @@ class Config:
         positive = [("diffusion.timesteps", d.timesteps), ("train.steps", t.steps),
                     ("train.batch_size", t.batch_size), ("train.lr", t.lr), ("train.log_every", t.log_every),
                     ("train.ckpt_every", t.ckpt_every), ("train.keep_checkpoints", t.keep_checkpoints),
-                    ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("sample.steps", s.steps),
-                    ("eval.steps", self.eval.steps)]
+                    ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("train.grad_accum", t.grad_accum),
+                    ("sample.steps", s.steps), ("eval.steps", self.eval.steps)]
         problems += [f"{k}={v} must be > 0" for k, v in positive if v <= 0]
         nonneg = [("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
                   ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
                   ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma),
+                  ("train.offset_noise", t.offset_noise), ("sample.s_churn", s.s_churn),
                   ("eval.every", self.eval.every)]
         problems += [f"{k}={v} must be >= 0" for k, v in nonneg if v < 0]
+        if t.grad_accum > 0 and t.batch_size > 0 and t.batch_size % t.grad_accum:
+            problems.append(f"train.grad_accum={t.grad_accum} must be a divisor of train.batch_size={t.batch_size} "
+                            f"(the batch is split into grad_accum equal micro-batches)")
+        if any(w not in ("csv", "tensorboard") for w in t.log) or "csv" not in t.log:
+            problems.append(f"train.log={list(t.log)} must be [csv] or [csv, tensorboard] (metrics.csv is always "
+                            f"written: loss.png, --resume and difflo experiment read it)")
         if t.lr_schedule == "exponential" and t.min_lr_ratio <= 0:
             problems.append("train.min_lr_ratio must be > 0 for the exponential lr schedule")
         for key, value in [("train.label_dropout", t.label_dropout), ("train.ema_decay", t.ema_decay),
@@ -176,6 +193,16 @@ class Config:
         elif d.betas:
             problems.append(f"diffusion.betas is read only with diffusion.schedule=explicit (schedule is "
                             f"{d.schedule!r})")
+        if d.zero_terminal_snr and (d.objective != "diffusion" or d.prediction == "eps"):
+            problems.append(f"diffusion.zero_terminal_snr=true needs objective diffusion with prediction v or x0 "
+                            f"(got {d.objective}, {d.prediction}): at alpha_T = 0 an eps prediction says nothing "
+                            f"about x0; use diffusion.prediction=v (Lin et al. 2024)")
+        if d.zero_terminal_snr and s.spacing in schedules.SIGMA_SPACINGS:
+            problems.append(f"sample.spacing={s.spacing} needs a finite largest noise level; with "
+                            f"diffusion.zero_terminal_snr use trailing")
+        if s.s_noise <= 0 or s.s_tmin > s.s_tmax:
+            problems.append(f"sample.s_noise={s.s_noise} must be > 0 and sample.s_tmin={s.s_tmin} <= "
+                            f"sample.s_tmax={s.s_tmax}")
         if d.clip_range <= 0:
             problems.append(f"diffusion.clip_range={d.clip_range} must be > 0")
         if path.max_steps_for(d) is not None and s.steps > path.max_steps_for(d):

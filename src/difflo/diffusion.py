@@ -3,7 +3,9 @@
 Conventions (pinned by ``tests/test_diffusion.py``):
 
 * Discrete time ``t = 0 .. T-1``; **t = 0 is data, t = T-1 is noise**; ``t = -1`` is the clean
-  data itself (alpha = 1, sigma = 0). See :mod:`difflo.schedules`.
+  data itself (alpha = 1, sigma = 0). See :mod:`difflo.schedules`. A fractional t (the noise-level
+  grids ``karras`` and ``exponential``) interpolates log(sigma_t / alpha_t) linearly between the two
+  neighbouring timesteps, as k-diffusion and diffusers' EulerDiscreteScheduler do.
 * A Gaussian path ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = sqrt(alpha_bar_t)`` and
   ``sigma_t = sqrt(1 - alpha_bar_t)`` (Ho et al. 2020, Eq. 4). Every sampler in
   :mod:`difflo.samplers` is written against ``alpha_t, sigma_t`` alone, so the same sampler code
@@ -17,6 +19,8 @@ Conventions (pinned by ``tests/test_diffusion.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 
@@ -43,9 +47,12 @@ class DiscreteSchedule:
     @classmethod
     def from_config(cls, d) -> "DiscreteSchedule":
         """The schedule of a DiffusionConfig (``schedule``, ``timesteps``; ``beta_start``/``beta_end``
-        for linear and scaled_linear, ``betas`` for explicit)."""
-        return cls(schedules.alphas_cumprod(schedules.get_betas(d.schedule, d.timesteps, d.beta_start, d.beta_end,
-                                                                d.betas)))
+        for linear and scaled_linear, ``betas`` for explicit; ``zero_terminal_snr`` rescales it so that
+        alpha_bar_{T-1} = 0, Lin et al. 2024, Algorithm 1)."""
+        betas = schedules.get_betas(d.schedule, d.timesteps, d.beta_start, d.beta_end, d.betas)
+        if getattr(d, "zero_terminal_snr", False):
+            betas = schedules.rescale_zero_terminal_snr(betas)
+        return cls(schedules.alphas_cumprod(betas))
 
     @staticmethod
     def max_steps_for(d) -> int:
@@ -60,20 +67,40 @@ class DiscreteSchedule:
         return self.alphas_cumprod.shape[0]
 
     def alpha_bar(self, t):
-        """alpha_bar at integer timestep(s) t; t = -1 gives 1 (clean data)."""
-        if isinstance(t, int):
-            return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+        """alpha_bar at timestep(s) t; t = -1 gives 1 (clean data); a fractional t is interpolated
+        (see :meth:`alpha_sigma`)."""
+        if isinstance(t, (int, float)):
+            if t < 0:
+                return 1.0
+            if float(t).is_integer():
+                return float(self.alphas_cumprod[int(t)])
+            return self.alpha_sigma(t)[0] ** 2
         t = torch.as_tensor(t)
+        if t.is_floating_point():
+            if not bool((t == t.round()).all()):
+                return torch.tensor([self.alpha_bar(float(v)) for v in t.flatten()],
+                                    dtype=torch.float64, device=t.device).reshape(t.shape)
+            t = t.long()
         ab = self.alphas_cumprod.to(t.device)[t.clamp(min=0)]
         return torch.where(t < 0, torch.ones_like(ab), ab)
 
     def alpha_sigma(self, t):
-        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)); floats for an int t,
-        float64 tensors for a tensor t."""
+        """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)); floats for a Python number t,
+        float64 tensors for a tensor t. A fractional t in (0, T-1) has the noise level whose log(sigma/alpha)
+        is linear between its neighbouring timesteps (:func:`difflo.schedules.log_sigma_at`)."""
+        if isinstance(t, float) and t > 0 and not t.is_integer():
+            ls = schedules.log_sigma_at(t, self.alphas_cumprod)       # log(sigma_t / alpha_t)
+            r = math.exp(-abs(ls))                                     # <= 1: no overflow either way
+            norm = (1.0 + r * r) ** 0.5
+            return (r / norm, 1.0 / norm) if ls > 0 else (1.0 / norm, r / norm)
         ab = self.alpha_bar(t)
         if isinstance(ab, float):
             return ab ** 0.5, (1.0 - ab) ** 0.5
         return ab.sqrt(), (1.0 - ab).sqrt()
+
+    def time_at_nsr(self, nsr: float) -> float:
+        """The (fractional) timestep where sigma_t / alpha_t = nsr (:func:`difflo.schedules.sigma_to_t`)."""
+        return float(schedules.sigma_to_t(nsr, self.alphas_cumprod))
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """The time value the network is conditioned on: the timestep index itself."""
@@ -88,8 +115,18 @@ class DiscreteSchedule:
         """Command-line times are the timesteps themselves, 0..T-1."""
         return self.T
 
-    def sampling_times(self, n: int, spacing: str = "trailing") -> list[int]:
-        """n timesteps of ``spacing`` (see :func:`difflo.schedules.timesteps`), then the clean end -1."""
+    @property
+    def spacings(self) -> tuple[str, ...]:
+        """The spacings this schedule's grids can have: the noise-level ones need a finite largest sigma
+        (not a zero-terminal-SNR schedule)."""
+        return schedules.SPACING_CHOICES if float(self.alphas_cumprod[-1]) > 0 else schedules.SPACINGS
+
+    def sampling_times(self, n: int, spacing: str = "trailing") -> list:
+        """n timesteps of ``spacing``, then the clean end -1: integers for the timestep spacings
+        (:func:`difflo.schedules.timesteps`), fractional timesteps for the noise-level spacings ``karras``
+        and ``exponential`` (:func:`difflo.schedules.sigma_timesteps`)."""
+        if spacing in schedules.SIGMA_SPACINGS:
+            return schedules.sigma_timesteps(self.alphas_cumprod, n, spacing) + [self.t_clean]
         return schedules.timesteps(self.T, n, spacing).tolist() + [self.t_clean]
 
     def strided_times(self, stride: int) -> list[int]:
@@ -106,9 +143,11 @@ class DiscreteSchedule:
     def samplers(self) -> tuple[str, ...]:
         return fitting(self)
 
-    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor:
+    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None),
+                      offset_noise: float = 0.0) -> torch.Tensor:
         """The denoising loss with ``d``'s prediction and weighting (a DiffusionConfig)."""
-        return training_loss(net, x0, y, self, d.prediction, d.loss_weighting, d.min_snr_gamma, generator, rows)
+        return training_loss(net, x0, y, self, d.prediction, d.loss_weighting, d.min_snr_gamma, generator, rows,
+                             offset_noise)
 
 
 def _bcast(c, x: torch.Tensor):
@@ -184,18 +223,30 @@ def loss_weight(snr: torch.Tensor, prediction: str, weighting: str, gamma: float
     return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
 
 
+def training_noise(x0: torch.Tensor, generator: torch.Generator | None, offset_noise: float = 0.0) -> torch.Tensor:
+    """Standard normal noise shaped like x0 (B, C, H, W), drawn from ``generator``; with ``offset_noise`` = k
+    (Guttenberg 2023, "Diffusion with Offset Noise") k times one standard normal value per image and
+    channel is added (drawn after the per-pixel noise), so the model also learns to change an image's mean
+    colour."""
+    device = generator.device if generator is not None else "cpu"
+    eps = torch.randn(x0.shape, generator=generator, device=device)
+    if offset_noise:
+        eps = eps + offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=generator, device=device)
+    return eps.to(x0.device, x0.dtype)
+
+
 def training_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule: DiscreteSchedule, prediction: str,
                   weighting: str = "none", gamma: float = 5.0, generator: torch.Generator | None = None,
-                  rows: slice = slice(None)) -> torch.Tensor:
+                  rows: slice = slice(None), offset_noise: float = 0.0) -> torch.Tensor:
     """Monte-Carlo estimate of the denoising loss (Ho et al. 2020, Algorithm 1) over a batch:
-    t ~ U{0..T-1}, eps ~ N(0, I), loss = w(t) * ||net(x_t, t, y) - target||^2 (mean over pixels).
+    t ~ U{0..T-1}, eps ~ N(0, I) (plus per-channel offset noise, :func:`training_noise`),
+    loss = w(t) * ||net(x_t, t, y) - target||^2 (mean over pixels).
     ``rows``: the loss over these rows of the batch only (one data-parallel rank's share); t and eps
     are drawn for the whole batch first, so each row gets the draws it gets in the whole batch."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), generator=generator, device=generator.device if generator else "cpu")
     t = t.to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
-    eps = eps.to(x0.device, x0.dtype)
+    eps = training_noise(x0, generator, offset_noise)
     x0, y, t, eps = x0[rows], y[rows] if y is not None else None, t[rows], eps[rows]
     alpha, sigma = schedule.alpha_sigma(t)
     x_t = q_sample(x0, eps, alpha, sigma)                                # (B, C, H, W)

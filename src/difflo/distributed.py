@@ -17,9 +17,15 @@ one process computes on the whole batch, up to float summation order; tests/test
   single-process one, on every rank;
 * EMA, logging, sample grids and checkpoints happen on rank 0 only; every rank resumes from the
   same checkpoint (weights, optimizer, step).
+
+Gradient accumulation (``train.grad_accum: K``) splits each rank's rows into K equal micro-batches
+(:meth:`Dist.micro_batches`); each draws the step's randomness for the whole global batch again and
+evaluates its own rows, and DDP all-reduces the summed gradients once, after the last micro-batch
+(:meth:`Dist.grad_sync`: ``no_sync`` before it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -53,6 +59,25 @@ class Dist:
                               f"this torchrun job; choose a multiple of {self.world} (the global batch is split)")
         n = batch_size // self.world
         return slice(self.rank * n, (self.rank + 1) * n)
+
+    def micro_batches(self, batch_size: int, k: int) -> list[slice]:
+        """This rank's rows split into k equal contiguous micro-batches (train.grad_accum = k)."""
+        rows = self.rows(batch_size)
+        n = rows.stop - rows.start
+        if k < 1 or n % k:
+            share = f"the {n} images per process (train.batch_size={batch_size} over {self.world} processes)" \
+                if self.active else f"train.batch_size={batch_size}"
+            raise DiffloError(f"train.grad_accum={k} must be a divisor of {share} (the batch is split into "
+                              f"grad_accum equal micro-batches)")
+        m = n // k
+        return [slice(rows.start + i * m, rows.start + (i + 1) * m) for i in range(k)]
+
+    def grad_sync(self, model: torch.nn.Module, sync: bool):
+        """The context of one micro-batch's forward and backward: DDP all-reduces the gradients only when
+        ``sync`` (the last micro-batch); before it they add up locally (``no_sync``)."""
+        if self.active and not sync:
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         """The module to train: DistributedDataParallel around ``net`` when data-parallel, else ``net``."""

@@ -96,8 +96,8 @@ def scheduler_config(cfg: config_mod.Config) -> dict:
            "beta_schedule": BETA_SCHEDULES.get(d.schedule, "linear"), "trained_betas": None,
            "variance_type": s.variance, "clip_sample": bool(s.clip_x0), "clip_sample_range": d.clip_range,
            "prediction_type": PREDICTION_TYPES[d.prediction], "thresholding": False,
-           "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": s.spacing,
-           "steps_offset": 0, "rescale_betas_zero_snr": False}
+           "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": s.spacing if s.spacing in ("leading", "trailing", "linspace") else "trailing",
+           "steps_offset": 0, "rescale_betas_zero_snr": bool(d.zero_terminal_snr)}   # idempotent on trained_betas
     if d.schedule not in BETA_SCHEDULES:                 # difflo's sigmoid (RIN), explicit: the betas themselves
         betas = schedules.get_betas(d.schedule, d.timesteps, d.beta_start, d.beta_end, d.betas)
         out["trained_betas"] = [float(b) for b in betas.tolist()]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import q_sample, target
+import math
+
+from .diffusion import q_sample, target, training_noise
 from .samplers import fitting
 
 T_SAMPLINGS = ("uniform", "logit_normal")
@@ -35,6 +37,7 @@ class FlowPath:
     continuous = True            # d alpha/dt, d sigma/dt exist: Euler and Heun apply
     max_steps = None             # any number of steps
     cli_scale = 1000             # command-line times are per mille: --t 500 is t = 0.5
+    spacings = ("trailing", "linspace")   # the grid is uniform in t from the noise end (see sampling_times)
     predictions = ("u",)         # the velocity
     loss_weightings = ("none",)
     t_samplings = T_SAMPLINGS
@@ -57,6 +60,10 @@ class FlowPath:
     def d_alpha_sigma(self, t):
         """(d alpha/dt, d sigma/dt) = (-1, 1): the velocity is u = -x0 + eps."""
         return -1.0, 1.0
+
+    def time_at_nsr(self, nsr: float) -> float:
+        """The time where sigma_t / alpha_t = t / (1 - t) equals nsr: t = nsr / (1 + nsr)."""
+        return 1.0 if math.isinf(nsr) else nsr / (1.0 + nsr)
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32) * self.time_scale
@@ -86,9 +93,11 @@ class FlowPath:
     def samplers(self) -> tuple[str, ...]:
         return fitting(self)
 
-    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor:
+    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None),
+                      offset_noise: float = 0.0) -> torch.Tensor:
         """The flow-matching loss with ``d``'s time sampling (a DiffusionConfig)."""
-        return training_loss(net, x0, y, self, d.t_sampling, d.logit_mean, d.logit_std, generator, rows)
+        return training_loss(net, x0, y, self, d.t_sampling, d.logit_mean, d.logit_std, generator, rows,
+                             offset_noise)
 
 
 def sample_t(B: int, how: str, generator: torch.Generator | None, mean: float = 0.0, std: float = 1.0
@@ -105,14 +114,14 @@ def sample_t(B: int, how: str, generator: torch.Generator | None, mean: float = 
 
 def training_loss(net, x0: torch.Tensor, y: torch.Tensor, path: FlowPath, t_sampling: str = "logit_normal",
                   logit_mean: float = 0.0, logit_std: float = 1.0, generator: torch.Generator | None = None,
-                  rows: slice = slice(None)) -> torch.Tensor:
+                  rows: slice = slice(None), offset_noise: float = 0.0) -> torch.Tensor:
     """Conditional flow-matching loss (Lipman et al. 2023, Eq. 9 with the OT path):
-    t ~ p(t), x1 ~ N(0, I), x_t = (1 - t) x0 + t x1, loss = ||net(x_t, t, y) - (x1 - x0)||^2.
+    t ~ p(t), x1 ~ N(0, I) (plus offset noise, :func:`difflo.diffusion.training_noise`),
+    x_t = (1 - t) x0 + t x1, loss = ||net(x_t, t, y) - (x1 - x0)||^2.
     ``rows``: as for :func:`difflo.diffusion.training_loss` (draws for the whole batch, loss over rows)."""
     B = x0.shape[0]
     t = sample_t(B, t_sampling, generator, logit_mean, logit_std).to(x0.device)
-    device = generator.device if generator is not None else "cpu"
-    x1 = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
+    x1 = training_noise(x0, generator, offset_noise)
     x0, y, t, x1 = x0[rows], y[rows] if y is not None else None, t[rows], x1[rows]
     alpha, sigma = path.alpha_sigma(t)
     x_t = q_sample(x0, x1, alpha, sigma)                                  # (B, C, H, W)

@@ -21,7 +21,7 @@ from .errors import DiffloError
 from .model import Model, make_denoiser
 from .precision import PRECISIONS
 from .samplers import SAMPLERS, SeededNoise
-from .schedules import SPACINGS
+from .schedules import SPACING_CHOICES
 
 VARIANCES = ("fixed_small", "fixed_large")
 
@@ -51,12 +51,19 @@ def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
     path = model.path
     check_sampler(s.sampler, model)
     check_steps(s.steps, model)
-    if s.spacing not in SPACINGS:
-        raise DiffloError(f"unknown spacing {s.spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if s.spacing not in SPACING_CHOICES:
+        raise DiffloError(f"unknown spacing {s.spacing!r}; choose one of {', '.join(SPACING_CHOICES)}")
     try:
-        path.sampling_times(1, s.spacing)
+        path.sampling_times(1, s.spacing)             # the path says why a spacing does not fit it
     except ValueError as e:
         raise DiffloError(str(e)) from None
+    if s.s_churn < 0 or s.s_noise <= 0 or s.s_tmin > s.s_tmax:
+        raise DiffloError(f"churn needs s_churn >= 0, s_noise > 0 and s_tmin <= s_tmax; got s_churn={s.s_churn}, "
+                          f"s_noise={s.s_noise}, s_tmin={s.s_tmin}, s_tmax={s.s_tmax}")
+    if s.s_churn > 0 and "s_churn" not in SAMPLERS[s.sampler].options:
+        takes = [n for n in path.samplers if "s_churn" in SAMPLERS[n].options]
+        raise DiffloError(f"sampler {s.sampler} has no churn (s_churn={s.s_churn}); churn applies to "
+                          f"{', '.join(takes) or 'no sampler of this model'}, or set s_churn to 0")
     if s.variance not in VARIANCES:
         raise DiffloError(f"unknown DDPM variance {s.variance!r}; choose one of {', '.join(VARIANCES)}")
     if s.precision not in PRECISIONS:
@@ -75,7 +82,7 @@ def settings_for(model: Model, **overrides) -> SampleSettings:
 
 def sampler_options(s: SampleSettings) -> dict:
     """The keyword options of the chosen sampler, taken from the settings (``eta`` for DDIM,
-    ``variance`` for DDPM; nothing for the others)."""
+    ``variance`` for DDPM, the churn ``s_*`` for Euler and Heun; nothing for the others)."""
     return {name: getattr(s, name) for name in SAMPLERS[s.sampler].options}
 
 

@@ -8,7 +8,8 @@ Conventions (used everywhere in difflo):
   ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``.
 * ``snr(t) = alpha_bar_t / (1 - alpha_bar_t)``.
 
-Every function is a pure function of its arguments and returns a float64 tensor.
+Every function is a pure function of its arguments and returns float64 values (tensors for the
+schedules, numpy arrays or lists for the noise-level grids at the end).
 """
 from __future__ import annotations
 
@@ -91,6 +92,19 @@ def get_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.0
     raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1:
+    shift and scale sqrt(alpha_bar) so that it keeps its value at t = 0 and is exactly 0 at t = T-1
+    (zero terminal SNR: x_{T-1} is pure noise, as sampling assumes), then return the betas of that
+    alpha_bar (the last beta is 1). As diffusers' ``rescale_betas_zero_snr``, in float64."""
+    ab_sqrt = alphas_cumprod(betas).sqrt()
+    a0, aT = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - aT) * (a0 / (a0 - aT))          # keep sqrt(alpha_bar_0), make the last 0
+    ab = ab_sqrt**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     """alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
     return torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
@@ -104,6 +118,10 @@ def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 # Timestep spacings for sampling with fewer steps than T, as diffusers defines them
 # (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
 SPACINGS = ("leading", "trailing", "linspace")
+# Noise-level spacings: n noise levels between the schedule's smallest and largest, mapped to (fractional)
+# timesteps by log-sigma interpolation (diffusers' use_karras_sigmas / use_exponential_sigmas).
+SIGMA_SPACINGS = ("karras", "exponential")
+SPACING_CHOICES = SPACINGS + SIGMA_SPACINGS          # every value of sample.spacing
 
 
 def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
@@ -129,3 +147,80 @@ def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> tor
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+# Noise-level grids. Here sigma is the noise-to-signal ratio sigma_t / alpha_t = sqrt((1 - abar) / abar):
+# EDM's and k-diffusion's sigma, diffusers' ``sigmas`` (difflo's sigma_t elsewhere is the VP one).
+def ve_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T-1, increasing (float64 numpy; inf where alpha_bar = 0)."""
+    ab = np.asarray(alphas_cumprod, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.sqrt((1.0 - ab) / ab)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Eq. 5:
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1,
+    rho = 7 (k-diffusion's get_sigmas_karras without the appended 0)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """n noise levels evenly spaced in log sigma from sigma_max to sigma_min (k-diffusion's
+    get_sigmas_exponential without the appended 0)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def sigma_to_t(sigmas, alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """The (fractional) timesteps of noise levels ``sigmas``: linear interpolation of log sigma between the
+    two neighbouring integer timesteps, clipped to [0, T-1] (k-diffusion's DiscreteSchedule.sigma_to_t,
+    diffusers' ``_sigma_to_t``, computed the same way so the values agree to the last bit)."""
+    log_sigmas = np.log(ve_sigmas(alphas_cumprod))
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    # the last integer timestep whose log sigma is <= log_sigma (diffusers: cumsum(dists >= 0).argmax())
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def log_sigma_at(t: float, alphas_cumprod: torch.Tensor) -> float:
+    """log sigma at a fractional timestep t in [0, T-1], the inverse of :func:`sigma_to_t`: linear in t
+    between the neighbouring integer timesteps (k-diffusion's DiscreteSchedule.t_to_sigma)."""
+    T = alphas_cumprod.shape[0]
+    if not 0 <= t <= T - 1:
+        raise ValueError(f"timestep {t} is outside 0..{T - 1}")
+    low = min(int(math.floor(t)), T - 2)
+    w = t - low
+    ab_lo, ab_hi = float(alphas_cumprod[low]), float(alphas_cumprod[low + 1])
+    ls_lo = 0.5 * math.log((1.0 - ab_lo) / ab_lo)
+    if w == 0.0:
+        return ls_lo
+    if ab_hi == 0.0:                            # zero terminal SNR: the last level is infinite
+        return math.inf
+    return (1 - w) * ls_lo + w * 0.5 * math.log((1.0 - ab_hi) / ab_hi)
+
+
+def sigma_timesteps(alphas_cumprod: torch.Tensor, n: int, spacing: str) -> list[float]:
+    """n (fractional) timesteps, decreasing from T-1 to 0, whose noise levels follow ``spacing``
+    (``karras``: Eq. 5 with rho = 7; ``exponential``: even in log sigma) between the schedule's smallest
+    and largest sigma; timesteps within 1e-9 of an integer are that integer (the ends T-1 and 0).
+    diffusers' EulerDiscreteScheduler(use_karras_sigmas / use_exponential_sigmas, timestep_spacing="linspace")
+    has the same timesteps (as float32) and sigmas."""
+    T = alphas_cumprod.shape[0]
+    if not 1 <= n <= T:
+        raise ValueError(f"number of sampling steps must be between 1 and {T}, got {n}")
+    s = ve_sigmas(alphas_cumprod)
+    if not math.isfinite(s[-1]):
+        raise ValueError(f"spacing {spacing!r} needs a finite largest noise level, but this zero-terminal-SNR "
+                         f"schedule is pure noise at t = {T - 1}; use trailing (or leading, linspace)")
+    if spacing == "karras":
+        sig = karras_sigmas(n, float(s[0]), float(s[-1]))
+    elif spacing == "exponential":
+        sig = exponential_sigmas(n, float(s[0]), float(s[-1]))
+    else:
+        raise ValueError(f"unknown noise-level spacing {spacing!r}; choose one of {', '.join(SIGMA_SPACINGS)}")
+    t = sigma_to_t(sig, alphas_cumprod)
+    snapped = np.round(t)                       # the ends' round trip sigma -> t leaves ~1e-13: T-1 and 0 exactly
+    return np.where(np.abs(t - snapped) < 1e-9, snapped, t).tolist()

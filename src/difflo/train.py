@@ -4,6 +4,11 @@ Determinism: batch order comes from a permutation per epoch seeded by (seed, epo
 timesteps and label dropout of step k come from a generator seeded by (seed, k); dropout inside the
 network from the global RNG, also re-seeded at every step. So a run stopped at step k and resumed
 computes exactly the steps an uninterrupted run would (tests/test_train.py pins this).
+
+Gradient accumulation (train.grad_accum = K) splits the batch into K micro-batches of rows: each draws
+the noise and timesteps of the whole batch from the same generator state and uses its own rows (as a
+data-parallel rank does), so every image gets the draws it gets with K = 1, and the summed gradients
+of the K losses / K are the whole batch's up to float summation order (tests/test_grad_accum.py).
 """
 from __future__ import annotations
 
@@ -23,14 +28,14 @@ from tqdm import tqdm
 from . import checkpoint, config as config_mod, data as data_mod
 from . import distributed, faults, memory, precision
 from .errors import DiffloError
-from .eval.periodic import PeriodicEval
+from .eval.periodic import EVAL_METRICS, PeriodicEval, csv_value
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .io import check_writable, write_text_atomic
 from .model import Model, build_net, pick_device
 from .paths import make_path
 from .sample import generate
 
-METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", "fid", "fd_classifier", "class_accuracy"]
+METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", *EVAL_METRICS]
 
 
 def lr_at(step: int, t: config_mod.TrainConfig, elapsed: float = 0.0) -> float:
@@ -91,12 +96,12 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
             csv.writer(f).writerow(METRICS_FIELDS)
     else:                                    # drop rows logged after the checkpoint we resume from
         with open(metrics_path) as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if len(r) == len(METRICS_FIELDS) and r[0].isdigit()]   # a row cut by a kill
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.writer(f)
+            header, *rows = [r for r in csv.reader(f)] or [[]]
+        rows = [r for r in rows if len(r) == len(header) and r[0].isdigit()]   # a row cut by a kill
+        with open(metrics_path, "w", newline="") as f:       # columns by name: an older run's file gains
+            w = csv.writer(f)                                # the columns added since, empty
             w.writerow(METRICS_FIELDS)
-            w.writerows(r for r in rows if int(r[0]) <= step)
+            w.writerows([dict(zip(header, r)).get(k, "") for k in METRICS_FIELDS] for r in rows if int(r[0]) <= step)
 
 
 # ----------------------------------------------------------------------------- what the loop calls
@@ -108,9 +113,28 @@ def environment(device: torch.device, prec: precision.Precision) -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def append_metrics(metrics_path: Path, row: list) -> None:
+def tensorboard(log: tuple[str, ...]):
+    """torch's SummaryWriter class when train.log has tensorboard, else None. Looked up when training
+    starts, so a missing package is one error line then, not a failure at the first log row."""
+    if "tensorboard" not in log:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DiffloError('train.log has tensorboard but the tensorboard package is not installed: '
+                          'pip install "difflo[tensorboard]" (or drop tensorboard from train.log)') from None
+    return SummaryWriter
+
+
+def append_metrics(metrics_path: Path, row: list, tb=None) -> None:
+    """A metrics.csv row; with a SummaryWriter ``tb``, its filled-in numbers also as TensorBoard scalars
+    (tags: the column names; elapsed_s is TensorBoard's own wall time)."""
     with open(metrics_path, "a", newline="") as f:
         csv.writer(f).writerow(row)
+    if tb is not None:
+        for name, value in zip(METRICS_FIELDS, row):
+            if name not in ("step", "elapsed_s") and value != "":
+                tb.add_scalar(name, float(value), int(row[0]))
 
 
 def save(run_dir: Path, step: int, cfg_dict: dict, net, ema, opt, scaler, keep: int) -> Path:
@@ -123,19 +147,21 @@ def save(run_dir: Path, step: int, cfg_dict: dict, net, ema, opt, scaler, keep: 
     return path
 
 
-def sample_grid(run_dir: Path, step: int, ema, cfg: config_mod.Config, per_class: int = 8) -> None:
+def sample_grid(run_dir: Path, step: int, ema, cfg: config_mod.Config, per_class: int = 8, tb=None) -> None:
     """RUN/samples/step_N.png: per_class EMA samples of every class, with the run's own sample settings
-    (cfg.sample: what ``difflo sample`` gives by default)."""
+    (cfg.sample: what ``difflo sample`` gives by default); also to TensorBoard (``tb``) as "samples"."""
     n_cls = max(cfg.model.num_classes, 1)
     labels = torch.arange(n_cls).repeat_interleave(per_class)
     imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), settings=cfg.sample)
-    save_image(grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)]),
-               run_dir / "samples" / f"step_{step:07d}.png")
+    grid = grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)])
+    save_image(grid, run_dir / "samples" / f"step_{step:07d}.png")
+    if tb is not None:
+        tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")       # grid_image is RGB
 
 
 def eval_row(step: int, elapsed: float, res: dict) -> list:
     """A metrics.csv row of an evaluation: no loss, the scores in their columns."""
-    return [step, "", "", "", f"{elapsed:.1f}"] + [f"{res[k]:.4f}" if k in res else "" for k in METRICS_FIELDS[5:]]
+    return [step, "", "", "", f"{elapsed:.1f}"] + [csv_value(k, res[k]) if k in res else "" for k in EVAL_METRICS]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -152,6 +178,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     device = ddp.device
     prec = precision.resolve(t.precision, device, log, "train.precision")   # auto: bf16 where the hardware has it
     rows = ddp.rows(t.batch_size)                     # this process's rows of the global batch
+    micro = ddp.micro_batches(t.batch_size, t.grad_accum)   # ... split into train.grad_accum micro-batches
+    summary_writer = tensorboard(t.log)               # train.log: [csv, tensorboard]; a missing package fails here
     if not ddp.main:                                  # logging, samples, checkpoints: rank 0 only
         log, progress = (lambda *a, **k: None), False
     dataset = data_mod.from_config(cfg.data)
@@ -202,10 +230,15 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
         write_text_atomic(run_dir / "environment.json", json.dumps(environment(device, prec), indent=1))
         _start_metrics(metrics_path, step)
+    tb = None                                              # RUN/tensorboard/ event files (rank 0)
+    if summary_writer is not None and ddp.main:            # resume: events after step are dropped, as csv rows are
+        tb = summary_writer(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
 
     def checkpoint_now(step: int) -> None:                 # rank 0 writes; the others only keep count
         if ddp.main:
             save(run_dir, step, cfg_dict, net, ema, opt, scaler, t.keep_checkpoints)
+            if tb is not None:
+                tb.flush()
 
     # 4) Loop state.
     if progress is None:
@@ -233,10 +266,17 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         torch.manual_seed((t.seed * 1_000_003 + step) * ddp.world + ddp.rank)   # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG
-        with precision.autocast(prec, device):
-            loss = path.training_loss(model, x0, y, cfg.diffusion, gen, rows)
+        draws = gen.get_state()                         # the noise and timesteps of the whole batch come next
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = 0.0
+        for i, part in enumerate(micro):                # train.grad_accum micro-batches of this rank's rows
+            gen.set_state(draws)                        # each draws for the whole batch and uses its rows
+            with ddp.grad_sync(model, i == len(micro) - 1):    # DDP all-reduces after the last one only
+                with precision.autocast(prec, device):
+                    part_loss = path.training_loss(model, x0, y, cfg.diffusion, gen, part,
+                                                   offset_noise=t.offset_noise) / len(micro)
+                scaler.scale(part_loss).backward()      # the gradients add up in .grad
+            loss = loss + part_loss.detach()            # the mean loss over this rank's rows
         finite = scaler.is_enabled() or guard.check(step, loss, net)   # NaN/inf: skip the update (faults.py);
                                                                         # with fp16 the grad scaler skips them
         if t.grad_clip > 0:
@@ -259,7 +299,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             ips = window_n * t.batch_size / (now - window_t)
             if ddp.main:
                 append_metrics(metrics_path, [step, f"{window_loss / window_n:.6f}", f"{lr:.3g}", f"{ips:.1f}",
-                                              f"{now - start:.1f}", "", "", ""])
+                                              f"{now - start:.1f}"] + [""] * len(EVAL_METRICS), tb)
             bar.set_postfix(loss=f"{window_loss / window_n:.4f}", img_s=f"{ips:.0f}")
             window_t, window_loss, window_n = now, 0.0, 0
         bar.update(1)
@@ -272,13 +312,13 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             checkpoint_now(step)
             last_saved = step
         if t.sample_every and step % t.sample_every == 0 and ddp.main:
-            sample_grid(run_dir, step, ema, cfg)
+            sample_grid(run_dir, step, ema, cfg, tb=tb)
         if cfg.eval.every and step % cfg.eval.every == 0:
             t_eval = time.time()
             if ddp.main:                                    # rank 0 evaluates; the others wait for it
                 evaluator = evaluator or PeriodicEval(cfg, run_dir, device, log)
                 res = evaluator(Model(ema, cfg), step)      # score the EMA weights
-                append_metrics(metrics_path, eval_row(step, time.time() - start, res))
+                append_metrics(metrics_path, eval_row(step, time.time() - start, res), tb)
                 if evaluator.is_best(res):                  # keep the best checkpoint in RUN/best
                     if last_saved != step:
                         checkpoint_now(step)
@@ -292,6 +332,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     bar.close()
     if last_saved != step:
         checkpoint_now(step)
+    if tb is not None:
+        tb.close()
     ddp.barrier()                                           # rank 0 has written the last checkpoint
     ddp.close()
     ckpts = checkpoint.list_checkpoints(run_dir)

@@ -142,7 +142,9 @@ def done_steps(run) -> int:
             rows = list(csv.reader(f))[1:]
     except FileNotFoundError:
         return 0
-    steps = [int(r[0]) for r in rows if len(r) == 8 and r[0].isdigit() and r[1]]   # complete loss rows
+    from difflo.train import METRICS_FIELDS
+    width = len(METRICS_FIELDS)
+    steps = [int(r[0]) for r in rows if len(r) == width and r[0].isdigit() and r[1]]   # complete loss rows
     return max(steps, default=0)
 
 

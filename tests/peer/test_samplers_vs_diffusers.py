@@ -10,11 +10,13 @@ import torch
 from difflo import schedules
 from difflo.diffusion import DiscreteSchedule, to_x0
 from difflo.flow import FlowPath
-from difflo.samplers import ddim_step, ddpm_step, dpmpp_2m_step, sample_ddim, sample_dpmpp_2m
-from samplers_common import NOISE_SEED, SHAPE, T, ddim_closed_form, noise_fn, path_for, step_inputs
+from difflo.samplers import (SAMPLERS, ddim_step, ddpm_step, dpmpp_2m_step, sample_ddim, sample_dpmpp_2m,
+                             sample_euler_ancestral)
+from samplers_common import NOISE_SEED, SHAPE, T, ddim_closed_form, noise_fn, path_for, step_inputs, ztsnr_path
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerAncestralDiscreteScheduler)
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -323,3 +325,170 @@ def test_dpmpp_leading_linspace_grids_differ_from_diffusers():
     assert sched.timesteps.tolist() == schedules.timesteps(T, n, "trailing").tolist()
 
 
+
+
+# --------------------------------------------------------------------------- issue 19: the new samplers and grids
+DPM_FAMILY = {"dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+              "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+              "dpmpp_3m": {"algorithm_type": "dpmsolver++", "solver_order": 3}}
+GRID_CASES = [("trailing", 10), ("trailing", 20), ("leading", 10), ("karras", 10), ("karras", 20), ("exponential", 10)]
+
+
+def _nsr(path, t):
+    a, s = path.alpha_sigma(t)
+    return s / a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("spacing,n", GRID_CASES)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", sorted(DPM_FAMILY))
+def test_dpm_family_chain_matches_diffusers(sampler, name, prediction, spacing, n, dtype):
+    """DPM-Solver++(2M), its SDE variant and (3M) against DPMSolverMultistepScheduler (midpoint, the defaults:
+    lower_order_final, final_sigmas_type="zero") over difflo's grids, every state compared; the SDE's noise
+    is the same tensor on both sides (diffusers' variance_noise). n = 10 and 20 cover 3M's lower-order
+    ending below 15 steps. diffusers is given difflo's grid as sigmas (sqrt((1 - abar) / abar) at difflo's
+    times, in float64 for f64): for trailing grids and Karras/exponential noise levels these equal its own
+    (test_schedules_vs_diffusers.py); the network is called at difflo's (fractional) time, where diffusers'
+    DPM scheduler would call it at a rounded one (see test_karras_timesteps_of_dpm_scheduler_are_rounded).
+    Tolerances: float32 5e-4 relative (worst measured 3.1e-4, 2M SDE, cosine eps on the Karras grid, whose
+    first steps sit at alpha ~ 1e-4); float64 5e-5 (diffusers' step() rounds the sample to float32 every step;
+    worst measured 1.1e-5). A wrong order or coefficient on any step moves a state by > 1e-3."""
+    path = path_for(name)
+    ts = path.sampling_times(n, spacing)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name],
+                                        solver_type="midpoint", prediction_type=DIFFUSERS_PRED[prediction],
+                                        **DPM_FAMILY[sampler])
+    sched.set_timesteps(timesteps=[int(round(t)) for t in ts[:-1]] if spacing not in ("karras", "exponential")
+                        else list(range(n - 1, -1, -1)))    # any n decreasing integers: the sigmas are set below
+    sched.sigmas = torch.tensor([_nsr(path, t) for t in ts], dtype=torch.float64 if dtype == torch.float64
+                                else torch.float32)
+    sched.set_begin_index(0)
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    noises = [torch.randn(SHAPE, generator=g, dtype=dtype) for _ in range(n)]
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ref, got = [], []
+    xr = x.clone()
+    for i, t in enumerate(sched.timesteps):
+        xr = sched.step(_fake_net(xr, ts[i]), t, xr, variance_noise=noises[i]).prev_sample
+        ref.append(xr)
+    draws = iter(noises)
+    out = SAMPLERS[sampler](_FakeDenoiser(path, prediction), x, ts, noise=lambda: next(draws),
+                            callback=lambda d: got.append(d["x"]))
+    assert len(got) == len(ref) == n and torch.equal(out, got[-1])
+    tol = 5e-4 if dtype == torch.float32 else 5e-5
+    for i, (g_, r) in enumerate(zip(got, ref)):
+        assert g_.dtype == r.dtype == dtype
+        err = ((g_ - r).abs() / (1 + r.abs())).max().item()
+        assert err < tol, (i, err)
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_dpm_family_orders_differ(n):
+    """The three DPM samplers are different chains (a wrong registry entry or a 3M that never reaches third
+    order would make two of them equal): their outputs differ by > 1e-3 on the same noise."""
+    path = path_for("linear")
+    ts = path.sampling_times(n, "trailing")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    outs = {name: SAMPLERS[name](_FakeDenoiser(path, "eps"), x, ts, noise=noise_fn(torch.float64))
+            for name in DPM_FAMILY}
+    for a in outs:
+        for b in outs:
+            if a < b:
+                assert (outs[a] - outs[b]).abs().max().item() > 1e-3, (a, b)
+
+
+@pytest.mark.parametrize("spacing,n", [("trailing", 10), ("trailing", 25), ("leading", 10)])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_euler_ancestral_matches_diffusers(name, prediction, spacing, n):
+    """Euler ancestral against diffusers' EulerAncestralDiscreteScheduler on its own grid (trailing, leading:
+    integer timesteps): every step of difflo's chain, from difflo's state before it, against diffusers' step
+    from the same state. diffusers works in k-diffusion's scaled variable x / alpha (its sample; the model sees
+    scale_model_input = x); difflo's state is x = alpha (x / alpha), so a state is multiplied by
+    sqrt(1 + sigma^2) going in and divided by sqrt(1 + sigma_next^2) coming out. The same noise draws (one per
+    step; diffusers also draws one on its last step, with weight 0). diffusers computes in float32 only
+    (step() casts the sample), and x / alpha is sigma times larger than x: at cosine's t = 999 (sigma = 2e4)
+    its step x/alpha + (sigma_down - sigma) d cancels ~4 digits (6.3e-4 measured there, v-prediction), so the
+    tolerance per step is 2e-5 + 1e-7 sigma; elsewhere the worst measured is 2.9e-6."""
+    path = path_for(name)
+    sched = EulerAncestralDiscreteScheduler(num_train_timesteps=T, beta_schedule=DIFFUSERS_NAME[name],
+                                            prediction_type=DIFFUSERS_PRED[prediction], timestep_spacing=spacing)
+    sched.set_timesteps(n)
+    ts = path.sampling_times(n, spacing)
+    assert sched.timesteps.tolist() == ts[:-1]
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    got = [x]
+    sample_euler_ancestral(_FakeDenoiser(path, prediction), x, ts, noise=noise_fn(torch.float32),
+                           callback=lambda d: got.append(d["x"]))
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    for i, t in enumerate(sched.timesteps):
+        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+        sched._step_index = i
+        x_sigma = got[i] * (1 + sigma**2) ** 0.5                # difflo's state in diffusers' variable
+        out = _fake_net(sched.scale_model_input(x_sigma, t), int(t))
+        ref = sched.step(out, t, x_sigma, generator=g).prev_sample / (1 + sigma_next**2) ** 0.5
+        err = ((got[i + 1] - ref).abs() / (1 + ref.abs())).max().item()
+        assert err < 2e-5 + 1e-7 * sigma.item(), (i, err)
+
+
+@pytest.mark.parametrize("n", [5, 10, 50])
+def test_zero_terminal_snr_ddim_chain_matches_diffusers(n):
+    """A zero-terminal-SNR schedule (diffusion.zero_terminal_snr) with v-prediction: DDIM from t = 999, where
+    alpha = 0 (x0 = -v there), against DDIMScheduler(rescale_betas_zero_snr=True, trailing spacing, the
+    configuration Lin et al. 2024 recommend), every state compared in float64 on difflo's alpha_bar."""
+    path = ztsnr_path("linear")
+    sched = DDIMScheduler(num_train_timesteps=T, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                          prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True)
+    torch.testing.assert_close(sched.alphas_cumprod, path.alphas_cumprod.float(), atol=1e-6, rtol=1e-5)
+    ts = _set_grid(sched, path, n, "trailing", torch.float64)
+    assert ts[0] == T - 1 and path.alpha_sigma(ts[0]) == (0.0, 1.0)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref, got = [], []
+    xr = x.clone()
+    for t in ts[:-1]:
+        xr = sched.step(_fake_net(xr, t), t, xr, eta=0.0).prev_sample
+        ref.append(xr)
+    sample_ddim(_FakeDenoiser(path, "v"), x, ts, callback=lambda d: got.append(d["x"]))
+    for g_, r in zip(got, ref):
+        _assert_close(g_, r, torch.float64)
+
+
+@pytest.mark.parametrize("n", [1, 4, 10])
+def test_flow_euler_and_heun_match_diffusers(n):
+    """Euler and Heun on the flow path (no churn) against FlowMatchEulerDiscreteScheduler and
+    FlowMatchHeunDiscreteScheduler (shift 1) given difflo's uniform grid, every state compared (float32; the
+    network predicts u = x1 - x0, diffusers' flow model output). Heun's last step is Euler in both.
+    Churn is not compared: diffusers' FlowMatchHeun adds its churn noise after the network call whose output it
+    then uses, without the path's alpha scaling; difflo's churn is EDM's Algorithm 2 (the network evaluated at
+    the churned point), which keeps the path's marginals (tests/test_samplers.py::test_churn_keeps_the_marginal)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    from difflo.samplers import sample_euler, sample_heun
+    path = FlowPath()
+    ts = path.sampling_times(n)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    s = torch.tensor(ts, dtype=torch.float32)
+    for fn, sched in [(sample_euler, FlowMatchEulerDiscreteScheduler(shift=1.0)),
+                      (sample_heun, FlowMatchHeunDiscreteScheduler(shift=1.0))]:
+        got = []
+        fn(_FakeDenoiser(path, "u"), x, ts, callback=lambda d: got.append(d["x"]))
+        if fn is sample_euler:
+            sched.set_timesteps(sigmas=ts[:-1])
+            assert torch.equal(sched.sigmas, s)
+            calls = [(i, ts[i]) for i in range(n)]
+        else:
+            sched.set_timesteps(n)
+            sched.sigmas = torch.cat([s[:1], s[1:-1].repeat_interleave(2), s[-1:]])
+            sched.timesteps = 1000 * torch.cat([s[:1], s[1:-1].repeat_interleave(2)])
+            calls = [(i, u) for i in range(n) for u in ((ts[i], ts[i + 1]) if i < n - 1 else (ts[i],))]
+        sched.set_begin_index(0)
+        xr, ref = x.clone(), []
+        for k, (i, t) in enumerate(calls):
+            xr = sched.step(_fake_net(xr, t), sched.timesteps[k], xr).prev_sample
+            if fn is sample_euler or t != ts[i] or i == n - 1:     # the end of step i
+                ref.append(xr)
+        assert len(ref) == len(got) == n
+        for g_, r in zip(got, ref):
+            _assert_close(g_, r, torch.float32)

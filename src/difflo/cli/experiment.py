@@ -16,16 +16,18 @@ from pathlib import Path
 
 from ..errors import DiffloError
 from ..io import write_text_atomic
-from ..experiments import ema, failure, guidance, schedules, steps
+from ..experiments import ema, failure, guidance, scarcity, schedules, steps
 from ..experiments.common import Options
-from ..schedules import SCHEDULES
+from ..samplers import SAMPLERS
+from ..schedules import SCHEDULES, SIGMA_SPACINGS, SPACINGS
 from .argtypes import positive_int, seed
 
 EXPERIMENTS = {"schedules": "linear vs cosine vs sigmoid: curves, forward process, the same model trained with each",
                "ema": "raw vs EMA weights at several decays, evaluated along training",
                "steps": "DDPM, DDIM (eta 0/1), DPM-Solver++ and flow Euler/Heun: quality vs NFE and wall time",
                "guidance": "CFG scale w: class accuracy vs diversity, a grid per w",
-               "failure-modes": "too few steps, w too high, no EMA early, tiny data per class"}
+               "failure-modes": "too few steps, w too high, no EMA early, tiny data per class",
+               "scarcity": "the data set's own scarce classes: accuracy, mode collapse and copies by class size"}
 DEFAULTS = Options(out=Path("."))
 
 
@@ -80,6 +82,12 @@ def add_parser(sub):
     g.add_argument("--ws", type=_floats, help="guidance: the scales (default 0,1,2,3,5,7)")
     g.add_argument("--ddim-steps", type=_ints, help="steps: DDIM step counts (default 10,20,50,100,200)")
     g.add_argument("--dpmpp-steps", type=_ints, help="steps: DPM-Solver++ step counts (default 10,15,20)")
+    g.add_argument("--ddim-etas", type=_floats, help="steps: the DDIM etas (default 0,1)")
+    g.add_argument("--samplers", help=f"steps: only these samplers (default all; {', '.join(SAMPLERS)})")
+    g.add_argument("--other-steps", type=_ints, help="steps: step counts of the samplers without their own list "
+                                                     "(default 10)")
+    g.add_argument("--spacing", choices=SPACINGS + SIGMA_SPACINGS,
+                   help="steps: the diffusion model's time grid for every setting (default: the config's)")
     g.add_argument("--ddpm-steps", type=positive_int, help="steps: DDPM steps (default: the model's T)")
     g.add_argument("--no-flow", action="store_true", help="steps: skip the flow model (Euler/Heun)")
     g.add_argument("--schedules", help="schedules: which (default linear,cosine,sigmoid)")
@@ -93,6 +101,8 @@ def add_parser(sub):
 
 def options(args, out: Path) -> Options:
     extra = {k: v for k, v in {"ws": args.ws, "ddim_steps": args.ddim_steps, "dpmpp_steps": args.dpmpp_steps,
+                               "ddim_etas": args.ddim_etas, "samplers": _names(args.samplers, SAMPLERS, "--samplers"),
+                               "other_steps": args.other_steps, "spacing": args.spacing,
                                "ddpm_steps": args.ddpm_steps, "no_flow": args.no_flow or None,
                                "tiny_k": args.per_class, "few_steps": args.few_steps, "high_ws": args.high_ws,
                                "schedules": _schedules(args.schedules)}.items() if v is not None}
@@ -102,18 +112,24 @@ def options(args, out: Path) -> Options:
                    device=args.device, progress=os.isatty(2), extra=extra)
 
 
-def _schedules(s: str | None):
+def _names(s: str | None, known, flag: str):
+    """A comma-separated list of names from ``known`` (None: not given)."""
     if s is None:
         return None
     names = tuple(x.strip() for x in s.split(",") if x.strip())
-    bad = [x for x in names if x not in SCHEDULES]
+    bad = [x for x in names if x not in known]
     if bad or not names:
-        raise DiffloError(f"--schedules {s!r}: choose from {', '.join(SCHEDULES)}")
+        raise DiffloError(f"{flag} {s!r}: choose from {', '.join(known)}")
     return names
 
 
+def _schedules(s: str | None):
+    return _names(s, SCHEDULES, "--schedules")
+
+
 def run_one(name: str, opts: Options) -> Path:
-    module = {"schedules": schedules, "ema": ema, "steps": steps, "guidance": guidance, "failure-modes": failure}
+    module = {"schedules": schedules, "ema": ema, "steps": steps, "guidance": guidance, "failure-modes": failure,
+              "scarcity": scarcity}
     return module[name].run(opts)
 
 

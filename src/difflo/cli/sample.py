@@ -15,7 +15,7 @@ from ..model import load_model, pick_device
 from ..sample import VARIANCES, SampleSettings, describe, generate, settings_for
 from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
-from ..schedules import SPACINGS
+from ..schedules import SPACING_CHOICES
 from .argtypes import CKPT_HELP, nonneg_float, positive_int, seed
 
 
@@ -29,8 +29,16 @@ def add_parser(sub) -> None:
     s.add_argument("--eta", type=nonneg_float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     s.add_argument("--w", type=nonneg_float,
                    help="classifier-free guidance scale (0 uncond., 1 cond.; default: the run's sample.w)")
-    s.add_argument("--spacing", choices=list(SPACINGS), help="timestep spacing")
+    s.add_argument("--spacing", choices=list(SPACING_CHOICES),
+                   help="the time grid: timestep spacing (leading, trailing, linspace) or noise-level spacing "
+                        "(karras: Karras et al. 2022 Eq. 5, exponential), which gives fractional timesteps; "
+                        "default: the run's sample.spacing")
     s.add_argument("--variance", choices=list(VARIANCES), help="DDPM variance")
+    s.add_argument("--s-churn", type=nonneg_float,
+                   help="euler/heun (flow): EDM churn S_churn, > 0 makes them stochastic (default 0)")
+    s.add_argument("--s-tmin", type=nonneg_float, help="churn only at t >= s_tmin (flow time 0..1; default 0)")
+    s.add_argument("--s-tmax", type=nonneg_float, help="churn only at t <= s_tmax (default 1)")
+    s.add_argument("--s-noise", type=nonneg_float, help="churn noise scale S_noise (default 1)")
     s.add_argument("--no-clip", action="store_true", help="do not clamp the predicted x0 to [-1, 1]")
     s.add_argument("--precision", choices=list(PRECISIONS),
                    help="the network's precision: auto = bf16 where the hardware has it (default: the run's)")
@@ -86,7 +94,8 @@ def run(args) -> int:
         model.net = compile_net(model.net, device)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, eta=args.eta, w=args.w,
                             spacing=args.spacing, variance=args.variance, clip_x0=False if args.no_clip else None,
-                            precision=args.precision)
+                            precision=args.precision, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
+                            s_noise=args.s_noise)
     classes = model.parse_classes(args.classes)
     if args.n:
         labels = torch.tensor(classes).repeat(-(-args.n // len(classes)))[:args.n]

@@ -1,4 +1,5 @@
-"""Data sets as in-memory arrays: ``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,).
+"""Data sets as arrays: ``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,); decoded image
+files are memory-mapped from the cache, the rest is in memory.
 
 Batches are float tensors in [-1, 1], (B, C, H, W). Loaders (``DATASETS``; docs/data.md):
 
@@ -7,7 +8,8 @@ Batches are float tensors in [-1, 1], (B, C, H, W). Loaders (``DATASETS``; docs/
   CC BY-SA 3.0). Its first 8,000 images are the ``train`` split and the last 2,000 ``test``.
 - ``mnist``, ``fashion-mnist`` (IDX files), ``cifar10`` (python batches): read as stored.
 - ``flowers102``, ``celeba``, ``folder``: JPEG/PNG files, resized and center-cropped to
-  ``image_size``, decoded once and cached as ``.npz`` (``cache.py``).
+  ``image_size``, decoded once, streaming, into a ``.npy`` cache that training reads memory-mapped
+  (``cache.py``), so a data set larger than memory trains in bounded memory.
 - ``emoji``: 64x64 Noto Emoji and Twemoji images read from the two npm tarballs
   (``emoji-datasource-google``/``-twitter@16.0.0``), composited over ``data.background``, labelled
   by subcategory (98) or category (9), with a deterministic 10% test split; decoded once and cached.
@@ -22,6 +24,7 @@ import numpy as np
 
 from ..errors import DataError
 from .base import DATA_OPTIONS, ArrayDataset, DatasetSpec, check_split, data_home, default_root  # noqa: F401
+from .cache import take_rows
 from .celeba import FILE_LIST as _CELEBA_FILES, load_celeba
 from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
 from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
@@ -111,19 +114,21 @@ def from_config(cfg) -> ArrayDataset:
 
 
 def first_per_class(ds: ArrayDataset, k: int) -> ArrayDataset:
-    """The first k images of each class, in the data set's order (tiny-data experiments)."""
+    """The first k images of each class, in the data set's order (tiny-data experiments). Only the
+    kept rows are read (a memory-mapped set stays mapped when every row is kept)."""
     if k < 1:
         raise DataError(f"data.per_class={k} must be >= 1")
-    counts = np.zeros(max(ds.num_classes, 1), dtype=np.int64)
-    keep = np.zeros(len(ds), dtype=bool)
-    for i, y in enumerate(ds.labels):
-        if counts[y] < k:
-            keep[i], counts[y] = True, counts[y] + 1
-    short = [c for c, n in enumerate(counts) if n < k]
+    order = np.argsort(ds.labels, kind="stable")                        # class by class, in data-set order
+    first = np.searchsorted(ds.labels[order], ds.labels[order])         # where each one's class starts
+    rank = np.empty(len(ds), dtype=np.int64)
+    rank[order] = np.arange(len(ds)) - first                            # its place within its class
+    keep = rank < k
+    short = [c for c, n in enumerate(np.bincount(ds.labels, minlength=max(ds.num_classes, 1))) if n < k]
     if short:
         raise DataError(f"data.per_class={k}: class(es) {short[:5]} of {ds.name} have fewer images; choose a "
                         f"smaller k")
-    ds.images, ds.labels = ds.images[keep], ds.labels[keep]
+    if not keep.all():
+        ds.images, ds.labels = take_rows(ds.images, np.flatnonzero(keep)), ds.labels[keep]
     return ds
 
 

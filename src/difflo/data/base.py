@@ -1,6 +1,7 @@
-"""What every loader shares: the in-memory data set, the registry entry, roots and splits."""
+"""What every loader shares: the array data set, the registry entry, roots and splits."""
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..io import cache_home
+from .cache import take_rows
 
 if TYPE_CHECKING:                       # torch is imported lazily: `difflo data info` starts fast
     import torch
@@ -18,7 +20,10 @@ if TYPE_CHECKING:                       # torch is imported lazily: `difflo data
 
 @dataclass
 class ArrayDataset:
-    images: np.ndarray          # uint8 (N, H, W, C)
+    """Images and labels. ``images`` is in memory, or (decoded image files) a read-only ``np.memmap``
+    of the cache (``cache.py``): a batch, a class's rows or a subset copies only its own rows (a
+    batch reads them from the file, so they are not left mapped: ``cache.take_rows``)."""
+    images: np.ndarray          # uint8 (N, H, W, C); possibly memory-mapped, read-only
     labels: np.ndarray          # int64 (N,); all 0 when num_classes == 0
     num_classes: int            # 0 = unconditional
     name: str = ""
@@ -45,7 +50,8 @@ class ArrayDataset:
         import torch                  # here, so that `difflo data ...` and --help start fast
 
         idx = np.asarray(idx)
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).to(device)   # (B, H, W, C) uint8
+        rows = take_rows(self.images, idx)               # (B, H, W, C) uint8 in memory: only these rows are read
+        x = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                           # (B, C, H, W)
         y = torch.from_numpy(np.ascontiguousarray(self.labels[idx])).to(device)
         if self.flip and generator is not None:
@@ -56,6 +62,16 @@ class ArrayDataset:
     def class_counts(self) -> np.ndarray:
         """Images per class (length max(num_classes, 1))."""
         return np.bincount(self.labels, minlength=max(self.num_classes, 1))
+
+    def __deepcopy__(self, memo) -> "ArrayDataset":
+        """A deep copy that shares read-only images (a memory-mapped cache) instead of reading them
+        all into memory; everything else, and writable images, are copied."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if not (name == "images" and isinstance(value, np.ndarray) and not value.flags.writeable):
+                setattr(new, name, copy.deepcopy(value, memo))
+        return new
 
 
 @dataclass

@@ -146,6 +146,7 @@ def load_celeba(split="train", root=None, image_size=None, attribute=None, cache
     _, first_size = probe(files[0], fix)
     box = CROP_BOX if first_size == ALIGNED_SIZE else None
     recipe = f"celeba rgb box={box} resize-shorter+center-crop {size}"
-    arrays, _ = cache.cached("celeba", split, size, files, recipe, cache_dir,
-                             lambda: {"images": decode_all(files, size, 3, box, desc=f"celeba {split}", fix=fix)})
-    return ArrayDataset(arrays["images"], labels, n_cls, "celeba", classes=classes, split=split, source=str(d))
+    plan = cache.Plan((len(files), size, size, 3),
+                      lambda out: decode_all(files, size, 3, box, desc=f"celeba {split}", fix=fix, out=out))
+    images, _ = cache.cached("celeba", split, size, files, recipe, cache_dir, lambda: plan)
+    return ArrayDataset(images, labels, n_cls, "celeba", classes=classes, split=split, source=str(d))

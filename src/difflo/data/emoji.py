@@ -218,19 +218,20 @@ def _decode(data: bytes, where: str, size: int, background) -> np.ndarray:
                         f"`difflo data download emoji` again") from None
 
 
-def decode_items(root: Path, items: list[tuple], size: int, background) -> np.ndarray:
+def decode_items(root: Path, items: list[tuple], size: int, background, out=None):
     """uint8 (N, size, size, 3) for the items, read in one pass over each tarball (stopping once all
-    are found) while threads decode (PIL releases the GIL)."""
+    are found) while threads decode (PIL releases the GIL); into ``out`` (a ``cache.Rows`` streams each
+    image to the cache file as it is decoded) or a new array; returns it."""
     from tqdm import tqdm
 
-    out = np.empty((len(items), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(items), size, size, 3), dtype=np.uint8) if out is None else out
     wanted: dict[str, dict[str, int]] = {}
     for i, (style, image, *_) in enumerate(items):
         wanted.setdefault(style, {})[f"package/img/{style}/64/{image}"] = i
     workers = max(1, min(8, os.cpu_count() or 1))
 
     def work(i: int, data: bytes, where: str) -> None:
-        out[i] = _decode(data, where, size, background)
+        out[i:i + 1] = _decode(data, where, size, background)[None]
 
     with tqdm(total=len(items), desc="emoji", unit="img", disable=None, leave=False) as bar, \
             ThreadPoolExecutor(workers) as pool:
@@ -268,8 +269,8 @@ def load_emoji(split="train", root=None, image_size=None, cache_dir=None, backgr
     every = [it for s in styles for it in entries_of(root, s)]        # decoded and cached once for all splits
     position = {it[:2]: i for i, it in enumerate(every)}
 
-    def build() -> dict[str, np.ndarray]:
-        return {"images": decode_items(root, every, size, bg)}
+    def build() -> cache.Plan:
+        return cache.Plan((len(every), size, size, 3), lambda out: decode_items(root, every, size, bg, out))
 
     # The cache holds every image of the chosen styles (labels and splits only pick rows), so the key is the
     # styles, the background and the size; the tarballs' size and mtime are hashed, and `count` says how many
@@ -277,7 +278,9 @@ def load_emoji(split="train", root=None, image_size=None, cache_dir=None, backgr
     recipe = (f"emoji {VERSION} {root.resolve()} styles {','.join(styles)} left-out {','.join(LEFT_OUT)} "
               f"composite-over {bg} box-resize {size} order (style, image)")
     files = [root / TARBALLS[s] for s in styles]
-    arrays, _ = cache.cached(f"emoji-{'-'.join(styles)}", "all", size, files, recipe, cache_dir, build,
+    images, _ = cache.cached(f"emoji-{'-'.join(styles)}", "all", size, files, recipe, cache_dir, build,
                              count=len(every))
-    images = arrays["images"][[position[it[:2]] for it in items]]
+    rows = np.fromiter((position[it[:2]] for it in items), dtype=np.int64, count=len(items))
+    if not np.array_equal(rows, np.arange(len(every))):
+        images = cache.take_rows(images, rows)       # train/test: their rows, copied (at most 7,562, 93 MB)
     return ArrayDataset(images, labels, len(classes), "emoji", classes=classes, split=split, source=str(root))

@@ -83,8 +83,9 @@ def load_flowers102(split="train", root=None, image_size=None, cache_dir=None, *
     files, labels, d, split = index(split, root)
     size = image_size or DEFAULT_SIZE
     fix = "extract 102flowers.tgz again"
-    arrays, _ = cache.cached("flowers102", split, size, files, f"flowers102 rgb resize-shorter+center-crop {size}",
-                             cache_dir, lambda: {"images": decode_all(files, size, 3, desc=f"flowers102 {split}",
-                                                                      fix=fix)})
-    return ArrayDataset(arrays["images"], labels, NUM_CLASSES, "flowers102", classes=CLASSES, split=split,
+    plan = cache.Plan((len(files), size, size, 3),
+                      lambda out: decode_all(files, size, 3, desc=f"flowers102 {split}", fix=fix, out=out))
+    images, _ = cache.cached("flowers102", split, size, files, f"flowers102 rgb resize-shorter+center-crop {size}",
+                             cache_dir, lambda: plan)
+    return ArrayDataset(images, labels, NUM_CLASSES, "flowers102", classes=CLASSES, split=split,
                         source=str(d))

@@ -11,7 +11,8 @@ Images are resized (shorter side) and center-cropped to ``image_size``; with no 
 images must already share one size (cropped to a centred square). They are kept as 1 channel only
 if every image is grayscale, else converted to RGB (EXIF orientation applied). Transparency (RGBA,
 LA, palette) is composited over ``data.background`` (default white; :mod:`difflo.pixels`).
-Decoded once and cached.
+Decoded once, streaming, into the cache (``cache.py``), which training reads memory-mapped:
+a folder of any size trains in bounded memory.
 """
 from __future__ import annotations
 
@@ -89,22 +90,24 @@ def load_folder(split="train", root=None, image_size=None, cache_dir=None, backg
     files, labels, classes, root, split = index(split, root)
     fix = "replace or delete it"
 
-    def build() -> dict[str, np.ndarray]:
-        modes, sizes = zip(*(probe(f, fix) for f in files))
-        channels = 1 if all(m in GRAY_MODES for m in modes) else 3
-        size = image_size
-        if size is None:
-            if len(set(sizes)) > 1:
-                (w0, h0), other = sizes[0], next(s for s in sizes if s != sizes[0])
-                j = sizes.index(other)
-                raise DataError(f"the images in {root} have different sizes ({files[0].name} is {w0}x{h0}, "
-                                f"{files[j].name} is {other[0]}x{other[1]}); set data.image_size (e.g. 64) to "
-                                f"resize and center-crop them all")
-            size = min(sizes[0])
-        images = decode_all(files, size, channels, desc=f"folder {root.name}", fix=fix, background=background)
-        return {"images": images}
+    def build() -> cache.Plan:
+        channels, first = 1, None                  # headers only, one file at a time (no list of N sizes)
+        for f in files:
+            mode, wh = probe(f, fix)
+            channels = channels if mode in GRAY_MODES else 3
+            if image_size is None and first is None:
+                first = (f, wh)
+            elif image_size is None and wh != first[1]:
+                (w0, h0), (w1, h1) = first[1], wh
+                raise DataError(f"the images in {root} have different sizes ({first[0].name} is {w0}x{h0}, "
+                                f"{f.name} is {w1}x{h1}); set data.image_size (e.g. 64) to resize and "
+                                f"center-crop them all")
+        size = image_size if image_size is not None else min(first[1])
+        return cache.Plan((len(files), size, size, channels),
+                          lambda out: decode_all(files, size, channels, desc=f"folder {root.name}", fix=fix,
+                                                 background=background, out=out))
 
     recipe = f"folder {root.resolve()} gray-if-all resize-shorter+center-crop {image_size} background {background}"
-    arrays, _ = cache.cached(f"folder-{root.name}", split, image_size, files, recipe, cache_dir, build)
-    return ArrayDataset(arrays["images"], labels, len(classes), "folder", classes=classes, split=split,
+    images, _ = cache.cached(f"folder-{root.name}", split, image_size, files, recipe, cache_dir, build)
+    return ArrayDataset(images, labels, len(classes), "folder", classes=classes, split=split,
                         source=str(root))

@@ -75,24 +75,33 @@ def decode(path: Path, size: int | None, channels: int, box: tuple[int, int, int
 
 
 def decode_all(paths: list[Path], size: int | None, channels: int, box=None, desc: str = "decoding",
-               fix: str = "replace or delete it", background=WHITE) -> np.ndarray:
-    """Decode many files in parallel threads (PIL releases the GIL while decoding and resizing)
-    into one uint8 (N, size, size, channels) array, with a progress bar on a terminal."""
+               fix: str = "replace or delete it", background=WHITE, out=None):
+    """Decode many files in parallel threads (PIL releases the GIL while decoding and resizing) into
+    ``out`` (rows 0..N-1; a ``cache.Rows`` streams them to the cache file), or into a new uint8
+    (N, size, size, channels) array; returns it. Each thread decodes CHUNK images into a buffer of its
+    own and stores them with one ``out[lo:hi] = buffer``, so besides ``out`` at most threads x CHUNK
+    decoded images are in memory. A progress bar on a terminal."""
     from tqdm import tqdm
 
     if not paths:
         raise DataError("no images to decode")
     first = decode(paths[0], size, channels, box, fix, background)
-    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
-    out[0] = first
+    if out is None:
+        out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    elif tuple(out.shape) != (len(paths), *first.shape):
+        raise DataError(f"{paths[0]} decodes to {first.shape[1]}x{first.shape[0]}x{first.shape[2]}, not "
+                        f"{out.shape[2]}x{out.shape[1]}x{out.shape[3]}; set data.image_size to resize them all")
+    out[0:1] = first[None]
 
     def work(lo: int, hi: int) -> int:
+        buf = np.empty((hi - lo, *first.shape), dtype=np.uint8)
         for i in range(lo, hi):
             arr = decode(paths[i], size, channels, box, fix, background)
             if arr.shape != first.shape:
                 raise DataError(f"{paths[i]} decodes to {arr.shape[1]}x{arr.shape[0]}, but {paths[0]} to "
                                 f"{first.shape[1]}x{first.shape[0]}; set data.image_size to resize them all")
-            out[i] = arr
+            buf[i - lo] = arr
+        out[lo:hi] = buf
         return hi - lo
 
     chunks = [(lo, min(lo + CHUNK, len(paths))) for lo in range(1, len(paths), CHUNK)]

@@ -1,4 +1,5 @@
-"""Scoring generated images: a Frechet distance to reference statistics and class accuracy.
+"""Scoring generated images: a Frechet distance to reference statistics, KID and precision/recall
+against the reference features, and class accuracy.
 
 Used by ``difflo eval`` and by the periodic evaluation during training (``eval.every``). Every
 result records what it was measured with: N, the feature extractor, sampler, steps and w.
@@ -12,9 +13,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffloError
-from . import fid as fid_mod
+from . import fid as fid_mod, kid as kid_mod
 from .classifier import (accuracy_of, category_accuracy, classifier_record, load_classifier_file, predict,
                          uint8_to_tensor)
+from .precision_recall import precision_recall
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -22,7 +24,8 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % max(num_classes, 1)
 
 
-def _bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar over images (off unless ``progress``)."""
     return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
 
 
@@ -36,20 +39,38 @@ def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, s
 
     settings = settings_for(model, sampler=sampler, steps=steps, w=w)
     labels = balanced_labels(n, model.num_classes)
-    with _bar(n, "sampling", progress) as bar:
+    with progress_bar(n, "sampling", progress) as bar:
         images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar)
     return to_uint8(images), labels.numpy(), {**dataclasses.asdict(settings), "seed": seed}
 
 
 def reference_stats(dataset, extractor, n: int | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """Feature statistics of (a seeded random subset of n images of) a data set."""
+    """Feature statistics and the features (for KID, precision/recall) of (a seeded random subset of n
+    images of) a data set."""
     idx = np.arange(len(dataset))
     if n is not None and n < len(dataset):
         idx = np.sort(np.random.default_rng(seed).choice(len(dataset), n, replace=False))
-    with _bar(len(idx), "reference features", progress) as bar:
+    with progress_bar(len(idx), "reference features", progress) as bar:
         feats = extractor(dataset.images[idx], progress=bar)
     mu, sigma = fid_mod.feature_stats(feats)
-    return {"mu": mu, "sigma": sigma, "n": len(idx), "extractor": extractor.name}
+    return {"mu": mu, "sigma": sigma, "n": len(idx), "extractor": extractor.name, "features": feats.astype(np.float32)}
+
+
+def kid_precision_recall(feats: np.ndarray, ref_feats: np.ndarray, extractor, kid_subset_size: int | None = None,
+                         kid_subsets: int = kid_mod.SUBSETS, seed: int = 0) -> dict:
+    """KID (``kid``, or ``kd_classifier`` in the classifier's features) with its spread over subsets,
+    and precision/recall (``prc_precision``, ``prc_recall``; k = 3) on equal numbers of generated and
+    reference vectors: the larger set is cut to the smaller one's size by a seeded random choice, as Kynkaanniemi et al. compare equal
+    sets (a set's k-NN balls shrink as it grows, so unequal sets would tilt precision against recall)."""
+    k = kid_mod.kid(feats, ref_feats, kid_subset_size, kid_subsets, seed)
+    name = fid_mod.kid_metric_name(extractor)
+    out = {name: k["kid"], f"{name}_std": k["kid_std"], "kid_subset_size": k["kid_subset_size"],
+           "kid_subsets": k["kid_subsets"]}
+    n = min(len(feats), len(ref_feats))
+    rng = np.random.default_rng(seed)
+    pick = lambda f: f if len(f) == n else f[np.sort(rng.choice(len(f), n, replace=False))]
+    out.update(precision_recall(pick(feats), pick(ref_feats)))
+    return out
 
 
 def extractor_for_stats(stats: dict, inception: str | None = None, classifier: str | None = None, device="cpu"):
@@ -63,19 +84,24 @@ def extractor_for_stats(stats: dict, inception: str | None = None, classifier: s
 
 
 def score(images: np.ndarray, labels: np.ndarray | None, *, ref: dict | None = None, extractor=None,
-          classifier: str | Path | None = None, categories=None, progress: bool = False) -> dict:
-    """{fid or fd_classifier, class_accuracy, per_class, n, ...} for uint8 (N, H, W, C) images.
+          classifier: str | Path | None = None, categories=None, progress: bool = False,
+          kid_subset_size: int | None = None, kid_subsets: int = kid_mod.SUBSETS) -> dict:
+    """{fid or fd_classifier, kid or kd_classifier, prc_precision, prc_recall, class_accuracy, per_class, n, ...}
+    for uint8 (N, H, W, C) images. KID and precision/recall need a reference with ``features``
+    (statistics files written before they existed hold only mu and sigma: those give the distance only).
 
     ``categories``: each class's category (``classifier.class_categories``, e.g. an emoji
     subcategory's); adds ``category_accuracy``, the fraction of samples the classifier puts in a
     class of the asked class's category."""
     out: dict = {"n": int(len(images))}
     if ref is not None:
-        with _bar(len(images), "features", progress) as bar:
+        with progress_bar(len(images), "features", progress) as bar:
             feats = extractor(images, progress=bar)
         name = fid_mod.metric_name(extractor)
         out[name] = fid_mod.distance_to(ref, feats, extractor.name)
         out.update(feature_extractor=extractor.name, ref_n=int(ref["n"]))
+        if ref.get("features") is not None:
+            out.update(kid_precision_recall(feats, ref["features"], extractor, kid_subset_size, kid_subsets))
     if classifier is not None:
         if labels is None:
             raise DiffloError("class accuracy needs the samples' labels (an .npz with 'labels', as written by "
@@ -141,6 +167,16 @@ def format_result(res: dict) -> str:
             label = "FID" if name == "fid" else "FD (difflo classifier features; not FID)"
             lines.append(f"{label}: {res[name]:.2f}  [N={res['n']} samples vs {res['ref_n']} reference images, "
                          f"{res['feature_extractor']}]{how}")
+    for name in ("kid", "kd_classifier"):
+        if name in res:
+            label = "KID" if name == "kid" else "KD (difflo classifier features; not KID)"
+            lines.append(f"{label}: {res[name]:.5f} +- {res[name + '_std']:.5f}  [unbiased MMD^2, cubic kernel; mean "
+                         f"+- sd over {res['kid_subsets']} subsets of m={res['kid_subset_size']} from the N={res['n']} "
+                         f"samples and the {res['ref_n']} reference images]{how}")
+    if "prc_precision" in res:
+        lines.append(f"precision: {res['prc_precision']:.4f}  recall: {res['prc_recall']:.4f}  [k={res['prc_k']} "
+                     f"nearest neighbours, {res['prc_n_gen']} samples vs {res['prc_n_real']} reference images, "
+                     f"{res['feature_extractor']}]{how}")
     if "class_accuracy" in res:
         per = " ".join(f"{c}:{a:.2f}" for c, a in res["per_class"].items())
         digest = f" sha256:{res['classifier_sha256'][:12]}" if res.get("classifier_sha256") else ""

@@ -21,8 +21,10 @@ difflo trains on the data set itself (:mod:`difflo.eval.classifier`). Its Freche
 reported as ``fd_classifier``, never as "FID": the numbers are not comparable to the literature,
 only between models evaluated with the same classifier file.
 
-A reference statistics file (``.npz``) holds ``mu``, ``sigma``, ``n`` and the name of the feature
-extractor that produced it; distances refuse to compare statistics of different extractors.
+A reference statistics file (``.npz``) holds ``mu``, ``sigma``, ``n``, the name of the feature
+extractor that produced it and (since KID and precision/recall, which need every vector, not only the
+moments) the reference ``features`` themselves as float32; distances refuse to compare statistics of
+different extractors. Files written before hold no features: they still give the Frechet distance.
 """
 from __future__ import annotations
 
@@ -171,14 +173,22 @@ def metric_name(extractor) -> str:
     return "fid" if isinstance(extractor, InceptionFeatures) else "fd_classifier"
 
 
+def kid_metric_name(extractor) -> str:
+    """"kid" in Inception features; "kd_classifier" in the classifier's (never called KID, as FID)."""
+    return "kid" if isinstance(extractor, InceptionFeatures) else "kd_classifier"
+
+
 # -- reference statistics files -------------------------------------------------------------------
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, extractor: str, **info) -> None:
-    """Write mu, sigma, n, the extractor name and free-form info (data set, split) atomically."""
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, extractor: str,
+               features: np.ndarray | None = None, **info) -> None:
+    """Write mu, sigma, n, the extractor name, the features (float32; for KID and precision/recall)
+    and free-form info (data set, split) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {} if features is None else {"features": np.asarray(features, np.float32)}
     with atomic_path(path) as tmp:                     # tmp ends in .npz: np.savez adds no suffix
-        np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor, **{k: str(v) for k, v in info.items()})
+        np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor, **arrays, **{k: str(v) for k, v in info.items()})
 
 
 def load_stats(path: str | Path) -> dict:

@@ -1,7 +1,8 @@
 """Evaluation during training (``eval.every = K``): every K steps the EMA weights sample ``eval.n``
 class-balanced images (the run's sampler and w, ``eval.steps`` steps, seeds fixed across
 evaluations) and are scored by a Frechet distance (``fd_classifier`` or Inception ``fid``) against
-reference statistics of ``eval.ref_split`` and by class accuracy. The numbers go to
+reference statistics of ``eval.ref_split``, by KID (``kd_classifier`` or ``kid``) and precision/recall
+against the reference features, and by class accuracy. The numbers go to
 ``RUN/metrics.csv`` (rows with an empty loss) and ``RUN/eval.csv``; the checkpoint with the lowest
 distance is kept as ``RUN/best/`` (copied atomically, with ``best/eval.json``).
 """
@@ -19,7 +20,15 @@ from ..errors import DiffloError
 from . import evaluate, fid as fid_mod
 from .classifier import classifier_path_for, train_and_save
 
-EVAL_FIELDS = ["step", "fid", "fd_classifier", "class_accuracy", "n", "seconds"]
+EVAL_METRICS = ["fid", "fd_classifier", "class_accuracy", "kid", "kd_classifier", "prc_precision", "prc_recall"]
+EVAL_FIELDS = ["step", *EVAL_METRICS, "kid_std", "kd_classifier_std", "kid_subset_size", "n", "seconds"]
+
+
+def csv_value(key: str, v):
+    """A result as CSV text: 4 decimals, 6 for the kernel distances (KID is ~1e-3 for good models)."""
+    if not isinstance(v, float):
+        return v
+    return f"{v:.6f}" if key.startswith(("kid", "kd_")) else f"{v:.4f}"
 
 
 class Judge:
@@ -54,19 +63,20 @@ class Judge:
         path = self.ref_dir / f"eval_ref_{e.features}.npz"
         if path.is_file():
             st = fid_mod.load_stats(path)
-            if st["extractor"] == self.extractor.name:
+            if st["extractor"] == self.extractor.name and "features" in st:   # older caches lack the features
                 return st
         ds = data_mod.load_split(d, e.ref_split)
         t0 = time.time()
         st = evaluate.reference_stats(ds, self.extractor, e.ref_n)
         self.ref_dir.mkdir(parents=True, exist_ok=True)
-        fid_mod.save_stats(path, st["mu"], st["sigma"], st["n"], st["extractor"], data=d.name, split=e.ref_split)
+        fid_mod.save_stats(path, st["mu"], st["sigma"], st["n"], st["extractor"], st["features"], data=d.name,
+                           split=e.ref_split)
         self.log(f"eval: reference statistics of {d.name}/{e.ref_split} ({st['n']} images, {self.extractor.name}) "
                  f"in {time.time() - t0:.0f}s -> {path}")
         return st
 
     def score(self, images, labels) -> dict:
-        """{metric, class_accuracy, per_class, n, ...} of uint8 (N, H, W, C) samples."""
+        """{metric, KID, precision, recall, class_accuracy, per_class, n, ...} of uint8 (N, H, W, C) samples."""
         return evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier)
 
 
@@ -91,9 +101,11 @@ class PeriodicEval:
             w = csv.DictWriter(f, EVAL_FIELDS, extrasaction="ignore")
             if new:
                 w.writeheader()
-            w.writerow({"step": step, **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in res.items()}})
+            w.writerow({"step": step, **{k: csv_value(k, v) for k, v in res.items()}})
         acc = f", class accuracy {res['class_accuracy']:.3f}" if "class_accuracy" in res else ""
-        self.log(f"eval at step {step}: {self.metric} {res[self.metric]:.3f}{acc} (N={e.n}, {e.steps} steps, "
+        kid = fid_mod.kid_metric_name(self.judge.extractor)
+        self.log(f"eval at step {step}: {self.metric} {res[self.metric]:.3f}, {kid} {res[kid]:.5f}, precision "
+                 f"{res['prc_precision']:.3f}, recall {res['prc_recall']:.3f}{acc} (N={e.n}, {e.steps} steps, "
                  f"{res['seconds']:.0f}s)")
         return res
 

@@ -70,11 +70,15 @@ def snapshot_every(opts: Options) -> int:
 
 
 def digest(cfg: config_mod.Config) -> str:
-    d = cfg.to_dict()
-    for k in ("device", "log_every", "progress"):
+    """The cache key of a training config: its sections that shape the model, without bookkeeping, and
+    without keys at their default value, so a new option (at its default) keeps existing runs valid."""
+    d, default = cfg.to_dict(), config_mod.Config().to_dict()
+    for k in ("device", "log_every", "progress", "log"):
         d["train"].pop(k, None)
     d.pop("sample", None)
     d.pop("eval", None)
+    d = {sec: {k: v for k, v in vals.items() if default.get(sec, {}).get(k, object()) != v}
+         if isinstance(vals, dict) else vals for sec, vals in d.items()}
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -217,6 +221,15 @@ def measure(model: Model, judge, n: int, seed: int = 0, batch_size: int = 250, *
     return res
 
 
+def nearest(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(RMS pixel distance in [0, 1] units, index) of each image's nearest training image."""
+    a = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    b = np.asarray(train).reshape(len(train), -1).astype(np.float64) / 255.0
+    d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T
+    idx = d2.argmin(1)
+    return np.sqrt(np.maximum(d2[np.arange(len(a)), idx], 0) / a.shape[1]), idx
+
+
 def class_variance(images: np.ndarray, labels: np.ndarray) -> float:
     """Diversity: the per-pixel variance across samples of one class (pixels in [0, 1]), averaged over
     pixels and classes."""
@@ -224,9 +237,38 @@ def class_variance(images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([x[labels == c].var(axis=0).mean() for c in np.unique(labels)]))
 
 
+SHOWN_CLASSES = 10                       # figures show at most this many classes (all of mnist's 10)
+
+
+def shown_classes(num_classes: int, k: int = SHOWN_CLASSES) -> list[int]:
+    """The classes a figure shows: all of them up to ``k``, else ``k`` spread evenly over the class
+    list (emoji's 98 subcategories: 0, 11, 22, ..., 97), so a grid stays readable."""
+    if num_classes <= k:
+        return list(range(max(num_classes, 1)))
+    return sorted({int(round(i)) for i in np.linspace(0, num_classes - 1, k)})
+
+
+def firsts(res: dict, classes: list[int]) -> np.ndarray:
+    """The first sample of each of ``classes`` in a :func:`measure` result (one grid row)."""
+    return np.stack([res["images"][np.flatnonzero(res["labels"] == c)[0]] for c in classes])
+
+
+def class_caption(model: Model, classes: list[int]) -> str:
+    """'classes 0-9' or the shown classes' names, for a figure caption."""
+    if classes == list(range(len(classes))) and not model.class_names:
+        return f"classes 0-{len(classes) - 1}"
+    return "classes " + ", ".join(model.class_label(c) for c in classes)
+
+
+def row_labels(model: Model) -> list[str]:
+    """The row labels of a :func:`sample_grid`: the shown classes' names (or indices)."""
+    return [model.class_label(c) for c in shown_classes(model.num_classes)]
+
+
 def sample_grid(model: Model, classes: int, per_class: int, seed: int = 0, **settings) -> np.ndarray:
-    """uint8 samples, ``per_class`` per class, class-major (row c = class c), seeds seed + i."""
-    labels = torch.arange(max(classes, 1)).repeat_interleave(per_class)
+    """uint8 samples, ``per_class`` per class, class-major (row r = the r-th of
+    :func:`shown_classes`), seeds seed + i."""
+    labels = torch.tensor(shown_classes(classes)).repeat_interleave(per_class)
     return to_uint8(generate(model, labels, [seed + i for i in range(len(labels))], settings_for(model, **settings)))
 
 

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from .. import data as data_mod
-from .common import Options, Report, base_config, judge_for, measure, short, trained
+from .common import (Options, Report, base_config, class_caption, firsts, judge_for, measure, nearest,
+                     short, shown_classes, trained)
 
 FEW_STEPS = (1, 2, 3, 5)
 HIGH_WS = (3.0, 10.0, 20.0, 40.0)
@@ -27,15 +28,6 @@ TINY_K = (1, 10)
 def saturation(images: np.ndarray) -> float:
     """Fraction of pixels at the ends of the range (0 or 255)."""
     return float(np.mean((images == 0) | (images == 255)))
-
-
-def nearest(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(RMS pixel distance in [0, 1] units, index) of each image's nearest training image."""
-    a = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    b = train.reshape(len(train), -1).astype(np.float64) / 255.0
-    d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T
-    idx = d2.argmin(1)
-    return np.sqrt(np.maximum(d2[np.arange(len(a)), idx], 0) / a.shape[1]), idx
 
 
 def run(opts: Options, log=print):
@@ -48,6 +40,7 @@ def run(opts: Options, log=print):
     judge = judge_for(opts, cfg, log)
     rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     model = base.model()
+    shown = shown_classes(model.num_classes)
     done: dict[tuple, dict] = {}
 
     def final(steps: int, gw: float) -> dict:
@@ -63,10 +56,10 @@ def run(opts: Options, log=print):
     for k in tuple(opts.extra.get("few_steps", FEW_STEPS)) + (k_ref,):
         res = final(k, w)
         rows.append({"steps": k, **short(res, judge.metric)})
-        imgs.append(res["images"][:10])
+        imgs.append(firsts(res, shown))
     rep.text(f"## 1. Too few sampler steps ({sampler}, w = {w})")
-    rep.save_grid("few_steps.png", np.concatenate(imgs), 10, [f"{r['steps']} steps" for r in rows])
-    rep.figure("few_steps.png", "one sample per class (columns) at each step count (rows), the same seeds")
+    rep.save_grid("few_steps.png", np.concatenate(imgs), len(shown), [f"{r['steps']} steps" for r in rows])
+    rep.figure("few_steps.png", f"one sample of each of {class_caption(model, shown)} (columns) at each step count (rows), the same seeds")
     rep.table("few_steps", rows, [("steps", "steps", "")] + cols, f"N = {opts.n} per row")
     worst, ref = rows[0], rows[-1]
     rep.text(f"At {worst['steps']} step the {judge.metric} is {worst[judge.metric]:.2f} against "
@@ -80,12 +73,12 @@ def run(opts: Options, log=print):
         res = final(k_ref, gw)
         rows.append({"w": gw, **short(res, judge.metric), "saturated": saturation(res["images"]),
                      "mean_pixel": float(res["images"].mean() / 255)})
-        imgs.append(res["images"][:10])
-    real = data_mod.load(cfg.data.name, cfg.eval.ref_split, cfg.data.root, image_size=cfg.data.image_size)
+        imgs.append(firsts(res, shown))
+    real = data_mod.load_split(cfg.data, cfg.eval.ref_split)
     real_sat = saturation(real.images[:opts.n])
     rep.text("## 2. Guidance too strong")
-    rep.save_grid("high_w.png", np.concatenate(imgs), 10, [f"w={r['w']:g}" for r in rows])
-    rep.figure("high_w.png", "one sample per class at each w (rows), the same seeds")
+    rep.save_grid("high_w.png", np.concatenate(imgs), len(shown), [f"w={r['w']:g}" for r in rows])
+    rep.figure("high_w.png", f"one sample of each of {class_caption(model, shown)} (columns) at each w (rows), the same seeds")
     rep.table("high_w", rows, [("w", "w", "g")] + cols + [("saturated", "pixels at 0 or 255", ".3f"),
                                                          ("mean_pixel", "mean pixel", ".3f")],
               f"N = {opts.n} per row; real {cfg.eval.ref_split} images: {real_sat:.3f} of pixels at 0 or 255")
@@ -101,11 +94,11 @@ def run(opts: Options, log=print):
                              ("ema", f"EMA {cfg.train.ema_decay} + warmup")):
             res = measure(base.model(step, wname), judge, opts.n, opts.seed, sampler=sampler, steps=k_ref, w=w)
             rows.append({"step": step, "weights": label, **short(res, judge.metric)})
-            imgs.append(res["images"][:10])
+            imgs.append(firsts(res, shown))
             names.append(f"{step}: {label}")
     rep.text(f"## 3. No EMA early in training (snapshots at steps {', '.join(map(str, early))})")
-    rep.save_grid("early_ema.png", np.concatenate(imgs), 10, names)
-    rep.figure("early_ema.png", "one sample per class per weights (rows), the same seeds")
+    rep.save_grid("early_ema.png", np.concatenate(imgs), len(shown), names)
+    rep.figure("early_ema.png", f"one sample of each of {class_caption(model, shown)} (columns) per weights (rows), the same seeds")
     rep.table("early_ema", rows, [("step", "step", ""), ("weights", "weights", "")] + cols, f"N = {opts.n} per row")
     first = rows[:3]
     rep.text(f"At step {early[0]}: raw {first[0][judge.metric]:.2f} / {first[0]['class_accuracy']:.3f}, plain EMA "
@@ -129,7 +122,9 @@ def run(opts: Options, log=print):
                      "nn_samples": float(np.median(d_s)), "nn_real": float(np.median(d_r)),
                      "copies": float(np.mean(d_s < 0.5 * np.median(d_r)))})
         if k is not None:
-            show = np.stack([res["images"][:10], train_set.images[idx[:10]]], 1).reshape(-1, *res["images"].shape[1:])
+            pick = [np.flatnonzero(res["labels"] == c)[0] for c in shown]
+            show = np.stack([res["images"][pick], np.asarray(train_set.images)[idx[pick]]], 1)
+            show = show.reshape(-1, *res["images"].shape[1:])
             figs.append(rep.save_grid(f"tiny_{k}.png", show, 10, None))
     rep.text("## 4. Tiny data: k training images per class")
     rep.table("tiny_data", rows, [("per_class", "images per class", "")] + cols + [
@@ -139,7 +134,7 @@ def run(opts: Options, log=print):
         f"model's own training set")
     for k, f in zip(opts.extra.get("tiny_k", TINY_K), figs):
         rep.figure(f, f"k = {k}: samples (odd columns) beside their nearest training image (even columns), "
-                      f"classes 0-4 in row 1, 5-9 in row 2")
+                      f"{class_caption(model, shown)}, five per row")
     rep.text(f"With k = {rows[0]['per_class']} the median distance from a sample to its nearest training image is "
              f"{rows[0]['nn_samples']:.3f} against {rows[0]['nn_real']:.3f} for real held-out images "
              f"({rows[0]['copies']:.0%} of samples are near-copies by that measure); with the full data set it is "

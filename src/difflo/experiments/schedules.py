@@ -16,7 +16,8 @@ import torch
 
 from .. import data as data_mod, schedules
 from ..io import pyplot
-from .common import Options, Report, base_config, judge_for, measure, sample_grid, short, trained
+from .common import (Options, Report, base_config, class_caption, judge_for, measure, row_labels, sample_grid,
+                     short, shown_classes, trained)
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 SHOW_T = (0, 100, 250, 500, 750, 900, 999)
@@ -79,7 +80,7 @@ def run(opts: Options, log=print):
         results.append({"schedule": s, **short(res, judge.metric), "train_minutes": r.train_seconds / 60})
         rep.save_grid(f"samples_{s}.png", sample_grid(model, model.num_classes, 8, opts.seed,
                                                       sampler=base.sample.sampler, steps=opts.eval_steps,
-                                                      w=base.sample.w), 8)
+                                                      w=base.sample.w), 8, row_labels(model))
         log(f"schedules: {s}: {judge.metric} {res[judge.metric]:.2f}, accuracy {res['class_accuracy']:.3f}")
     fig, ax = P.subplots(figsize=(6, 3.6))
     for s, (st, lo) in losses.items():
@@ -98,7 +99,8 @@ def run(opts: Options, log=print):
               f"N = {opts.n} samples each, {base.sample.sampler} {opts.eval_steps} steps, w = {base.sample.w}; "
               f"{judge.metric} against {judge.ref['n']} held-out images")
     for s in names:
-        rep.figure(f"samples_{s}.png", f"{s} schedule: 8 samples per class (rows 0-9), same seeds")
+        rep.figure(f"samples_{s}.png", f"{s} schedule: 8 samples of each of "
+                   f"{class_caption(model, shown_classes(model.num_classes))} (rows), same seeds")
     best = min(results, key=lambda r: r[judge.metric])
     spread = max(r[judge.metric] for r in results) - best[judge.metric]
     resolved = spread > 2 * floor["sd"]

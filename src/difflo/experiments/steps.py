@@ -2,10 +2,15 @@
 
 One trained diffusion model sampled with DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) at
 its T steps, DDIM (Song et al. 2021, Eq. 12) at several step counts with eta = 0 (deterministic)
-and eta = 1 (DDPM-like noise), and DPM-Solver++(2M) (Lu et al. 2022); one flow model (the same
-config with the rectified-flow objective) sampled with Euler and Heun (Karras et al. 2022,
-Algorithm 1). NFE counts network calls per image; a guided step is one batched call of 2B.
-The same seeds for every setting.
+and eta = 1 (DDPM-like noise), DPM-Solver++(2M) (Lu et al. 2022), and every other registered sampler
+that fits it (:data:`difflo.samplers.SAMPLERS`: Euler ancestral, DPM-Solver++(2M) SDE, DPM-Solver++(3M))
+at ``OTHER_STEPS``; one flow model (the same config with the rectified-flow objective) sampled with
+Euler and Heun (Karras et al. 2022, Algorithm 1). NFE counts network calls per image; a guided step is
+one batched call of 2B. The same seeds for every setting.
+
+``opts.extra`` may narrow or widen this: ``samplers`` (names: only these, on whichever model they fit,
+each at its own step list), ``other_steps`` (the step counts of samplers without their own list),
+``spacing`` (the time grid of every setting, e.g. ``karras``).
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import time
 import numpy as np
 
 from ..io import pyplot
-from .common import Options, Report, base_config, judge_for, measure, short, trained
+from ..paths import samplers_for
+from .common import Options, Report, base_config, class_caption, firsts, judge_for, measure, short, shown_classes, trained
 
 DDIM_STEPS = (10, 20, 50, 100, 200)
 DPMPP_STEPS = (10, 15, 20)
 FLOW_STEPS = {"euler": (5, 10, 20, 50), "heun": (5, 10, 20)}
+OTHER_STEPS = (10,)            # every other registered sampler of the diffusion model (cheap: 10 NFE each)
 
 
 def flow_config(cfg):
@@ -31,18 +38,31 @@ def flow_config(cfg):
 
 
 def settings(opts: Options, T: int) -> list[tuple[str, dict]]:
-    ddim = opts.extra.get("ddim_steps", DDIM_STEPS)
-    out = [("diffusion", {"sampler": "ddpm", "steps": opts.extra.get("ddpm_steps", T)})]
-    out += [("diffusion", {"sampler": "ddim", "steps": k, "eta": eta}) for eta in (0.0, 1.0) for k in ddim]
-    out += [("diffusion", {"sampler": "dpmpp", "steps": k}) for k in opts.extra.get("dpmpp_steps", DPMPP_STEPS)]
-    if not opts.extra.get("no_flow"):
-        out += [("flow", {"sampler": s, "steps": k}) for s, ks in opts.extra.get("flow_steps", FLOW_STEPS).items()
-                for k in ks]
+    """(model, settings) pairs: the samplers with their own step lists first, then every other registered
+    sampler (registry order) at ``other_steps``: by default on the diffusion model only, with
+    ``extra["samplers"]`` on every model it fits."""
+    x = opts.extra
+    ddim = x.get("ddim_steps", DDIM_STEPS)
+    own = [("diffusion", {"sampler": "ddpm", "steps": x.get("ddpm_steps", T)})]
+    own += [("diffusion", {"sampler": "ddim", "steps": k, "eta": eta}) for eta in x.get("ddim_etas", (0.0, 1.0)) for k in ddim]
+    own += [("diffusion", {"sampler": "dpmpp", "steps": k}) for k in x.get("dpmpp_steps", DPMPP_STEPS)]
+    own += [("flow", {"sampler": s, "steps": k}) for s, ks in x.get("flow_steps", FLOW_STEPS).items() for k in ks]
+    listed = {(kind, s["sampler"]) for kind, s in own}
+    chosen = x.get("samplers")
+    kinds = ("diffusion",) if chosen is None else ("diffusion", "flow")
+    others = [(kind, {"sampler": name, "steps": k}) for kind in kinds for name in samplers_for(kind)
+              if (kind, name) not in listed for k in x.get("other_steps", OTHER_STEPS)]
+    out = [(kind, s) for kind, s in own + others if chosen is None or s["sampler"] in chosen]
+    if x.get("no_flow"):
+        out = [(kind, s) for kind, s in out if kind != "flow"]
+    if x.get("spacing"):      # the diffusion model's grid (the flow model's is uniform in t)
+        out = [(kind, {**s, "spacing": x["spacing"]} if kind == "diffusion" else s) for kind, s in out]
     return out
 
 
 def family(s: dict) -> str:
-    return f"ddim eta={s['eta']:g}" if s["sampler"] == "ddim" else s["sampler"]
+    name = f"ddim eta={s.get('eta', 0.0):g}" if s["sampler"] == "ddim" else s["sampler"]
+    return f"{name} ({s['spacing']})" if "spacing" in s else name
 
 
 def run(opts: Options, log=print):
@@ -59,12 +79,13 @@ def run(opts: Options, log=print):
     if any(kind == "flow" for kind, _ in todo):
         models["flow"] = trained(opts, flow_config(cfg), "flow", log).model()
     rows, grids = [], []
+    shown = shown_classes(models["diffusion"].num_classes)
     for kind, s in todo:
         res = measure(models[kind], judge, opts.n, opts.seed, w=w, **s)
         row = {"model": kind, "sampler": family(s), "steps": s["steps"], **short(res, judge.metric)}
         row["ms_per_image"] = 1000 * res["seconds"] / opts.n
         rows.append(row)
-        grids.append((f"{row['sampler']} {s['steps']}", res["images"][:10]))   # one sample of each class
+        grids.append((f"{row['sampler']} {s['steps']}", firsts(res, shown)))   # one sample of each shown class
         log(f"steps: {kind} {row['sampler']} {s['steps']}: NFE {row['nfe']:.0f}, {judge.metric} "
             f"{row[judge.metric]:.2f}, accuracy {row['class_accuracy']:.3f}, {res['seconds']:.0f} s")
     P = pyplot()
@@ -85,8 +106,9 @@ def run(opts: Options, log=print):
                               ("class_accuracy", "class accuracy", ".3f"), ("ms_per_image", "ms / image", ".1f")],
               f"N = {opts.n} samples per row, the same seeds; wall time on this machine for the whole row "
               f"(batches of 250, guidance batched)")
-    rep.save_grid("grids.png", np.concatenate([g for _, g in grids]), 10, [name for name, _ in grids])
-    rep.figure("grids.png", "one sample per class (columns 0-9) per setting (rows), the same seeds")
+    rep.save_grid("grids.png", np.concatenate([g for _, g in grids]), len(shown), [name for name, _ in grids])
+    rep.figure("grids.png", f"one sample of each of {class_caption(models['diffusion'], shown)} (columns) per "
+                            f"setting (rows), the same seeds")
     rep.text(conclusion(rows, judge.metric))
     return rep.write(time.time() - t0)
 

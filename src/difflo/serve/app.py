@@ -196,6 +196,7 @@ class App:
         self.background = parse_colour(m.cfg.data.background)
         # The samplers that fit the model's path, from the registry (a new sampler appears by itself).
         self.samplers = self.edit_samplers = tuple(m.path.samplers)
+        self.spacings = tuple(m.path.spacings)          # the time grids the path takes (schedules.SPACING_CHOICES)
         self.max_steps = min(LIMITS["steps"], m.path.max_steps or LIMITS["steps"])
 
     def close(self) -> None:
@@ -210,8 +211,9 @@ class App:
             "ckpt": self.ckpt_arg, "weights": "ema" if self.ema else "raw", "objective": m.objective,
             "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": list(m.class_names),
             "image_size": self.S, "channels": self.C, "samplers": list(self.samplers),
-            "edit_samplers": list(self.edit_samplers),
+            "edit_samplers": list(self.edit_samplers), "spacings": list(self.spacings),
             "defaults": {"sampler": default, "steps": min(sc.steps, self.max_steps), "w": sc.w,
+                         "spacing": sc.spacing if sc.spacing in self.spacings else self.spacings[0],
                          "edit_sampler": edit_default if edit_default in self.edit_samplers
                          else self.edit_samplers[0]},
             "views": [v for v in editing.VIEWS if v != "identity"],
@@ -235,7 +237,8 @@ class App:
     # ------------------------------------------------------------------ sample
     def submit_sample(self, body) -> Job:
         f = Fields(body)
-        p = self._common(f, self.samplers, self.info()["defaults"]["sampler"])
+        defaults = self.info()["defaults"]
+        p = self._common(f, self.samplers, defaults["sampler"])
         k = self.model.num_classes
         spec = body.get("classes", "all")
         spec = "all" if spec in ("all", "", None) or not k else str(self._cls(f, "classes"))
@@ -244,9 +247,10 @@ class App:
         if n * len(classes) > LIMITS["images"]:
             raise RequestError(f"n x classes = {n * len(classes)} images; the limit is {LIMITS['images']} "
                                f"per request: lower n or pick one class")
-        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"])
+        spacing = f.choice("spacing", self.spacings, defaults["spacing"])
+        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing)
         argv = ["sample", "--ckpt", self.ckpt_arg, "--classes", spec, "--grid", str(n), "--sampler", p["sampler"],
-                "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"])] \
+                "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"]), "--spacing", spacing] \
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
         seeds = [p["seed"] + i for i in range(len(labels))]
@@ -273,7 +277,8 @@ class App:
             cmd = _cmd(argv)
             return {"files": {"png": "grid.png", "npz": "samples.npz", "trajectory": "trajectory.png"},
                     "command": f"{cmd} --out grid.png\n{cmd} --out samples.npz",
-                    "summary": f"{len(labels)} images: {describe(settings)}"}
+                    "summary": f"{len(labels)} images: {describe(settings)}; "
+                               f"{SAMPLERS[settings.sampler].evals(settings.steps)} network evaluations each"}
 
         return self.queue.submit("sample", work)
 

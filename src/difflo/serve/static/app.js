@@ -173,6 +173,7 @@ function stopPlay() {
 function setupSample() {
   fillClassSelect($("s-class"), true);
   fillSelect($("s-sampler"), INFO.samplers, INFO.defaults.sampler);
+  fillSelect($("s-spacing"), INFO.spacings, INFO.defaults.spacing);
   $("s-steps").value = INFO.defaults.steps;
   $("s-steps").max = INFO.limits.steps;
   $("s-n").max = INFO.limits.n;
@@ -210,6 +211,7 @@ function setupSample() {
       w: Number($("s-w").value),
       sampler: $("s-sampler").value,
       steps: Number($("s-steps").value),
+      spacing: $("s-spacing").value,
       seed: Number($("s-seed").value),
       n: Number($("s-n").value),
     });

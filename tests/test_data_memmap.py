@@ -1,0 +1,317 @@
+"""Data larger than memory: the decoded-image cache is a .npy that training reads memory-mapped,
+built streaming and atomically; bad caches are rebuilt, a full disk or an unwritable directory is
+one DataError line."""
+import collections
+import copy
+import errno
+import os
+import shutil
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflo import data
+from difflo.data import cache, folder, imaging
+from difflo.errors import DataError
+from difflo.train import batch_indices
+
+Usage = collections.namedtuple("Usage", "total used free")       # shutil.disk_usage's fields
+SIZE = 64                      # the big folder's images: 64x64x3 = 12 KiB decoded (3 pages)
+PER_CLASS, CLASSES = 60, 10    # 600 images, 7.4 MB decoded
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("DIFFLO_DATA", str(tmp_path / "data-home"))
+
+
+def write_png(path: Path, seed: int, w: int = SIZE, h: int = SIZE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_folder(root: Path, per_class: int, classes: int, w: int = SIZE, h: int = SIZE) -> Path:
+    for c in range(classes):
+        for i in range(per_class):
+            write_png(root / f"class{c}" / f"{i:04d}.png", c * 1000 + i, w + i % 3, h)
+    return root
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("big") / "imgs", PER_CLASS, CLASSES)
+
+
+def small(tmp_path) -> Path:
+    return make_folder(tmp_path / "imgs", 4, 3, 20, 18)
+
+
+def load(root, cache_dir, **kw):
+    return data.load("folder", "train", root, image_size=kw.pop("image_size", 12), cache_dir=cache_dir, **kw)
+
+
+def entries(d: Path) -> list[Path]:
+    return sorted(d.glob("*.npy")) if d.is_dir() else []
+
+
+def leftovers(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.name.startswith(".")) if d.is_dir() else []
+
+
+def mapped_bytes(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    target, total, current = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                current = len(head) >= 6 and head[5] == target
+            elif current and head[:1] == ["Rss:"]:
+                total += int(head[1]) * 1024
+    return total
+
+
+# ---------------------------------------------------------------- same batches, fewer bytes
+
+def test_memmap_batches_equal_the_in_memory_ones(tmp_path):
+    root = small(tmp_path)
+    ds = load(root, tmp_path / "c")
+    assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable
+    files = folder.index("train", root)[0]
+    mem = data.ArrayDataset(imaging.decode_all(files, 12, 3), ds.labels.copy(), ds.num_classes, flip=True)
+    ds.flip = True
+    assert np.array_equal(ds.images, mem.images) and ds.class_counts().tolist() == mem.class_counts().tolist()
+    for step in range(6):                               # the training loop's own batch path
+        idx = batch_indices(step, len(ds), 5, seed=3)
+        rows = ds.images[idx]
+        assert type(rows) is np.ndarray and not np.shares_memory(rows, ds.images)       # an in-memory copy
+        x, y = ds.batch(idx, generator=torch.Generator().manual_seed(step))
+        x_mem, y_mem = mem.batch(idx, generator=torch.Generator().manual_seed(step))
+        assert torch.equal(x, x_mem) and torch.equal(y, y_mem)
+    twin = copy.deepcopy(ds)                            # shares the mapping, copies the rest
+    assert isinstance(twin.images, np.memmap) and np.shares_memory(twin.images, ds.images)
+    assert twin.labels is not ds.labels
+    sub, sub_mem = data.first_per_class(twin, 2), data.first_per_class(copy.deepcopy(mem), 2)
+    assert np.array_equal(sub.images, sub_mem.images) and sub.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert isinstance(ds.images, np.memmap) and len(ds) == 12                     # the original is untouched
+    assert isinstance(data.first_per_class(copy.deepcopy(ds), 4).images, np.memmap)   # every row kept: no copy
+    with pytest.raises(DataError, match="per_class=5"):
+        data.first_per_class(copy.deepcopy(ds), 5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
+def test_training_batches_copy_their_rows_and_map_nothing(big_folder, tmp_path):
+    """The loop's batches come from positional reads of the cache file: nothing stays mapped (the
+    kernel can map a 2 MB folio for one 12 KB image read through the mapping), and only the batch
+    is allocated (tracemalloc sees numpy's allocations; torch.from_numpy of the whole read-only
+    memmap would warn, and warnings are errors here)."""
+    whole = load(big_folder, tmp_path / "c", image_size=SIZE).images.nbytes
+    path = entries(tmp_path / "c")[0]
+    ds = data.from_config(data_config(big_folder, tmp_path / "c", per_class=PER_CLASS, flip=True))  # a fresh map
+    assert isinstance(ds.images, np.memmap) and mapped_bytes(path) == 0
+    tracemalloc.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for step in range(4):
+                ds.batch(batch_indices(step, len(ds), 8, seed=0), generator=torch.Generator().manual_seed(step))
+            ds.class_counts()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < whole / 8 and mapped_bytes(path) == 0
+    ds.images[batch_indices(0, len(ds), 8, seed=0)]       # the check can fail: through the mapping, pages stay
+    assert mapped_bytes(path) > 0
+
+
+def test_take_rows_is_fancy_indexing(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).integers(0, 256, (50, 3, 2, 1), dtype=np.uint8))
+    mapped, plain = np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "a.npy")
+    for images in (mapped, mapped[10:], mapped[::2], plain):
+        n = len(images)
+        for idx in (np.array([3, 0, n - 1, 3]), np.array([-1, -n]), np.arange(n), np.zeros(0, np.int64),
+                    np.arange(n) % 2 == 0, np.array([[1, 2], [0, 0]]), np.array([1, 2], np.uint32)):
+            got = cache.take_rows(images, idx)
+            assert type(got) is np.ndarray and np.array_equal(got, images[idx]) and got.shape == images[idx].shape
+        with pytest.raises(IndexError):
+            cache.take_rows(images, np.array([n]))
+
+
+def data_config(root, cache_dir, **kw):
+    from difflo.config import DataConfig
+    return DataConfig(name="folder", root=str(root), image_size=SIZE, cache_dir=str(cache_dir), **kw)
+
+
+def test_building_holds_a_few_chunks_not_the_data_set(big_folder, tmp_path, monkeypatch):
+    """tracemalloc sees numpy's allocations: the streaming build's peak is a few chunk buffers, while
+    decoding the same folder into one array (what the cache did before) peaks at its whole size."""
+    monkeypatch.setattr(imaging, "CHUNK", 8)
+    decoded = PER_CLASS * CLASSES * SIZE * SIZE * 3
+    tracemalloc.start()
+    try:
+        ds = load(big_folder, tmp_path / "c", image_size=SIZE)
+        streaming = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        whole = imaging.decode_all(folder.index("train", big_folder)[0], SIZE, 3)
+        in_memory = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(ds.images, whole) and len(ds) == PER_CLASS * CLASSES
+    assert in_memory >= decoded                           # the measure sees a whole array
+    assert streaming < decoded / 4, (streaming, decoded)
+
+
+# ---------------------------------------------------------------- built once, rebuilt on change
+
+def test_cache_reused_and_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
+    root, c = small(tmp_path), tmp_path / "c"
+    first = np.array(load(root, c).images)
+    assert len(entries(c)) == 1 and entries(c)[0].name.startswith("folder-imgs-train-12-")
+    calls = []
+    real = imaging.decode
+    monkeypatch.setattr(imaging, "decode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = load(root, c)
+    assert calls == [] and np.array_equal(again.images, first)                # reused: nothing decoded
+    edited = write_png(root / "class1" / "0002.png", 99, 20, 18)
+    os.utime(edited, ns=(1, 1))                                                 # a new mtime even within 1 ns
+    changed = load(root, c)
+    assert len(calls) == 12 and len(entries(c)) == 2                          # rebuilt into a new entry
+    differs = [i for i in range(12) if not np.array_equal(changed.images[i], first[i])]
+    assert differs == [6]                                                      # class1/0002 is row 4 + 2
+    calls.clear()
+    load(root, c, image_size=10)                                               # other options: another entry
+    assert len(calls) == 12 and len(entries(c)) == 3 and leftovers(c) == []
+    assert cache.FORMAT == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "header only", "wrong count", "an npz"])
+def test_damaged_entry_is_rebuilt(tmp_path, damage):
+    root, c = small(tmp_path), tmp_path / "c"
+    expect = np.array(load(root, c).images)
+    path = entries(c)[0]
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    elif damage == "garbage":
+        path.write_bytes(b"\x93NUMPY garbage" * 50)
+    elif damage == "header only":
+        os.truncate(path, 128)
+    elif damage == "wrong count":
+        np.save(path, expect[:-1])
+    else:
+        with open(path, "wb") as f:
+            np.savez(f, images=expect)
+    rebuilt = load(root, c)
+    assert isinstance(rebuilt.images, np.memmap) and np.array_equal(rebuilt.images, expect)
+    assert entries(c) == [path] and leftovers(c) == []
+
+
+# ---------------------------------------------------------------- atomic
+
+@pytest.mark.parametrize("when", ["decoding", "renaming", "interrupted"])
+def test_failed_build_leaves_no_entry(tmp_path, monkeypatch, when):
+    root, c = small(tmp_path), tmp_path / "c"
+    real_decode, real_replace, count = imaging.decode, os.replace, [0]
+
+    def failing_decode(*a, **k):
+        count[0] += 1
+        if count[0] == 7:
+            raise KeyboardInterrupt if when == "interrupted" else DataError("simulated: image 7 is broken")
+        return real_decode(*a, **k)
+
+    if when == "renaming":
+        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    else:
+        monkeypatch.setattr(imaging, "decode", failing_decode)
+    with pytest.raises((DataError, KeyboardInterrupt)) as e:
+        load(root, c)
+    assert "\n" not in str(e.value)
+    assert entries(c) == [] and leftovers(c) == []             # no entry, no half-written temporary file
+    monkeypatch.setattr(imaging, "decode", real_decode)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(load(root, c)) == 12 and len(entries(c)) == 1
+
+
+def test_a_killed_builds_temporary_file_is_never_used_and_removed_when_stale(tmp_path):
+    root, c = small(tmp_path), tmp_path / "c"
+    expect = np.array(load(root, c).images)
+    path = entries(c)[0]
+    path.unlink()
+    stale, fresh = (c / f".{path.stem}.{tag}.tmp.npy" for tag in ("killed", "running"))
+    shutil.copy(__file__, stale)                                # garbage, as a kill leaves it
+    shutil.copy(__file__, fresh)
+    os.utime(stale, (time.time() - 2 * cache.STALE_S,) * 2)
+    assert np.array_equal(load(root, c).images, expect)
+    assert not stale.exists() and fresh.exists()               # another build may still be writing that one
+
+
+# ---------------------------------------------------------------- one clear line
+
+def test_full_disk_while_writing(tmp_path, monkeypatch):
+    root, c = small(tmp_path), tmp_path / "c"
+    real, calls = os.pwrite, [0]
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(DataError) as e:
+        load(root, c)
+    msg = str(e.value)
+    assert "\n" not in msg and "no space left for the decoded-image cache in" in msg and str(c) in msg
+    assert "it needs 5.3 kB" in msg and "set data.cache_dir=DIR" in msg and "$XDG_CACHE_HOME" in msg
+    assert entries(c) == [] and leftovers(c) == []
+
+
+def test_full_disk_found_before_decoding(tmp_path, monkeypatch):
+    root, c = make_folder(tmp_path / "imgs", 50, 2, 64, 64), tmp_path / "c"
+    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DataError, match=r"^no space left .* it needs 1\.2 MB \(1\.0 kB free\); set data.cache_dir"):
+        load(root, c, image_size=64)
+    assert entries(c) == [] and leftovers(c) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
+    monkeypatch.setattr(os, "posix_fallocate",                  # the reservation fails: still no decoding
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(DataError, match=r"^no space left .* it needs 1\.2 MB"):
+        load(root, c, image_size=64)
+    assert entries(c) == [] and leftovers(c) == []
+
+
+def test_unwritable_cache_dir(tmp_path, monkeypatch):
+    root = small(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError) as e:
+        load(root, tmp_path / "a-file" / "cache")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"cannot write the decoded-image cache in {tmp_path / 'a-file' / 'cache'} "
+                                   f"(Not a directory); set data.cache_dir=DIR")
+    c = tmp_path / "c"
+    expect = np.array(load(root, c).images)
+    monkeypatch.setattr(cache.tempfile, "mkstemp",
+                        lambda **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    assert np.array_equal(load(root, c).images, expect)        # a read-only cache with the entry: read
+    with pytest.raises(DataError, match=r"cannot write .*\(Permission denied\); set data.cache_dir=DIR .* to a "
+                                        r"writable directory"):
+        load(root, c, image_size=10)                           # without it: one line
+
+
+def test_emoji_all_stays_mapped(tmp_path):
+    from test_emoji import make_emoji
+
+    root = make_emoji(tmp_path / "emoji")
+    every = data.load("emoji", "all", root, cache_dir=tmp_path / "c")
+    train = data.load("emoji", "train", root, cache_dir=tmp_path / "c")
+    assert isinstance(every.images, np.memmap) and not isinstance(train.images, np.memmap)
+    assert len(train) < len(every) and entries(tmp_path / "c") != []
