@@ -47,7 +47,8 @@ def test_every_experiment_writes_its_report_json_csv_and_figures(all_out):
         md = (d / "report.md").read_text()
         res = json.loads((d / "results.json").read_text())
         assert res["experiment"] == name and res["setup"]["n"] == 20 and res["wall_seconds"] > 0
-        assert res["noise_floor"]["n"] == 20 and res["noise_floor"]["sd"] > 0 and "Noise at N = 20" in md
+        n = 40 if name == "scarcity" else 20             # scarcity: k = max(4, n / classes) per class
+        assert res["noise_floor"]["n"] == n and res["noise_floor"]["sd"] > 0 and f"Noise at N = {n}." in md
         assert "What was run" in md and ("**Result.**" in md or "At 1 step" in md)
         for fig in re.findall(r"\]\(([^)]+\.png)\)", md):
             assert (d / fig).is_file(), fig

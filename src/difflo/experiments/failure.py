@@ -40,7 +40,7 @@ def run(opts: Options, log=print):
     judge = judge_for(opts, cfg, log)
     rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
     model = base.model()
-    shown = shown_classes(model.num_classes)
+    shown = shown_classes(min(model.num_classes, opts.n))      # classes the n balanced samples include
     done: dict[tuple, dict] = {}
 
     def final(steps: int, gw: float) -> dict:

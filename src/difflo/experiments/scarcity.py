@@ -100,7 +100,12 @@ def run(opts: Options, log=print):
     rep.setup(opts, cfg, samples_per_class=k, sampler=f"{cfg.sample.sampler} {opts.eval_steps} steps, w={cfg.sample.w}",
               groups="training images per class: " + ", ".join(bin_of(lo) for lo, _ in BINS))
     judge = judge_for(opts, cfg, log)
-    rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
+    rep.noise_floor(judge, cfg, C * k, seed=opts.seed)          # at the number of samples drawn here
+    rep.text("Per class: **class accuracy** of its samples (the data set's classifier, itself trained on the "
+             "same scarce classes: read the scarce rows as an upper bound of what is wrong); **diversity**: the "
+             "mean pairwise RMS pixel distance between its samples over the same for its training images (mode "
+             "collapse: well below 1); **memorisation**: each sample's RMS distance to the nearest training image "
+             "of its class against the same for the class's held-out images (a copy has distance 0).")
     train_set = data_mod.load_split(cfg.data, cfg.data.split)
     held = data_mod.load_split(cfg.data, cfg.eval.ref_split)
 
@@ -150,7 +155,8 @@ def run(opts: Options, log=print):
                              f"{k} samples, then up to {k} of the class's training images (blank: it has fewer)")
 
     first, last = groups[0], groups[-1]
-    text = (f"**Result.** Classes with {first['group']} training images ({first['classes']} classes): class "
+    text = (f"**Result.** All {len(labels)} samples: {judge.metric} {res[judge.metric]:.2f}, class accuracy "
+            f"{res['class_accuracy']:.3f}. Classes with {first['group']} training images ({first['classes']} classes): class "
             f"accuracy {first['accuracy']:.3f}, diversity ratio {_num(first['diversity_ratio'])}, near-copies "
             f"{_num(first['copies'])}; classes with {last['group']} ({last['classes']}): {last['accuracy']:.3f}, "
             f"{_num(last['diversity_ratio'])}, {_num(last['copies'])}.")

@@ -79,7 +79,7 @@ def run(opts: Options, log=print):
     if any(kind == "flow" for kind, _ in todo):
         models["flow"] = trained(opts, flow_config(cfg), "flow", log).model()
     rows, grids = [], []
-    shown = shown_classes(models["diffusion"].num_classes)
+    shown = shown_classes(min(models["diffusion"].num_classes, opts.n))   # classes the n samples include
     for kind, s in todo:
         res = measure(models[kind], judge, opts.n, opts.seed, w=w, **s)
         row = {"model": kind, "sampler": family(s), "steps": s["steps"], **short(res, judge.metric)}
