@@ -152,8 +152,10 @@ def sample_grid(run_dir: Path, step: int, ema, cfg: config_mod.Config, per_class
     (cfg.sample: what ``difflo sample`` gives by default); also to TensorBoard (``tb``) as "samples"."""
     n_cls = max(cfg.model.num_classes, 1)
     labels = torch.arange(n_cls).repeat_interleave(per_class)
-    imgs = generate(Model(ema, cfg), labels, seeds=range(len(labels)), settings=cfg.sample)
-    grid = grid_image(to_uint8(imgs), per_class, [str(c) for c in range(n_cls)])
+    model = Model(ema, cfg)
+    imgs = generate(model, labels, seeds=range(len(labels)), settings=cfg.sample)
+    grid = grid_image(to_uint8(imgs), per_class, [model.class_label(c) for c in range(n_cls)]
+                      if cfg.model.num_classes else None)                                 # names, if known
     save_image(grid, run_dir / "samples" / f"step_{step:07d}.png")
     if tb is not None:
         tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")       # grid_image is RGB
