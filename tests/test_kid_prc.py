@@ -1,10 +1,8 @@
 """KID and improved precision/recall at the feature level, against plain-numpy transcriptions of the
 papers' formulas written here.
 
-torch-fidelity 0.4.0 (the named reference) cannot be the test reference: ``--no-deps`` installs it,
-but ``import torch_fidelity.metric_kid`` (and ``metric_prc``) runs the package's ``__init__`` and
-``torch_fidelity.utils``, both of which import torchvision, which difflo does not install. These
-transcriptions follow the papers instead (Gretton et al. 2012, Lemma 6 / Binkowski et al. 2018 for KID;
+torch-fidelity 0.4.0 itself is the reference of tests/peer/test_kid_prc_vs_torch_fidelity.py; these
+transcriptions follow the papers (Gretton et al. 2012, Lemma 6 / Binkowski et al. 2018 for KID;
 Kynkaanniemi et al. 2019, Eq. 1-2), with loops and masks rather than difflo's matrix sums, and the same
 subset draws as torch-fidelity (``np.random.RandomState(seed)``, generated subset first).
 """
