@@ -166,3 +166,16 @@ def test_web_page_lists_samplers_and_grids_and_reproduces(tiny_run, tmp_path):
         assert np.array_equal(np.load(tmp_path / "cli.npz")["images"], np.load(job.dir / "samples.npz")["images"])
     finally:
         app.close()
+
+
+def test_eval_model_takes_a_grid(tiny_run, tmp_path):
+    """`difflo eval model --spacing karras --sampler dpmpp_3m`: the settings it reports are the ones asked."""
+    import json
+    out = tmp_path / "eval.json"
+    code, _, err = run_cli("eval", "model", "--ckpt", tiny_run, "--n", "4", "--steps", "3", "--sampler", "dpmpp_3m",
+                           "--spacing", "karras", "--json", out)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["spacing"] == "karras" and res["sampler"] == "dpmpp_3m"
+    code, _, err = run_cli("eval", "model", "--ckpt", tiny_run, "--spacing", "karas")
+    assert code == 2 and "karras" in err

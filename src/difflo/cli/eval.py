@@ -24,6 +24,7 @@ from ..eval.classifier import (class_categories, classifier_classes, classifier_
                                load_classifier_file, train_and_save, train_command)
 from ..io import write_text_atomic
 from ..model import load_model, pick_device
+from ..schedules import SPACING_CHOICES
 from .argtypes import CKPT_HELP, nonneg_float, positive_float, positive_int, seed as seed_arg
 
 
@@ -159,6 +160,7 @@ def _sampling_flags(p) -> None:
     """How `eval model` and `eval nearest` sample: the run's settings unless given."""
     p.add_argument("--sampler", help="default: the run's sample.sampler")
     p.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
+    p.add_argument("--spacing", choices=list(SPACING_CHOICES), help="the time grid (default: the run's sample.spacing)")
     p.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -305,7 +307,8 @@ def run(args) -> int:
             _check_kid(args, args.n, ref)
         t0 = time.time()
         images, labels, settings = evaluate.generate_samples(model, args.n, args.seed, args.sampler, args.steps,
-                                                             args.w, args.batch_size, progress=_progress())
+                                                             args.w, args.batch_size, progress=_progress(),
+                                                             spacing=args.spacing)
         t_sample = time.time() - t0
         if args.save_samples:
             import numpy as np
@@ -367,7 +370,7 @@ def _nearest(args, device) -> int:
 
     out = check_out_file(args.out, (".png",)) if args.out else None
     model = load_model(args.ckpt, ema=not args.raw, device=device)
-    settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w)
+    settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w, spacing=args.spacing)
     classes = model.parse_classes(args.classes) if args.classes else None
     t0 = time.time()
     rep = memorization.nearest_report(model, classes, args.n_per_class, args.max_train_images, args.seed, settings,

@@ -30,14 +30,16 @@ def progress_bar(total: int, desc: str, progress: bool):
 
 
 def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                     w: float | None = None, batch_size: int = 250, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used."""
+                     w: float | None = None, batch_size: int = 250, progress: bool = False,
+                     spacing: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used (None: the
+    model's own sample settings)."""
     import dataclasses
 
     from ..images import to_uint8
     from ..sample import generate, settings_for
 
-    settings = settings_for(model, sampler=sampler, steps=steps, w=w)
+    settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing)
     labels = balanced_labels(n, model.num_classes)
     with progress_bar(n, "sampling", progress) as bar:
         images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar)
