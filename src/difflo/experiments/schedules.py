@@ -101,6 +101,7 @@ def run(opts: Options, log=print):
     for s in names:
         rep.figure(f"samples_{s}.png", f"{s} schedule: 8 samples of each of "
                    f"{class_caption(model, shown_classes(model.num_classes))} (rows), same seeds")
+    acc = float(np.mean([r["class_accuracy"] for r in results]))     # their standard error's p
     best = min(results, key=lambda r: r[judge.metric])
     spread = max(r[judge.metric] for r in results) - best[judge.metric]
     resolved = spread > 2 * floor["sd"]
@@ -110,6 +111,6 @@ def run(opts: Options, log=print):
              f"({2 * floor['sd']:.2f}), so " + ("the ranking is resolved" if resolved else
                                                 "this N does not rank the schedules by distance")
              + "; class accuracies: " + ", ".join(f"{r['schedule']} {r['class_accuracy']:.3f}" for r in results)
-             + f" (standard error about {100 * (0.99 * 0.01 / opts.n) ** 0.5:.1f} points near 0.99).")
+             + f" (standard error about {100 * (acc * (1 - acc) / opts.n) ** 0.5:.1f} points at {acc:.2f}).")
     rep.results["quality"] = results
     return rep.write(time.time() - t0)
