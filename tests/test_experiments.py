@@ -139,7 +139,9 @@ def test_helpers_formulas():
     d, idx = common.nearest(np.stack([np.full((2, 2, 1), 51, np.uint8)]), train)
     assert idx.tolist() == [0] and d[0] == pytest.approx(0.2)
     imgs = np.stack([np.zeros((1, 1, 1)), np.full((1, 1, 1), 255), np.zeros((1, 1, 1))]).astype(np.uint8)
-    assert common.class_variance(imgs, np.array([0, 0, 1])) == pytest.approx((0.25 + 0.0) / 2)
+    assert common.class_variance(imgs, np.array([0, 0, 1])) == pytest.approx(0.25)     # class 1: one sample
+    assert common.class_variance(imgs, np.array([0, 0, 0])) == pytest.approx(2 / 9)
+    assert np.isnan(common.class_variance(imgs, np.array([0, 1, 2])))
 
 
 def test_shown_classes_spread_over_many_classes():

@@ -232,9 +232,10 @@ def nearest(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def class_variance(images: np.ndarray, labels: np.ndarray) -> float:
     """Diversity: the per-pixel variance across samples of one class (pixels in [0, 1]), averaged over
-    pixels and classes."""
-    x = images.astype(np.float64) / 255.0
-    return float(np.mean([x[labels == c].var(axis=0).mean() for c in np.unique(labels)]))
+    pixels and the classes with at least two samples (nan when none has: e.g. N = 98 samples of 98 classes)."""
+    x = np.asarray(images, np.float64) / 255.0
+    per = [x[labels == c].var(axis=0).mean() for c in np.unique(labels) if np.sum(labels == c) >= 2]
+    return float(np.mean(per)) if per else float("nan")
 
 
 SHOWN_CLASSES = 10                       # figures show at most this many classes (all of mnist's 10)

@@ -78,8 +78,11 @@ def run(opts: Options, log=print):
     best_acc = max(rows, key=lambda x: x["class_accuracy"])
     rep.text(f"**Result.** Class accuracy goes from {rows[0]['class_accuracy']:.3f} at w = {rows[0]['w']:g} to "
              f"{rows[-1]['class_accuracy']:.3f} at w = {rows[-1]['w']:g} (best {best_acc['class_accuracy']:.3f} at "
-             f"w = {best_acc['w']:g}); per-class variance falls from {rows[0]['class_variance']:.4f} to "
-             f"{rows[-1]['class_variance']:.4f} (real data {real_var:.4f}); the {judge.metric} is lowest at "
+             f"w = {best_acc['w']:g}); " + (
+                 f"per-class variance goes from {rows[0]['class_variance']:.4f} to {rows[-1]['class_variance']:.4f} "
+                 f"(real data {real_var:.4f})" if rows[0]["class_variance"] == rows[0]["class_variance"] else
+                 f"per-class variance needs two samples of a class (N = {opts.n} has fewer per class)")
+             + f"; the {judge.metric} is lowest at "
              f"w = {best_fd['w']:g} ({best_fd[judge.metric]:.2f}). Precision goes from {rows[0]['prc_precision']:.3f} "
              f"to {rows[-1]['prc_precision']:.3f} and recall from {rows[0]['prc_recall']:.3f} to "
              f"{rows[-1]['prc_recall']:.3f} over the same range of w.")
