@@ -236,8 +236,10 @@ def scheduler_settings(s: dict, where: Path) -> dict:
     if s["thresholding"]:
         raise CheckpointError(f"{where}: dynamic thresholding (thresholding: true) is not supported; set it to "
                               f"false to sample with clip_sample")
-    if s["rescale_betas_zero_snr"]:
-        raise CheckpointError(f"{where}: rescale_betas_zero_snr (zero terminal SNR) is not supported")
+    if s["rescale_betas_zero_snr"] and s["prediction_type"] == "epsilon":
+        raise CheckpointError(f"{where}: rescale_betas_zero_snr (zero terminal SNR) with prediction_type epsilon "
+                              f"cannot start from pure noise (eps says nothing of x0 there); difflo reads it with "
+                              f"v_prediction or sample")
     return s
 
 
@@ -268,9 +270,13 @@ def config_for(u: dict, s: dict, name: str) -> config_mod.Config:
         betas = schedules.logistic_betas(d.timesteps, float(s["beta_start"]), float(s["beta_end"]))
         d.schedule, d.betas = "explicit", tuple(betas.tolist())
     d.clip_range = float(s["clip_sample_range"])
+    d.zero_terminal_snr = bool(s["rescale_betas_zero_snr"])   # Lin et al. 2024, Alg. 1, on the betas above
     p = cfg.sample
     p.sampler, p.steps, p.eta, p.w = SCHEDULERS[s["_class_name"]], min(50, d.timesteps), 0.0, 1.0
     p.spacing = s["timestep_spacing"] if s["timestep_spacing"] in schedules.SPACINGS else "leading"
+    for flag, grid in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential")):
+        if s.get(flag) and not d.zero_terminal_snr:          # Euler/DPM schedulers' noise-level grids
+            p.spacing = grid
     p.clip_x0 = bool(s["clip_sample"])
     p.variance = VARIANCES.get(s["variance_type"] or "fixed_small")
     return cfg

@@ -106,6 +106,29 @@ def test_ddim_equals_ddim_pipeline(tmp_path, prediction, schedule, spacing):
     assert_close((x / 2 + 0.5).clamp(0, 1), torch.as_tensor(ref))
 
 
+def test_zero_terminal_snr_folder_equals_ddim_pipeline(tmp_path):
+    """A scheduler with rescale_betas_zero_snr (Lin et al. 2024) reads as diffusion.zero_terminal_snr: difflo's
+    DDIM from alpha_T = 0 equals DDIMPipeline step by step (v-prediction, trailing)."""
+    pipe = save(tmp_path / "m", "ddim", prediction_type="v_prediction", timestep_spacing="trailing",
+                rescale_betas_zero_snr=True, clip_sample=False)
+    trace = record_steps(pipe)
+    pipe(batch_size=len(SEEDS), generator=[torch.Generator().manual_seed(s) for s in SEEDS], eta=0.0,
+         num_inference_steps=10, output_type="pt")
+    model, x, states = difflo_run(tmp_path / "m", "ddim", 10)
+    assert model.cfg.diffusion.zero_terminal_snr and model.path.alpha_sigma(model.path.T - 1)[0] == 0.0
+    assert len(states) == len(trace) == 10
+    for got, want in zip(states, trace):
+        assert_close(got, want)
+
+
+def test_karras_flag_of_a_folder_is_its_grid(tmp_path):
+    from difflo.pretrained import config_for, scheduler_settings
+    s = scheduler_settings({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, tmp_path)
+    assert config_for({"sample_size": 8}, s, "x").sample.spacing == "karras"
+    s = scheduler_settings({"_class_name": "DPMSolverMultistepScheduler", "use_exponential_sigmas": True}, tmp_path)
+    assert config_for({"sample_size": 8}, s, "x").sample.spacing == "exponential"
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("prediction, schedule", SCHEDULES, ids=IDS)
 def test_ddpm_equals_ddpm_pipeline(tmp_path, prediction, schedule, variance):
@@ -346,6 +369,9 @@ def _bad_folders(root, good):
     f = copy("learned-variance")
     edit_json(f / "scheduler" / "scheduler_config.json", variance_type="learned_range")
     cases.append((f, "variance_type 'learned_range' is not supported"))
+    f = copy("zero-snr-eps")
+    edit_json(f / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True, prediction_type="epsilon")
+    cases.append((f, "rescale_betas_zero_snr (zero terminal SNR) with prediction_type epsilon"))
     f = copy("thresholding")
     edit_json(f / "scheduler" / "scheduler_config.json", thresholding=True)
     cases.append((f, "dynamic thresholding"))
