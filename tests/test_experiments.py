@@ -12,6 +12,7 @@ from conftest import TINY, assert_clean_error, run_cli
 from difflo import config as config_mod
 from difflo.data import first_per_class, load
 from difflo.errors import DiffloError
+from difflo.eval import memorization
 from difflo.experiments import common, failure, scarcity
 from difflo.cli.experiment import EXPERIMENTS, combine
 
@@ -136,7 +137,7 @@ def test_helpers_formulas():
     a[1, 0, 0] = 10
     assert failure.saturation(a) == pytest.approx(7 / 8)
     train = np.stack([np.full((2, 2, 1), 0, np.uint8), np.full((2, 2, 1), 255, np.uint8)])
-    d, idx = common.nearest(np.stack([np.full((2, 2, 1), 51, np.uint8)]), train)
+    d, idx = memorization.nearest(np.stack([np.full((2, 2, 1), 51, np.uint8)]), train)
     assert idx.tolist() == [0] and d[0] == pytest.approx(0.2)
     imgs = np.stack([np.zeros((1, 1, 1)), np.full((1, 1, 1), 255), np.zeros((1, 1, 1))]).astype(np.uint8)
     assert common.class_variance(imgs, np.array([0, 0, 1])) == pytest.approx(0.25)     # class 1: one sample

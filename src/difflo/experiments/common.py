@@ -221,15 +221,6 @@ def measure(model: Model, judge, n: int, seed: int = 0, batch_size: int = 250, *
     return res
 
 
-def nearest(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(RMS pixel distance in [0, 1] units, index) of each image's nearest training image."""
-    a = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    b = np.asarray(train).reshape(len(train), -1).astype(np.float64) / 255.0
-    d2 = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T
-    idx = d2.argmin(1)
-    return np.sqrt(np.maximum(d2[np.arange(len(a)), idx], 0) / a.shape[1]), idx
-
-
 def class_variance(images: np.ndarray, labels: np.ndarray) -> float:
     """Diversity: the per-pixel variance across samples of one class (pixels in [0, 1]), averaged over
     pixels and the classes with at least two samples (nan when none has: e.g. N = 98 samples of 98 classes)."""

@@ -17,8 +17,9 @@ import time
 import numpy as np
 
 from .. import data as data_mod
-from .common import (Options, Report, base_config, class_caption, firsts, judge_for, measure, nearest,
-                     short, shown_classes, trained)
+from ..eval.memorization import nearest
+from .common import (Options, Report, base_config, class_caption, firsts, judge_for, measure, short,
+                     shown_classes, trained)
 
 FEW_STEPS = (1, 2, 3, 5)
 HIGH_WS = (3.0, 10.0, 20.0, 40.0)

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from .. import data as data_mod
+from ..eval.memorization import nearest
 from ..images import to_uint8
 from ..io import pyplot
 from ..sample import generate, settings_for
-from .common import Options, Report, base_config, judge_for, nearest, trained
+from .common import Options, Report, base_config, judge_for, trained
 
 BINS = ((1, 10), (11, 30), (31, 100), (101, None))     # training images per class, inclusive
 REAL_CAP = 64                                           # training images per class used for diversity
@@ -57,10 +58,11 @@ def per_class_rows(images, labels, per_class_acc, train, held) -> list[dict]:
         own = np.flatnonzero(train.labels == c)
         if len(own) == 0:
             continue
-        real = np.asarray(train.images[np.sort(rng.choice(own, min(len(own), REAL_CAP), replace=False))])
-        d_s, _ = nearest(mine, np.asarray(train.images[own]))
+        own_images = np.asarray(train.images[own])              # read once: the class's training images
+        real = own_images[np.sort(rng.choice(len(own), min(len(own), REAL_CAP), replace=False))]
+        d_s, _ = nearest(mine, own_images)
         held_c = np.flatnonzero(held.labels == c)
-        d_h = nearest(np.asarray(held.images[held_c]), np.asarray(train.images[own]))[0] if len(held_c) else np.array([])
+        d_h = nearest(np.asarray(held.images[held_c]), own_images)[0] if len(held_c) else np.array([])
         div_real = pairwise_rms(real)
         rows.append({"class": int(c), "train_images": int(len(own)), "group": bin_of(len(own)),
                      "accuracy": per_class_acc.get(int(c), float("nan")),
