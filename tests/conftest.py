@@ -1,11 +1,28 @@
+"""Shared fixtures. The suite is hermetic: it runs as on a fresh machine whatever this one holds.
+
+* **Cache**: ``XDG_CACHE_HOME`` points at a new temporary folder for the whole session (set here, before
+  any test runs, so subprocesses inherit it too), so no test reads or writes the user's
+  ``~/.cache/difflo`` (classifiers, decoded data, FID statistics, ``precision.json``); a test that needs
+  a classifier or statistics builds a small one (``clf_file``, ``cached_classifier``).
+* **Precision**: tests that compare numbers pin ``fp32`` (``TINY``); ``auto`` follows the machine, or
+  ``DIFFLO_AUTO_PRECISION`` where CI forces it (``.ci/run`` runs the numerical tests both ways).
+"""
+import atexit
 import contextlib
 import io
+import os
 import re
+import shutil
+import tempfile
 
 import pytest
 import torch
 
-from difflo import config as config_mod
+CACHE = tempfile.mkdtemp(prefix="difflo-test-cache-")
+os.environ["XDG_CACHE_HOME"] = CACHE
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+
+from difflo import config as config_mod  # noqa: E402  (after the cache is pointed away from the home)
 
 torch.set_num_threads(1)   # tiny models: one thread is as fast, and robust to a loaded machine
 
@@ -15,6 +32,24 @@ TINY = ["model.channels=8", "model.channel_mult=[1,2]", "model.attn_resolutions=
 
 
 ERROR_LINE = re.compile(r"^difflo( [\w-]+)*: error: \S")
+
+
+# The numerical tests (peers, exact-Gaussian checks, equivalences): `.ci/run` runs them a second time with
+# `precision: auto` forced to the other choice than the machine's (`pytest -m numerical`).
+NUMERICAL = ("peer/", "test_samplers_exact.py", "test_samplers.py", "test_samplers_grids.py", "test_diffusion.py",
+             "test_flow.py", "test_inversion.py", "test_nll.py", "test_editing.py", "test_schedules.py",
+             "test_precision.py")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numerical: compares numbers; CI runs it with auto precision forced each way")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.as_posix()
+        if any(f"/tests/{name}" in path for name in NUMERICAL):
+            item.add_marker(pytest.mark.numerical)
 
 
 def run_cli(*argv, capture=None) -> tuple[int, str, str]:
@@ -60,6 +95,18 @@ def clf_file(tmp_path_factory):
     save_classifier(Classifier(1, 10).eval(), path, {"kind": "difflo-classifier", "data": "mnist10k",
                                                      "in_channels": 1, "num_classes": 10, "image_size": 28})
     return path
+
+
+@pytest.fixture
+def cached_classifier(clf_file):
+    """``clf_file`` placed where difflo looks for mnist10k's classifier by default (the session's temporary
+    cache), for commands run without ``--classifier``; removed afterwards."""
+    from difflo.eval.classifier import default_classifier_path
+    path = default_classifier_path("mnist10k")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(clf_file, path)
+    yield path
+    path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

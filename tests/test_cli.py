@@ -107,3 +107,13 @@ def test_sample_dpmpp(tiny_run, tmp_path, capsys):
     assert code == 0, err
     assert "sampler=dpmpp" in out and np.load(tmp_path / "d.npz")["images"].shape == (3, 28, 28, 1)
     config_mod.load(None, ["sample.sampler=dpmpp"]).validate()
+
+
+def test_demo_says_when_the_machine_is_busy(monkeypatch):
+    """The demo is bounded by time: a busy CPU means fewer steps, and the demo says so before it starts."""
+    from difflo.cli import demo
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert demo.busy_note(5) is None
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.0, 1.0, 0.5))
+    assert demo.busy_note(5).startswith("note: the CPU is busy (load average 2.0 on 2 cores): the demo trains for 5 ")

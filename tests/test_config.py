@@ -49,6 +49,13 @@ def test_bad_overrides(overrides, message):
     (["diffusion.prediction=score"], "diffusion.prediction='score' is not one of"),
     (["train.label_dropout=1.5"], "train.label_dropout=1.5 must be in"),
     (["model.attn_resolutions=[5]"], "not one of the UNet's feature-map sizes"),
+    (["sample.step_rule=next"], "sample.step_rule='next' is not one of listed, stride"),
+    (["sample.grid_end=zero"], "sample.grid_end='zero' is not one of clean, t0"),
+    (["sample.steps_offset=-1"], "sample.steps_offset=-1 must be >= 0"),
+    (["sample.spacing=leading", "sample.steps=50", "sample.steps_offset=20"],
+     r"sample.steps_offset 20 does not fit leading spacing with 50 steps.*first timestep 1000 <= 999"),
+    (["diffusion.objective=flow", "diffusion.prediction=u", "sample.sampler=euler", "sample.step_rule=stride"],
+     "step_rule=stride .* objective flow takes 0, listed, clean"),
 ])
 def test_out_of_range_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -59,7 +59,11 @@ def load(root, cache_dir, **kw):
 
 
 def entries(d: Path) -> list[Path]:
-    return sorted(d.glob("*.npy")) if d.is_dir() else []
+    return sorted(p for p in d.glob("*.npy") if not p.name.startswith(".")) if d.is_dir() else []
+
+
+def records(d: Path) -> list[Path]:
+    return sorted(d.glob("*.json")) if d.is_dir() else []
 
 
 def leftovers(d: Path) -> list[Path]:
@@ -175,6 +179,8 @@ def test_cache_reused_and_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     root, c = small(tmp_path), tmp_path / "c"
     first = np.array(load(root, c).images)
     assert len(entries(c)) == 1 and entries(c)[0].name.startswith("folder-imgs-train-12-")
+    old = entries(c)[0]
+    assert records(c) == [old.with_suffix(".json")]
     calls = []
     real = imaging.decode
     monkeypatch.setattr(imaging, "decode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
@@ -183,12 +189,13 @@ def test_cache_reused_and_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     edited = write_png(root / "class1" / "0002.png", 99, 20, 18)
     os.utime(edited, ns=(1, 1))                                                 # a new mtime even within 1 ns
     changed = load(root, c)
-    assert len(calls) == 12 and len(entries(c)) == 2                          # rebuilt into a new entry
+    assert len(calls) == 12 and len(entries(c)) == 1 and entries(c) != [old]  # rebuilt into a new entry,
+    assert records(c) == [entries(c)[0].with_suffix(".json")]                  # which replaced the old one
     differs = [i for i in range(12) if not np.array_equal(changed.images[i], first[i])]
     assert differs == [6]                                                      # class1/0002 is row 4 + 2
     calls.clear()
     load(root, c, image_size=10)                                               # other options: another entry
-    assert len(calls) == 12 and len(entries(c)) == 3 and leftovers(c) == []
+    assert len(calls) == 12 and len(entries(c)) == 2 and leftovers(c) == []
     assert cache.FORMAT == 3
 
 
@@ -315,3 +322,157 @@ def test_emoji_all_stays_mapped(tmp_path):
     train = data.load("emoji", "train", root, cache_dir=tmp_path / "c")
     assert isinstance(every.images, np.memmap) and not isinstance(train.images, np.memmap)
     assert len(train) < len(every) and entries(tmp_path / "c") != []
+
+
+# ---------------------------------------------------------------- replaced entries removed; difflo data clean
+
+def edit(root: Path, seed: int = 99) -> None:
+    """A new version of one image of the small folder (a new mtime even within 1 ns)."""
+    os.utime(write_png(root / "class1" / "0002.png", seed, 20, 18), ns=(seed, seed))
+
+
+def test_replacing_an_entry_in_use_keeps_its_reader_reading(tmp_path):
+    root, c = small(tmp_path), tmp_path / "c"
+    first = np.array(load(root, c).images)                      # (that mapping is closed again)
+    ds = load(root, c)                                          # a run reading the entry
+    old = entries(c)[0]
+    running = c / f".{old.stem}.another-build.tmp.npy"          # a concurrent writer's temporary file
+    running.write_bytes(b"being written")
+    edit(root)
+    new = load(root, c)
+    assert len(entries(c)) == 1 and not old.exists() and not old.with_suffix(".json").exists()
+    assert records(c) == [entries(c)[0].with_suffix(".json")] and running.exists()
+    assert not np.array_equal(new.images, first)
+    idx = np.array([6, 0, 11, 6])
+    x, y = ds.batch(idx, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, torch.as_tensor(ds.labels[idx]))
+    assert np.array_equal(cache.take_rows(ds.images, idx), first[idx])     # read from the unlinked file
+    smaps = Path("/proc/self/smaps").is_file()
+    assert not smaps or mapped_bytes(old) == 0                              # by its descriptor, not the mapping
+    if smaps:                                                               # (the check can fail: without it,
+        cache.HELD.pop(id(ds.images.base))                                  # the rows come through the mapping)
+        assert np.array_equal(cache.take_rows(ds.images, idx), first[idx]) and mapped_bytes(old) > 0
+    assert np.array_equal(ds.images, first)
+
+
+def plan_of(files: list[Path]):
+    """A tiny plan: each file's first byte as a 1x1x1 image."""
+    arr = np.array([[[[f.read_bytes()[0]]]] for f in files], dtype=np.uint8)
+
+    def fill(rows):
+        rows[0:len(arr)] = arr
+    return cache.Plan(arr.shape, fill)
+
+
+def test_two_sources_with_one_name_keep_their_entries(tmp_path):
+    c = tmp_path / "c"
+    a, b = small(tmp_path / "a"), small(tmp_path / "b")        # two folders called imgs
+    load(a, c), load(b, c)
+    a1, b1 = sorted(entries(c), key=lambda p: cache.read_record(p)["source"] != str(a))
+    assert cache.read_record(b1)["source"] == str(b)
+    assert {a1.name[:-21], b1.name[:-21]} == {"folder-imgs-train-12"}
+    edit(a)
+    load(a, c)
+    assert b1 in entries(c) and a1 not in entries(c) and len(entries(c)) == 2
+    edit(b, 98)
+    load(b, c)
+    assert b1 not in entries(c) and len(entries(c)) == 2 and len(records(c)) == 2
+    # one name and one recipe (as celeba's or flowers102's): the source directory tells them apart
+    dirs = [tmp_path / d for d in ("x", "y")]
+    files = {d: [d / f"{i}.bin" for i in range(3)] for d in dirs}
+    for d in dirs:
+        d.mkdir()
+        for i, f in enumerate(files[d]):
+            f.write_bytes(bytes([i + len(d.name)]))
+    for d in dirs:
+        cache.cached("same", "train", 1, files[d], "one recipe", c, lambda: plan_of(files[d]))
+    x1, y1 = sorted((p for p in entries(c) if p.name.startswith("same-")), key=lambda p: cache.read_record(p)["source"])
+    files[dirs[0]][0].write_bytes(b"\x07")
+    images, x2 = cache.cached("same", "train", 1, files[dirs[0]], "one recipe", c, lambda: plan_of(files[dirs[0]]))
+    assert images[0, 0, 0, 0] == 7 and {p for p in entries(c) if p.name.startswith("same-")} == {x2, y1}
+    assert cache.read_record(y1)["source"] == str(dirs[1]) and not x1.exists()
+
+
+def test_data_clean(tmp_path, monkeypatch):
+    from conftest import assert_clean_error, run_cli
+
+    c = tmp_path / "c"
+    keep_src, gone_src, edited_src, grown_src = (small(tmp_path / n) for n in ("keep", "gone", "edited", "grown"))
+    for r in (keep_src, gone_src, edited_src, grown_src):
+        load(r, c)
+    keep = entries(c)
+    shutil.rmtree(gone_src)                                       # the source is gone
+    edit(edited_src)                                              # changed, not loaded since
+    monkeypatch.setattr(cache, "remove_replaced", lambda *a: None)
+    write_png(grown_src / "class0" / "0009.png", 7, 20, 18)      # an image more: a newer entry replaces it
+    load(grown_src, c)
+    monkeypatch.undo()
+    grown = sorted(entries(c), key=lambda p: p.stat().st_mtime_ns)[-1]
+    legacy = c / "folder-older-train-12-0123456789abcdef.npy"
+    shutil.copy(grown, legacy)                                    # an entry without a record
+    npz = c / "folder-imgs-train-12-0123456789abcdef.npz"         # format 2
+    npz.write_bytes(b"PK" * 100)
+    killed, running = c / f".{legacy.stem}.killed.tmp.npy", c / f".{legacy.stem}.running.tmp.npy"
+    for p in (killed, running):
+        p.write_bytes(b"x" * 1000)
+    os.utime(killed, (time.time() - 2 * cache.STALE_S,) * 2)
+    fresh_record = c / "folder-coming-train-12-fedcba9876543210.json"   # a build about to rename its entry
+    fresh_record.write_text("{}")
+    others = [c / "precision.json", c / "classifiers" / "clf.safetensors", c / "notes.txt"]
+    for p in others:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("not the data cache's")
+
+    def owner(p):                                                 # which source an entry is of
+        rec = cache.read_record(p)
+        return rec and Path(rec["source"]).parent.name              # .../NAME/imgs
+    stale = {p: owner(p) for p in entries(c) if owner(p) in ("gone", "edited", None)}
+    stale |= {p: "grown" for p in entries(c) if owner(p) == "grown" and p != grown}
+    assert sorted(stale.values(), key=str) == sorted(["gone", "edited", "grown", None], key=str)
+    expect = sorted([*stale, *(p.with_suffix(".json") for p in stale if p != legacy), npz, killed])
+    freed = sum(p.stat().st_size for p in expect)
+    before = sorted(c.rglob("*"))
+
+    code, out, err = run_cli("data", "clean", "--cache-dir", c, "--dry-run")
+    assert code == 0 and err == "" and sorted(c.rglob("*")) == before          # only listed
+    lines = out.splitlines()
+    assert sorted(Path(line.split()[2]) for line in lines[:-1]) == expect and all(
+        line.startswith("would remove ") for line in lines[:-1])
+    assert lines[-1].startswith("would free ") and f"({freed:,} bytes) in {c}" in lines[-1]
+    said = dict((line.split()[2], line) for line in lines[:-1])
+    assert "is gone" in said[str(next(p for p, o in stale.items() if o == "gone"))]
+    assert "changed since" in said[str(next(p for p, o in stale.items() if o == "edited"))]
+    assert f"replaced by {grown.name}" in said[str(next(p for p, o in stale.items() if o == "grown"))]
+    assert "no record" in said[str(legacy)] and "older cache format" in said[str(npz)]
+
+    code, out, err = run_cli("data", "clean", "--cache-dir", c)
+    assert code == 0 and err == "" and out.splitlines()[-1].startswith("freed ") and f"({freed:,} bytes)" in out
+    assert sorted(Path(line.split()[1]) for line in out.splitlines()[:-1]) == expect
+    left = sorted(c.rglob("*"))
+    assert not any(p.exists() for p in expect) and left == sorted(set(before) - set(expect))
+    assert {p for p in entries(c)} == {p for p in keep if owner(p) == "keep"} | {grown}
+    assert running.exists() and fresh_record.exists() and all(p.exists() for p in others)
+    assert run_cli("data", "clean", "--cache-dir", c)[1].startswith("nothing to remove in ")
+    real = imaging.decode
+    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("a current entry was removed"))
+    load(keep_src, c), load(grown_src, c)
+    monkeypatch.setattr(imaging, "decode", real)
+
+    real_unlink = Path.unlink                                    # a file that cannot be removed: one line
+
+    def unlink(self, *a, **k):
+        if self.suffix == ".npy":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_unlink(self, *a, **k)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    code, out, err = run_cli("data", "clean", "--cache-dir", c, "--all")
+    assert_clean_error(code, err, "could not remove 2 of 4 files", "Permission denied", str(c))
+    assert len(entries(c)) == 2 and all(p.with_suffix(".json").exists() for p in entries(c))  # kept with them
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    code, out, err = run_cli("data", "clean", "--cache-dir", c, "--all")
+    assert code == 0 and entries(c) == [] and records(c) == sorted([fresh_record, others[0]])
+    assert running.exists() and all(p.exists() for p in others)
+
+    (tmp_path / "a-file").write_text("")
+    code, out, err = run_cli("data", "clean", "--cache-dir", tmp_path / "a-file")
+    assert_clean_error(code, err, "cannot read the decoded-image cache", "Not a directory", "--cache-dir")

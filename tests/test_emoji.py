@@ -199,10 +199,12 @@ def test_cache_holds_every_image_once(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     data.load("emoji", "train", root, background="black", cache_dir=cache)  # other pixels: a new entry
-    write_tarball(root, "google")                                           # a replaced tarball: a new entry
+    before = set(cache.glob("*.npy"))
+    write_tarball(root, "google")                                           # a replaced tarball: a new entry,
     os.utime(root / emoji.TARBALLS["google"], ns=(1, 1))
     data.load("emoji", "train", root, cache_dir=cache)
-    assert len(list(cache.glob("*.npy"))) == 3
+    after = set(cache.glob("*.npy"))
+    assert len(before) == len(after) == 2 and len(before & after) == 1     # which replaced the white one only
 
 
 def test_from_config(tmp_path):

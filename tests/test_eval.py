@@ -68,7 +68,7 @@ def test_statistics_of_another_extractor_are_refused(tmp_path):
     with pytest.raises(DiffloError, match="extractor-A"):
         fid.distance_to(st, np.zeros((4, 3)), "extractor-B")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(DiffloError, match="not a difflo statistics"):
+    with pytest.raises(DiffloError, match="not an FID statistics file"):
         fid.load_stats(tmp_path / "junk.npz")
 
 
@@ -163,7 +163,7 @@ def test_eval_cli_reference_model_fid_accuracy(tiny_run, clf_file, tmp_path, cap
     assert f"{res['class_accuracy']:.4f}" in out
 
 
-def test_eval_cli_errors_are_one_line(tiny_run, clf_file, tmp_path, capsys):
+def test_eval_cli_errors_are_one_line(tiny_run, clf_file, cached_classifier, tmp_path, capsys):
     ref, samples = tmp_path / "ref.npz", tmp_path / "s.npz"
     fid.save_stats(ref, np.zeros(4), np.eye(4), 30, "x", np.zeros((30, 4)))
     np.savez(samples, images=np.zeros((35, 28, 28, 1), np.uint8))

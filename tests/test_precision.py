@@ -183,3 +183,61 @@ def test_fp16_loop_with_grad_scaler_resumes(monkeypatch, tmp_path):
     b = load_file(str(checkpoint.list_checkpoints(tmp_path / "part")[-1] / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.isfinite(v).all() for v in a.values())
+
+
+def test_auto_can_be_forced_from_outside(monkeypatch):
+    """DIFFLO_AUTO_PRECISION=fp32|bf16 decides auto without flags or measurement; explicit choices keep theirs."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "bf16_ratios", lambda: pytest.fail("measured although forced"))
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setenv(precision.AUTO_ENV, forced)
+        p = precision.resolve("auto", cpu)
+        assert (p.used, p.why) == (forced, f"forced by DIFFLO_AUTO_PRECISION={forced}")
+        assert precision.resolve("fp32", cpu).used == "fp32"
+    monkeypatch.setenv(precision.AUTO_ENV, "bf17")
+    with pytest.raises(DiffloError, match="DIFFLO_AUTO_PRECISION='bf17' is not one of fp32, bf16"):
+        precision.resolve("auto", cpu)
+    code, _, err = run_cli("env")
+    assert_clean_error(code, err, "DIFFLO_AUTO_PRECISION")
+
+
+def test_a_passing_load_does_not_flip_the_measurement(monkeypatch):
+    """fp32 and bf16 are timed in turn, each keeping its best: a load that slows some repeats (here every
+    third call of either type is 5x slower) leaves the ratio of the best times unchanged."""
+    calls, clock = [], [0.0]
+
+    def fake_fn(cost):
+        def fn():
+            calls.append(cost)
+            clock[0] += cost * (5 if len(calls) % 3 == 0 else 1)
+        return fn
+
+    monkeypatch.setattr(precision.time, "perf_counter", lambda: clock[0])
+    t32, t16 = precision.best_times([fake_fn(1.0), fake_fn(0.5)], repeats=5)
+    assert (t32, t16) == (1.0, 0.5)
+    assert calls[2:] == [1.0, 0.5] * 5                           # warm-ups, then alternating
+
+
+def test_env_prints_the_decision_and_how_to_override(monkeypatch, tmp_path):
+    monkeypatch.setenv(precision.AUTO_ENV, "bf16")
+    code, out, err = run_cli("env")
+    assert code == 0, err
+    assert "auto -> bf16 on the CPU (forced by DIFFLO_AUTO_PRECISION=bf16)" in out
+    for needle in ("threads", "allocator", "cpu ", "DIFFLO_AUTO_PRECISION=fp32|bf16", "--precision"):
+        assert needle in out, needle
+    monkeypatch.delenv(precision.AUTO_ENV)
+    monkeypatch.setattr(precision, "_cache", {})
+    monkeypatch.setattr(precision, "measure_bf16", lambda: {"conv": 0.5, "matmul": 0.25})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    code, out, err = run_cli("env", "--json", "--remeasure")
+    f = json.loads(out)
+    assert f["precision_auto"]["used"] == "bf16" and f["precision_auto"]["bf16_over_fp32_time"] == {"conv": 0.5, "matmul": 0.25}
+    assert f["cache"].startswith(os.environ["XDG_CACHE_HOME"])
+
+
+def test_the_suite_never_touches_the_users_cache():
+    """conftest points XDG_CACHE_HOME at a temporary folder before any test: every cache file lands there."""
+    import conftest
+    from difflo.io import cache_home
+    assert os.environ["XDG_CACHE_HOME"] == conftest.CACHE
+    assert str(cache_home()).startswith(conftest.CACHE) and str(precision.precision_file()).startswith(conftest.CACHE)

@@ -73,12 +73,18 @@ def test_stochastic_samplers_are_seeded(tiny_run):
         s = settings_for(model, sampler=name, steps=4)
         a = generate(model, torch.tensor([3, 3]), [5, 6], s)
         assert torch.equal(a, generate(model, torch.tensor([3, 3]), [5, 6], s))
-        assert torch.equal(a[1], generate(model, torch.tensor([3]), [6], s)[0])      # per-sample seeds
+        # per-sample seeds: image 1 alone is image 1 of the pair, up to float rounding (oneDNN may pick another
+        # convolution kernel for another batch size: 2.4e-7 measured on an AVX2 EPYC, 0 on AVX-512 Xeons);
+        # another seed moves it by O(1)
+        alone = generate(model, torch.tensor([3]), [6], s)[0]
+        assert (a[1] - alone).abs().max() < 1e-5 and (a[0] - alone).abs().max() > 0.1
 
 
-def test_flow_churn_from_the_cli(flow_run, tmp_path):
+def test_flow_churn_from_the_cli(flow_run, tmp_path, monkeypatch):
     """--s-churn makes Euler/Heun stochastic (seeded); 0 is the ODE solver."""
-    outs = {}
+    from difflo import sample
+    monkeypatch.setattr(sample, "_noted", set())                   # notes print once per process: a fresh one
+    outs, errs = {}, {}
     for churn in ("0", "3"):
         for rep in (1, 2):
             f = tmp_path / f"{churn}-{rep}.npz"
@@ -86,13 +92,16 @@ def test_flow_churn_from_the_cli(flow_run, tmp_path):
                                         "--s-churn", churn, "--s-tmin", "0.1", "--s-tmax", "0.9", "--s-noise", "1.003",
                                         "--out", f)
             assert code == 0, err
-            outs[churn, rep] = np.load(f)["images"]
+            outs[churn, rep], errs[churn, rep] = np.load(f)["images"], err
     assert np.array_equal(outs["3", 1], outs["3", 2]) and not np.array_equal(outs["0", 1], outs["3", 1])
+    # the churn window and noise do nothing without churn: a warning line (printed once per process), not an error
+    assert "warning: --s-tmin has no effect while --s-churn is 0 (no churn)" in errs["0", 1] + errs["0", 2]
+    assert "has no effect" not in errs["3", 1] + errs["3", 2]
 
 
 @pytest.mark.parametrize("argv,needles", [
     (["--sampler", "heun", "--spacing", "karras"], ["karras", "flow", "trailing or linspace"]),
-    (["--sampler", "ddim", "--s-churn", "2"], ["no churn", "euler, heun"]),
+    (["--sampler", "ddim", "--s-churn", "2"], ["--s-churn has no effect with sampler ddim", "euler, heun"]),
     (["--sampler", "heun", "--s-tmin", "0.9", "--s-tmax", "0.1"], ["s_tmin <= s_tmax"]),
 ])
 def test_bad_flow_options_are_one_line(flow_run, tmp_path, argv, needles):
@@ -103,7 +112,7 @@ def test_bad_flow_options_are_one_line(flow_run, tmp_path, argv, needles):
 def test_churn_on_a_diffusion_model_is_one_line(tiny_run, tmp_path):
     code, _, err = run_cli("sample", "--ckpt", tiny_run, "--sampler", "dpmpp_3m", "--s-churn", "1", "--steps", "3",
                            "--n", "2", "--out", tmp_path / "x.npz")
-    assert_clean_error(code, err, "no churn", "no sampler of this model")
+    assert_clean_error(code, err, "--s-churn has no effect", "none of which fits this model")
 
 
 def test_edit_takes_every_sampler(tiny_run, tmp_path):
@@ -168,7 +177,7 @@ def test_web_page_lists_samplers_and_grids_and_reproduces(tiny_run, tmp_path):
         app.close()
 
 
-def test_eval_model_takes_a_grid(tiny_run, tmp_path):
+def test_eval_model_takes_a_grid(tiny_run, cached_classifier, tmp_path):
     """`difflo eval model --spacing karras --sampler dpmpp_3m`: the settings it reports are the ones asked."""
     import json
     out = tmp_path / "eval.json"

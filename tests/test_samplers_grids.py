@@ -173,3 +173,70 @@ def test_zero_terminal_snr_trains_with_v():
     for weighting in ("none", "min_snr"):
         loss = training_loss(net, x0, None, path, "v", weighting, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------- step rules, grid ends, leading's offset
+def test_stride_rule_lands_t_minus_T_over_n():
+    """step_rule stride (diffusers' DDIMScheduler): each step from t lands at t - T // n (the end below 0); the
+    grid lists the times the network sees. It is a plain grid where that is the next listed time (leading
+    always, trailing when n divides T) and a TimeGrid elsewhere."""
+    from difflo.samplers import TimeGrid, _steps
+    path = path_for("linear")
+    for spacing, n in [("leading", 13), ("leading", 17), ("trailing", 10)]:
+        listed = path.sampling_times(n, spacing)
+        assert path.sampling_times(n, spacing, step_rule="stride") == listed
+        assert type(path.sampling_times(n, spacing, step_rule="stride")) is list
+    grid = path.sampling_times(13, "trailing", step_rule="stride")
+    assert isinstance(grid, TimeGrid)
+    assert grid[:3] == [999, 922, 845] and grid[-2:] == [76, 0]            # 76 - 1000 // 13 = 0: not the end
+    assert [t_prev for _, _, t_prev in _steps(grid)][:3] == [923, 846, 769]
+    assert all(t_prev == t - 76 for _, t, t_prev in _steps(grid))
+    assert _steps(grid[2:5]) == [(0, 845, 769), (1, 768, 692)]            # a slice keeps its steps' landings
+    lin = path.sampling_times(10, "linspace", step_rule="stride", end="t0")
+    assert lin[:2] == [999, 888] and _steps(lin)[0] == (0, 999, 899) and _steps(lin)[-1] == (9, 0, 0)
+    with pytest.raises(ValueError, match="step rule"):
+        path.sampling_times(10, "trailing", step_rule="next")
+
+
+def test_grid_end_and_leading_offset():
+    path = path_for("linear")
+    assert path.sampling_times(10, "leading")[-3:] == [100, 0, -1]
+    assert path.sampling_times(10, "leading", end="t0")[-3:] == [100, 0, 0]     # 0 -> 0: DDIM's identity step
+    assert path.sampling_times(10, "trailing", end="t0")[-2:] == [99, 0]
+    assert path.sampling_times(10, "leading", offset=1)[:2] == [901, 801]
+    assert path.sampling_times(10, "leading", offset=1)[-2:] == [1, -1]
+    assert path.sampling_times(10, "trailing", offset=1)[0] == 999            # only leading has an offset
+    with pytest.raises(ValueError, match="steps_offset 100 does not fit"):
+        path.sampling_times(10, "leading", offset=100)
+    with pytest.raises(ValueError, match="flow model"):
+        FlowPath().sampling_times(10, "trailing", step_rule="stride")
+
+
+def test_samplers_walk_a_time_grid_by_its_landings():
+    """DDIM on a TimeGrid is the chain of DDIM steps t_i -> lands[i], the network seeing t_i; every sampler
+    reports the landing as t_prev."""
+    from difflo.samplers import SAMPLERS, SeededNoise, ddim_step
+    path = path_for("cosine")
+    grid = path.sampling_times(7, "trailing", step_rule="stride")
+
+    class Den:
+        def __init__(self):
+            self.path, self.seen = path, []
+
+        def __call__(self, x, t, **kw):
+            self.seen.append(t)
+            return torch.tanh(x) * 0.5 + 0.01 * math.cos(t)
+
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    den, steps = Den(), []
+    got = SAMPLERS["ddim"](den, x, grid, callback=lambda d: steps.append((d["t"], d["t_prev"])))
+    assert den.seen == list(grid[:-1]) and [p for _, p in steps] == grid.lands
+    want = x
+    for t, t_prev in zip(grid[:-1], grid.lands):
+        want = ddim_step(want, Den()(want, t), path, t, t_prev)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for name in ("ddpm", "dpmpp", "euler_ancestral"):
+        seen = []
+        SAMPLERS[name](Den(), x, grid, callback=lambda d: seen.append(d["t_prev"]),
+                       noise=SeededNoise([1, 2], (1, 4, 4)))
+        assert seen == grid.lands, name

@@ -98,6 +98,11 @@ class SampleConfig:
     eta: float = 0.0
     w: float = 2.0
     spacing: str = "trailing"          # leading | trailing | linspace | karras | exponential (noise-level grids)
+    steps_offset: int = 0              # diffusion, leading spacing: added to every timestep (diffusers' steps_offset)
+    step_rule: str = "listed"          # diffusion: listed (each step goes to the grid's next timestep) | stride (from t
+                                       # to t - T // n, then on from the next listed one: diffusers' DDIMScheduler)
+    grid_end: str = "clean"            # diffusion: clean (the last step reaches the data, alpha_bar = 1) | t0 (timestep
+                                       # 0, alpha_bar_0: diffusers' DDIM set_alpha_to_one: false)
     clip_x0: bool = True
     variance: str = "fixed_small"      # DDPM only: fixed_small | fixed_large
     s_churn: float = 0.0               # euler/heun (flow): EDM's churn (Karras et al. 2022, Alg. 2); 0: deterministic
@@ -152,7 +157,9 @@ class Config:
                    ("sample.precision", s.precision, precision.PRECISIONS),
                    ("sample.sampler", s.sampler, fitting),
                    ("sample.spacing", s.spacing, schedules.SPACING_CHOICES),
-                   ("sample.variance", s.variance, ("fixed_small", "fixed_large")),
+                   ("sample.step_rule", s.step_rule, schedules.STEP_RULES),
+                   ("sample.grid_end", s.grid_end, schedules.GRID_ENDS),
+                   ("sample.variance", s.variance, samplers.VARIANCES),
                    ("eval.features", self.eval.features, ("classifier", "inception"))]
         for key, value, allowed in choices:
             if value not in allowed:
@@ -168,6 +175,7 @@ class Config:
                   ("train.grad_clip", t.grad_clip), ("train.sample_every", t.sample_every),
                   ("sample.eta", s.eta), ("diffusion.min_snr_gamma", d.min_snr_gamma),
                   ("train.offset_noise", t.offset_noise), ("sample.s_churn", s.s_churn),
+                  ("sample.steps_offset", s.steps_offset),
                   ("eval.every", self.eval.every)]
         problems += [f"{k}={v} must be >= 0" for k, v in nonneg if v < 0]
         if t.grad_accum > 0 and t.batch_size > 0 and t.batch_size % t.grad_accum:
@@ -200,6 +208,14 @@ class Config:
         if d.zero_terminal_snr and s.spacing in schedules.SIGMA_SPACINGS:
             problems.append(f"sample.spacing={s.spacing} needs a finite largest noise level; with "
                             f"diffusion.zero_terminal_snr use trailing")
+        if d.objective != "diffusion" and (s.steps_offset, s.step_rule, s.grid_end) != (0, "listed", "clean"):
+            problems.append(f"sample.steps_offset={s.steps_offset}, step_rule={s.step_rule} and grid_end={s.grid_end} "
+                            f"are settings of diffusion timestep grids; objective {d.objective} takes 0, listed, clean")
+        elif s.spacing == "leading" and s.steps_offset > 0 and 0 < s.steps <= d.timesteps:
+            try:                                         # the grid says whether the offset fits
+                schedules.timesteps(d.timesteps, s.steps, "leading", s.steps_offset)
+            except ValueError as e:
+                problems.append(f"sample.{e}")
         if s.s_noise <= 0 or s.s_tmin > s.s_tmax:
             problems.append(f"sample.s_noise={s.s_noise} must be > 0 and sample.s_tmin={s.s_tmin} <= "
                             f"sample.s_tmax={s.s_tmax}")

@@ -25,7 +25,7 @@ import math
 import torch
 
 from . import schedules
-from .samplers import fitting
+from .samplers import TimeGrid, fitting
 
 PREDICTIONS = ("eps", "x0", "v", "u")
 LOSS_WEIGHTINGS = ("none", "min_snr")
@@ -121,13 +121,36 @@ class DiscreteSchedule:
         (not a zero-terminal-SNR schedule)."""
         return schedules.SPACING_CHOICES if float(self.alphas_cumprod[-1]) > 0 else schedules.SPACINGS
 
-    def sampling_times(self, n: int, spacing: str = "trailing") -> list:
-        """n timesteps of ``spacing``, then the clean end -1: integers for the timestep spacings
+    def sampling_times(self, n: int, spacing: str = "trailing", offset: int = 0, step_rule: str = "listed",
+                       end: str = "clean") -> list:
+        """n timesteps of ``spacing``, then the end: integers for the timestep spacings
         (:func:`difflo.schedules.timesteps`), fractional timesteps for the noise-level spacings ``karras``
-        and ``exponential`` (:func:`difflo.schedules.sigma_timesteps`)."""
+        and ``exponential`` (:func:`difflo.schedules.sigma_timesteps`).
+
+        * ``offset``: leading spacing's ``steps_offset`` (the other spacings have none);
+        * ``end`` (:data:`~difflo.schedules.GRID_ENDS`): ``clean``, the clean end -1 (alpha_bar = 1), or
+          ``t0``, timestep 0 (alpha_bar_0; diffusers' ``set_alpha_to_one: false``); from a grid that already
+          ends at timestep 0 the last step then stays there (an identity step for DDIM, as in diffusers);
+        * ``step_rule`` (:data:`~difflo.schedules.STEP_RULES`): ``listed``, each step goes to the next time;
+          ``stride``, each step from timestep t goes to t - T // n, or to the end where that is below 0
+          (diffusers' DDIMScheduler), and the network is then evaluated at the next listed timestep: a
+          :class:`~difflo.samplers.TimeGrid` where the two differ (linspace, and trailing when n does not
+          divide T; never leading). The noise-level grids step to their next level under either rule."""
+        if step_rule not in schedules.STEP_RULES:
+            raise ValueError(f"unknown step rule {step_rule!r}; choose one of {', '.join(schedules.STEP_RULES)}")
+        if end not in schedules.GRID_ENDS:
+            raise ValueError(f"unknown grid end {end!r}; choose one of {', '.join(schedules.GRID_ENDS)}")
+        t_end = self.t_clean if end == "clean" else 0
         if spacing in schedules.SIGMA_SPACINGS:
-            return schedules.sigma_timesteps(self.alphas_cumprod, n, spacing) + [self.t_clean]
-        return schedules.timesteps(self.T, n, spacing).tolist() + [self.t_clean]
+            return schedules.sigma_timesteps(self.alphas_cumprod, n, spacing) + [t_end]
+        times = schedules.timesteps(self.T, n, spacing, offset if spacing == "leading" else 0).tolist()
+        if step_rule == "listed":
+            return times + [t_end]
+        stride = self.T // n
+        lands = [t - stride if t - stride >= 0 else t_end for t in times]
+        if lands[:-1] == times[1:]:
+            return times + [lands[-1]]
+        return TimeGrid(times + [lands[-1]], lands)
 
     def strided_times(self, stride: int) -> list[int]:
         """k * stride for k = (T-1)//stride .. 0, then -1 (stride 30, T 1000: 990, 960, ..., 0, -1)."""

@@ -64,7 +64,10 @@ class Dist:
         """This rank's rows split into k equal contiguous micro-batches (train.grad_accum = k)."""
         rows = self.rows(batch_size)
         n = rows.stop - rows.start
-        if k < 1 or n % k:
+        if k < 1:
+            raise DiffloError(f"train.grad_accum={k} must be >= 1 (1: no accumulation; K: the batch split into K "
+                              f"micro-batches)")
+        if n % k:
             share = f"the {n} images per process (train.batch_size={batch_size} over {self.world} processes)" \
                 if self.active else f"train.batch_size={batch_size}"
             raise DiffloError(f"train.grad_accum={k} must be a divisor of {share} (the batch is split into "

@@ -24,7 +24,7 @@ from .errors import DiffloError
 from .images import grid_image, save_image, to_uint8
 from .io import atomic_path
 from .model import Model, make_denoiser
-from .sample import SampleSettings, check_sampler, check_steps, generate
+from .sample import SampleSettings, check_sampler, check_steps, generate, time_grid as sample_grid
 from .samplers import SeededNoise
 
 TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid", "invert", "interpolate")
@@ -107,13 +107,15 @@ class EditResult:
 
 # ----------------------------------------------------------------------------- shared pieces
 def time_grid(model: Model, steps: int | None = None, stride: int | None = None) -> list:
-    """The sampling grid of ``steps`` steps, or the strided one (ending at the clean data)."""
+    """The sampling grid of ``steps`` steps on the model's own grid settings (``sample.spacing``, and a
+    diffusers folder's ``steps_offset``/``step_rule``/``grid_end``: the grid ``difflo sample`` walks), or the
+    strided one (ending at the clean data)."""
     path = model.path
     if stride is not None:
         if stride < 1:
             raise DiffloError(f"--stride must be >= 1, got {stride}")
         return path.strided_times(stride)
-    return path.sampling_times(check_steps(steps, model))
+    return sample_grid(path, dataclasses.replace(model.cfg.sample, steps=check_steps(steps, model)))
 
 
 def cli_times(model: Model, values: list[float]) -> list:

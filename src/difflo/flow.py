@@ -68,12 +68,17 @@ class FlowPath:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32) * self.time_scale
 
-    def sampling_times(self, n: int, spacing: str = "trailing") -> list[float]:
+    def sampling_times(self, n: int, spacing: str = "trailing", offset: int = 0, step_rule: str = "listed",
+                       end: str = "clean") -> list[float]:
         """n uniform steps from t = 1 (noise) to t = 0 (the clean end): n + 1 times. The grid starts
         at the noise end, as ``trailing`` and ``linspace`` do for diffusion; ``leading`` (which never
-        visits pure noise) is refused."""
+        visits pure noise) is refused, and so are the diffusion timestep grids' ``offset``, ``step_rule``
+        and ``end`` other than their defaults (0, listed, clean)."""
         if n < 1:
             raise ValueError(f"number of sampling steps must be >= 1, got {n}")
+        if (offset, step_rule, end) != (0, "listed", "clean"):
+            raise ValueError(f"steps_offset={offset}, step_rule={step_rule} and grid_end={end} are settings of "
+                             f"diffusion timestep grids; a flow model's grid takes 0, listed and clean")
         if spacing not in ("trailing", "linspace"):
             raise ValueError(f"spacing {spacing!r} does not apply to flow models: their grid is uniform from "
                              f"t = 1; use trailing or linspace")

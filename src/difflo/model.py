@@ -162,15 +162,22 @@ def build_net(cfg: config_mod.Config) -> UNet:
                           f"model") from None
 
 
-def load_model(path, ema: bool = True, device="cpu") -> Model:
+def load_model(path, ema: bool = True, device="cpu", null_class: int | None = None) -> Model:
     """Rebuild the network from a ``--ckpt`` alone: a run directory, its ``checkpoints/`` folder, a
     checkpoint directory, a difflo ``.safetensors`` file, ``demo`` (see
     :func:`difflo.checkpoint.resolve_weights`) or a diffusers model folder (:mod:`difflo.pretrained`;
-    it has one set of weights, so ``ema`` does not apply)."""
+    it has one set of weights, so ``ema`` does not apply). ``null_class``: ``--null-class K``
+    (:meth:`Model.set_null_class`), which overrides the null class a folder names itself."""
     weights = resolve_weights(path, ema)
-    if is_diffusers_folder(weights):
-        net, cfg = pretrained.load_folder(weights)
-        return Model(net.to(device).eval(), cfg)
+    net, cfg = pretrained.load_folder(weights) if is_diffusers_folder(weights) else load_difflo_net(weights)
+    model = Model(net.to(device).eval(), cfg)
+    if null_class is not None:
+        model.set_null_class(null_class)
+    return model
+
+
+def load_difflo_net(weights) -> tuple[UNet, config_mod.Config]:
+    """difflo's UNet and its config from a difflo weights file (its checksum checked when it has one)."""
     verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
     state, cfg_dict, _ = load_weights(weights)
     try:
@@ -188,7 +195,7 @@ def load_model(path, ema: bool = True, device="cpu") -> Model:
                               f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped "
                               f"tensors, e.g. {(missing + unexpected + wrong)[0]})")
     net.load_state_dict(state)
-    return Model(net.to(device).eval(), cfg)
+    return net, cfg
 
 
 def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None):

@@ -17,8 +17,10 @@ time                integer timesteps 0..T-1, clean end -1         t in [0, 1], 
 
 **Time grids contain their clean end** (k-diffusion's ``append_zero``): a sampler walks
 ``zip(ts[:-1], ts[1:])``, so a part of a trajectory (SDEdit from level k, RePaint's chunks) is a
-slice ``ts[i:j + 1]``. Which samplers fit is decided by the sampler's needs (``Sampler.needs`` in
-:mod:`difflo.samplers`) against the path's ``variance_preserving`` and ``continuous`` flags.
+slice ``ts[i:j + 1]`` (diffusion's ``grid_end: t0`` ends at timestep 0 instead, and its ``step_rule: stride``
+grid, a :class:`~difflo.samplers.TimeGrid`, lands its steps between the listed times). Which samplers
+fit is decided by the sampler's needs (``Sampler.needs`` in :mod:`difflo.samplers`) against the path's
+``variance_preserving`` and ``continuous`` flags.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class Path(Protocol):
 
     def alpha_sigma(self, t): ...
     def model_time(self, t: torch.Tensor) -> torch.Tensor: ...
-    def sampling_times(self, n: int, spacing: str = "trailing") -> list: ...
+    def sampling_times(self, n: int, spacing: str = "trailing", offset: int = 0, step_rule: str = "listed",
+                       end: str = "clean") -> list: ...
     def strided_times(self, stride: int) -> list: ...
     def time_from_cli(self, t: float): ...
     @property

@@ -9,8 +9,15 @@ stay float32 in every case: autocast only runs matrix products and convolutions 
 when a one-off measurement says so. A CPU whose flags (``/proc/cpuinfo``) list neither
 ``avx512_bf16`` nor ``amx_bf16`` is fp32 without measuring (bf16 is emulated there); otherwise a
 3x3 convolution and a matmul (the UNet's two kinds of work) are timed in both types, and bf16 is
-chosen when both run at least 1.15x faster. The answer is cached per machine (CPU model, flags,
-threads, torch version) in ``$XDG_CACHE_HOME/difflo/precision.json``. The flags alone do not
+chosen when both run at least 1.15x faster. The two types are timed alternately (fp32, bf16,
+fp32, ...) and each keeps its best of five, so a load that comes and goes slows both alike and
+cannot flip the answer. The answer is cached per machine (CPU model, flags, threads, torch
+version) in ``$XDG_CACHE_HOME/difflo/precision.json``; ``difflo env`` prints it with the reasons,
+``difflo env --remeasure`` measures again.
+
+**Forcing auto**: the environment variable ``DIFFLO_AUTO_PRECISION=fp32`` or ``=bf16`` makes
+``auto`` take that type without flags or measurement (CI runs the numerical tests both ways with
+it); an explicit ``fp32``/``bf16`` setting is not affected. The flags alone do not
 decide: the machines this project runs on differ (bf16 matmul ~1 GFLOP/s against ~175 fp32 on one,
 962 against 218 on another, and 166 against 295 on a third whose flags list AVX512-BF16; README
 "Speed"). An explicit ``bf16`` where it is slower runs, after one warning line that states the
@@ -24,18 +31,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from .errors import DiffloError
+from .io import cache_home, write_text_atomic
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 BF16_MIN_SPEEDUP = 1.15            # auto takes bf16 on a CPU only when it is at least this much faster
+AUTO_ENV = "DIFFLO_AUTO_PRECISION"  # fp32 | bf16: what auto takes, without flags or measurement
+AUTO_FORCED = ("fp32", "bf16")
 
 _cache: dict = {}
 
@@ -88,29 +99,33 @@ def speed_flags() -> list[str]:
     return sorted(set(SPEED_FLAGS) & (cpu_flags() or set()))
 
 
-def _best_time(fn, repeats: int = 3) -> float:
-    fn()                                                         # warm-up (oneDNN primitive creation)
-    times = []
+def best_times(fns, repeats: int = 5) -> list[float]:
+    """The best of ``repeats`` timings of each function, the functions timed in turn (a, b, a, b, ...)
+    so that a load that comes and goes during the measurement slows each of them alike."""
+    for fn in fns:
+        fn()                                                     # warm-up (oneDNN primitive creation)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def measure_bf16() -> dict:
     """bf16 time / fp32 time of a 3x3 conv (64 -> 64 channels, 32x32, batch 8) and a 512^3 matmul
-    (well under a second in all, also where bf16 is emulated at ~1 GFLOP/s)."""
+    (a few seconds in all, also where bf16 is slow)."""
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(8, 64, 32, 32, generator=g), torch.randn(64, 64, 3, 3, generator=g)
     a = torch.randn(512, 512, generator=g)
+    xb, wb, ab = x.bfloat16(), w.bfloat16(), a.bfloat16()
     out = {}
     with torch.no_grad():
         for name, fn in (("conv", lambda x, w, a: F.conv2d(x, w, padding=1)), ("matmul", lambda x, w, a: a @ a)):
-            t32 = _best_time(lambda: fn(x, w, a))
-            xb, wb, ab = x.bfloat16(), w.bfloat16(), a.bfloat16()
-            out[name] = _best_time(lambda: fn(xb, wb, ab)) / t32
+            t32, t16 = best_times([lambda: fn(x, w, a), lambda: fn(xb, wb, ab)])
+            out[name] = t16 / t32
     return out
 
 
@@ -118,18 +133,19 @@ def _machine_key() -> str:
     return f"{cpu_model()}|{','.join(speed_flags())}|{torch.get_num_threads()} threads|torch {torch.__version__}"
 
 
-def bf16_ratios() -> dict:
-    """measure_bf16() for this machine, from the cache file or measured once and stored there."""
-    if "ratios" in _cache:
+def bf16_ratios(remeasure: bool = False) -> dict:
+    """measure_bf16() for this machine, from the cache file or measured once and stored there
+    (``remeasure``: measure again and replace the stored answer)."""
+    if "ratios" in _cache and not remeasure:
         return _cache["ratios"]
-    from .io import cache_home, write_text_atomic
-    path, key = cache_home() / "precision.json", _machine_key()
+    path, key = precision_file(), _machine_key()
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = {}
-    if not isinstance(stored, dict) or not isinstance(stored.get(key), dict):
-        stored = stored if isinstance(stored, dict) else {}
+    if not isinstance(stored, dict):
+        stored = {}
+    if remeasure or not isinstance(stored.get(key), dict):
         stored[key] = measure_bf16()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +154,11 @@ def bf16_ratios() -> dict:
             pass                                                  # a read-only home: measure again next time
     _cache["ratios"] = stored[key]
     return _cache["ratios"]
+
+
+def precision_file():
+    """Where the measurement is cached: $XDG_CACHE_HOME/difflo/precision.json."""
+    return cache_home() / "precision.json"
 
 
 def _speed(ratio: float) -> str:
@@ -151,8 +172,23 @@ def measured_bf16() -> tuple[bool, str]:
             f"bf16 measured {_speed(r['conv'])} than fp32 in a 3x3 conv and {_speed(r['matmul'])} in a matmul")
 
 
+def forced_auto() -> str | None:
+    """What ``DIFFLO_AUTO_PRECISION`` makes ``auto`` take (None: not set); one line if it is not fp32/bf16."""
+    value = os.environ.get(AUTO_ENV, "").strip()
+    if not value:
+        return None
+    if value not in AUTO_FORCED:
+        raise DiffloError(f"{AUTO_ENV}={value!r} is not one of {', '.join(AUTO_FORCED)}; unset it to let auto "
+                          f"decide by the CPU")
+    return value
+
+
 def cpu_bf16() -> tuple[bool, str]:
-    """(auto should take bf16 on this CPU, why): no bf16 flags -> no (not measured); else measured."""
+    """(auto should take bf16 on this CPU, why): forced by DIFFLO_AUTO_PRECISION; no bf16 flags -> no
+    (not measured); else measured."""
+    forced = forced_auto()
+    if forced is not None:
+        return forced == "bf16", f"forced by {AUTO_ENV}={forced}"
     flags = cpu_flags()
     if flags is not None and not any(f in flags for f in CPU_BF16_FLAGS):
         return False, "the CPU lists no AVX512-BF16/AMX-BF16"
@@ -165,6 +201,10 @@ def resolve(asked: str, device: torch.device, log=print, what: str = "precision"
         raise DiffloError(f"{what}={asked!r} is not one of {', '.join(PRECISIONS)}")
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
+        if asked == "auto" and (forced := forced_auto()) is not None:
+            if forced == "bf16" and not bf16_ok:
+                raise DiffloError(f"{AUTO_ENV}=bf16: this GPU has no bfloat16 support; unset it or use fp32")
+            return Precision(asked, forced, f"forced by {AUTO_ENV}={forced}")
         if asked == "auto":
             return Precision(asked, "bf16" if bf16_ok else "fp32",
                              "the GPU supports bf16" if bf16_ok else "the GPU has no bf16")

@@ -11,7 +11,16 @@ A folder that diffusers wrote becomes a :class:`difflo.model.Model` in three par
   ``image_size`` (``sample_size``), ``num_classes`` (``num_class_embeds`` or 0), the prediction
   (``prediction_type`` epsilon / v_prediction / sample), x0 clipping (``clip_sample``,
   ``clip_sample_range``) and the sampling defaults of the scheduler (its sampler, ``timestep_spacing``,
-  DDPM ``variance_type``). ``data.name`` is ``diffusers:<folder name>``.
+  ``steps_offset``, DDPM ``variance_type``; for DDIM its step rule, t -> t - T // n, as ``sample.step_rule:
+  stride``, and ``set_alpha_to_one`` as ``sample.grid_end``). ``data.name`` is ``diffusers:<folder name>``.
+  A scheduler difflo does not implement, or a setting it does not read, is named in one warning line on
+  stderr (:func:`unread_settings`), with the difflo sampler used instead.
+
+A ``difflo export`` (:mod:`difflo.export`) also holds ``difflo/config.yaml``, the run's resolved config;
+:func:`own_classes` reads back what a diffusers config cannot hold: the null class (``model.num_classes``:
+classes 0..n-1, n the null class, the last of the n + 1 embeddings) and the class names
+(``data.classes``), so guidance and names work without ``--null-class`` (which still overrides). A file
+that does not fit the UNet (another model's) is one line.
 
 Layouts read: a pipeline save (``model_index.json``, ``unet/`` with ``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or ``.bin``, ``scheduler/scheduler_config.json``), the same files
@@ -27,9 +36,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import config as config_mod
 from .errors import CheckpointError, DiffloError
@@ -40,18 +51,32 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
 LATENT_PARTS = ("vae", "vqvae", "text_encoder", "tokenizer", "bert", "image_encoder")
 
-# The schedulers whose config describes a DDPM noise schedule (betas over num_train_timesteps), and the
-# difflo sampler that is each one's closest default; the rest of their settings are sampler choices.
-SCHEDULERS = {"DDPMScheduler": "ddpm", "DDPMParallelScheduler": "ddpm", "DDIMScheduler": "ddim",
-              "DDIMParallelScheduler": "ddim", "PNDMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp",
-              "DPMSolverSinglestepScheduler": "dpmpp", "DEISMultistepScheduler": "dpmpp",
-              "UniPCMultistepScheduler": "dpmpp", "EulerDiscreteScheduler": "ddim",
-              "EulerAncestralDiscreteScheduler": "ddim", "HeunDiscreteScheduler": "ddim",
-              "LMSDiscreteScheduler": "ddim", "KDPM2DiscreteScheduler": "ddim",
-              "KDPM2AncestralDiscreteScheduler": "ddim"}
+# The schedulers whose config describes a DDPM noise schedule (betas over num_train_timesteps): scheduler class ->
+# (the difflo sampler it is sampled with, whether that sampler is the scheduler itself). The DDPM and DDIM ones
+# are: difflo reads every setting they have and samples their pipeline's images (tests/peer/
+# test_pretrained_settings.py). Any other is sampled with the nearest sampler difflo has, and loading the folder
+# says so in one warning line on stderr.
+SCHEDULERS = {"DDPMScheduler": ("ddpm", True), "DDPMParallelScheduler": ("ddpm", True),
+              "DDIMScheduler": ("ddim", True), "DDIMParallelScheduler": ("ddim", True),
+              "PNDMScheduler": ("ddim", False), "DPMSolverMultistepScheduler": ("dpmpp", False),
+              "DPMSolverSinglestepScheduler": ("dpmpp", False), "DEISMultistepScheduler": ("dpmpp", False),
+              "UniPCMultistepScheduler": ("dpmpp", False), "EulerDiscreteScheduler": ("ddim", False),
+              "EulerAncestralDiscreteScheduler": ("euler_ancestral", False), "HeunDiscreteScheduler": ("ddim", False),
+              "LMSDiscreteScheduler": ("ddim", False), "KDPM2DiscreteScheduler": ("ddim", False),
+              "KDPM2AncestralDiscreteScheduler": ("euler_ancestral", False)}
+# The scheduler settings difflo reads, whichever the class (config_for): the noise schedule, the prediction, x0
+# clipping, the time grid (spacing, leading's offset, the noise-level grids) and the DDPM variance; the
+# thresholding values matter only with thresholding, which is refused. DDIM's own (its final alpha) are in
+# DDIM_SETTINGS. Any other setting with a value other than its class's default is named in the warning line.
+READ_SETTINGS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset", "use_karras_sigmas",
+                 "use_exponential_sigmas", "variance_type", "rescale_betas_zero_snr", "thresholding",
+                 "dynamic_thresholding_ratio", "sample_max_value")
+DDIM_SETTINGS = ("set_alpha_to_one",)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+OWN_CONFIG = "difflo/config.yaml"      # the resolved config `difflo export` writes into the folder (difflo.export)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -62,11 +87,18 @@ class DiffusersUNet(torch.nn.Module):
       (``DiscreteSchedule.model_time``); diffusers' schedulers hand UNet2DModel the same index as int64
       (``scheduler.timesteps``). It is rounded to int64 here, so the ``learned`` time embedding (an
       ``nn.Embedding``) works too.
-    * **classes**: an unconditional UNet ignores ``y`` (and ``class_weights``, the class-embedding mixes
-      of :class:`difflo.editing.ClassMixNet`, which a class-conditional one refuses). A class-conditional
-      one (``num_class_embeds``) reads ``y`` as its class index, except difflo's null class (index
+    * **classes**: an unconditional UNet ignores ``y`` and ``class_weights``. A class-conditional one
+      (``num_class_embeds``) reads ``y`` as its class index, except difflo's null class (index
       ``num_classes``, which classifier-free guidance asks for), which becomes ``null_class``: the index
-      the model was trained to read as "no class", which its config does not name (:meth:`set_null_class`).
+      the model was trained to read as "no class", which its diffusers config does not name
+      (:meth:`set_null_class`; :func:`load_folder` reads it from a ``difflo export``'s own config).
+    * **class_weights** ((B, num_classes + 1), difflo's rows: the classes, then the null class; the
+      class-embedding mixes of :class:`difflo.editing.ClassMixNet`) become weights over the model's
+      embedding rows (difflo's null row moved to ``null_class``) and the embedding ``sum_k w_k E[k]``,
+      summed elementwise in float32 as :class:`difflo.nn.UNet` does, replaces the output of
+      ``unet.class_embedding`` for that call (a forward hook: UNet2DModel adds that output to the time
+      embedding and reads the labels nowhere else). A one-hot row gives exactly ``E[y]``: the same
+      output as the label ``y``.
     """
 
     def __init__(self, unet: torch.nn.Module, num_classes: int):
@@ -92,12 +124,35 @@ class DiffusersUNet(torch.nn.Module):
         self.num_classes = k if k == embeds - 1 else embeds
         return self.num_classes
 
+    def embedding_weights(self, class_weights: torch.Tensor) -> torch.Tensor:
+        """difflo's (B, num_classes + 1) class weights as (B, num_class_embeds) weights over the model's
+        embedding rows: the classes' columns in place, the null class's added to row ``null_class``."""
+        k, embeds = self.num_classes, self.unet.config.num_class_embeds
+        if class_weights.ndim != 2 or class_weights.shape[1] != k + 1:
+            raise DiffloError(f"class_weights of shape {tuple(class_weights.shape)}: this model takes (batch, "
+                              f"{k + 1}) weights (its {k} classes and the null class)")
+        w = class_weights.float()
+        rows = torch.zeros(w.shape[0], embeds, device=w.device)
+        rows[:, :k] = w[:, :k]
+        if bool((w[:, k] != 0).any()):
+            if self.null_class is None:
+                raise DiffloError(null_class_needed())
+            rows[:, self.null_class] += w[:, k]
+        return rows
+
     def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if class_weights is not None and self.conditional:
-            raise DiffloError("mixing class embeddings needs difflo's own UNet; this model is a diffusers "
-                              "UNet2DModel")
         t = time.round().long()                                             # (B,) the timestep index
+        if class_weights is not None and self.conditional:
+            table = self.unet.class_embedding.weight                        # (num_class_embeds, D)
+            rows = self.embedding_weights(class_weights).to(table)
+            mixed = (rows[:, :, None] * table[None]).sum(1)                 # (B, D), as difflo.nn.UNet
+            hook = self.unet.class_embedding.register_forward_hook(lambda module, args, out: mixed.to(out))
+            try:                                                            # the labels' lookup is replaced
+                labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                return self.unet(x, t, class_labels=labels, return_dict=False)[0]
+            finally:
+                hook.remove()
         labels = None
         if self.conditional:
             if y is None:
@@ -115,7 +170,7 @@ def null_class_needed(w: float | None = None) -> str:
     what = f"guidance w={w:g}" if w is not None else "guidance (or an unconditional prediction)"
     return (f"{what} needs this diffusers model's null class (the class index it was trained to read as 'no "
             f"class'), which its config does not name: use --w 1 (conditional, no guidance) or name it with "
-            f"difflo sample --null-class K")
+            f"--null-class K")
 
 
 def foreign_net(net: torch.nn.Module) -> DiffusersUNet | None:
@@ -207,7 +262,8 @@ def check_unet_config(u: dict, where: Path) -> None:
 
 def scheduler_settings(s: dict, where: Path) -> dict:
     """The scheduler config with the defaults of its diffusers class filled in; one line if difflo cannot
-    read its noise schedule."""
+    read its noise schedule, and one warning line on stderr (:func:`unread_settings`) if difflo does not
+    sample it as the scheduler itself does."""
     name = s.get("_class_name")
     if name not in SCHEDULERS:
         raise CheckpointError(f"{where}: unknown scheduler _class_name {name!r}; difflo reads the DDPM-family "
@@ -216,13 +272,16 @@ def scheduler_settings(s: dict, where: Path) -> dict:
 
     defaults = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
                 "trained_betas": None, "prediction_type": "epsilon", "clip_sample": False,
-                "clip_sample_range": 1.0, "timestep_spacing": "leading", "variance_type": None,
-                "thresholding": False, "rescale_betas_zero_snr": False}
-    try:                                                     # the class's own defaults, e.g. clip_sample=True
+                "clip_sample_range": 1.0, "timestep_spacing": "leading", "steps_offset": 0, "variance_type": None,
+                "thresholding": False, "rescale_betas_zero_snr": False, "set_alpha_to_one": True}
+    own: dict | None = None                                  # the class's own defaults, e.g. clip_sample=True
+    try:
         params = inspect.signature(getattr(diffusers, name).__init__).parameters.values()
-        defaults.update({p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
+        own = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        defaults.update(own)
     except (AttributeError, ImportError, TypeError, ValueError):
         pass                                                 # a class this diffusers lacks: the config alone
+    given = s
     s = {**defaults, **{k: v for k, v in s.items() if v is not None or k == "trained_betas"}}
     if s["beta_schedule"] not in BETA_SCHEDULES and s["trained_betas"] is None:
         raise CheckpointError(f"{where}: unknown beta_schedule {s['beta_schedule']!r}; difflo reads "
@@ -240,7 +299,30 @@ def scheduler_settings(s: dict, where: Path) -> dict:
         raise CheckpointError(f"{where}: rescale_betas_zero_snr (zero terminal SNR) with prediction_type epsilon "
                               f"cannot start from pure noise (eps says nothing of x0 there); difflo reads it with "
                               f"v_prediction or sample")
+    warning = unread_settings(given, own, where)
+    if warning:
+        print(warning, file=sys.stderr)
     return s
+
+
+def unread_settings(given: dict, own: dict | None, where: Path) -> str | None:
+    """The one warning line for a scheduler config that difflo does not sample as the scheduler does, or None:
+    a scheduler class difflo does not implement (named, with the difflo sampler used instead), and settings
+    difflo does not read (:data:`READ_SETTINGS`) whose value is not the class's default (``own``; settings the
+    class does not take are ignored, as diffusers ignores them; every setting when the installed diffusers
+    lacks the class)."""
+    name = given["_class_name"]
+    sampler, itself = SCHEDULERS[name]
+    read = READ_SETTINGS + (DDIM_SETTINGS if itself and sampler == "ddim" else ())
+    unread = [f"{k}={v!r}" for k, v in given.items() if not k.startswith("_") and k not in read
+              and (own is None or (k in own and v != own[k]))]
+    not_used = f"; its settings {', '.join(unread)} are not used" if unread else ""
+    if not itself:
+        return (f"warning: {where}: difflo does not implement {name}; it samples this folder with difflo's "
+                f"{sampler} sampler instead (--sampler picks another){not_used}")
+    if unread:
+        return f"warning: {where}: difflo samples {name} as if {', '.join(unread)} had their defaults"
+    return None
 
 
 def config_for(u: dict, s: dict, name: str) -> config_mod.Config:
@@ -272,7 +354,13 @@ def config_for(u: dict, s: dict, name: str) -> config_mod.Config:
     d.clip_range = float(s["clip_sample_range"])
     d.zero_terminal_snr = bool(s["rescale_betas_zero_snr"])   # Lin et al. 2024, Alg. 1, on the betas above
     p = cfg.sample
-    p.sampler, p.steps, p.eta, p.w = SCHEDULERS[s["_class_name"]], min(50, d.timesteps), 0.0, 1.0
+    sampler, itself = SCHEDULERS[s["_class_name"]]
+    p.sampler, p.steps, p.eta, p.w = sampler, min(50, d.timesteps), 0.0, 1.0
+    p.steps_offset = int(s["steps_offset"])                  # leading spacing's offset (the others have none)
+    if itself and sampler == "ddim":                         # DDIMScheduler.step: t -> t - T // n, then alpha_bar
+        p.step_rule = "stride"                               # 1 (set_alpha_to_one) or alpha_bar_0 below t = 0
+        p.grid_end = "clean" if s["set_alpha_to_one"] else "t0"
+    p.precision = "fp32"      # the pipeline's own images by default; --precision auto for difflo's speed
     p.spacing = s["timestep_spacing"] if s["timestep_spacing"] in schedules.SPACINGS else "leading"
     for flag, grid in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential")):
         if s.get(flag) and not d.zero_terminal_snr:          # Euler/DPM schedulers' noise-level grids
@@ -340,4 +428,41 @@ def load_folder(folder: Path) -> tuple[DiffusersUNet, config_mod.Config]:
     if u.get("time_embedding_type") == "learned" and (u.get("num_train_timesteps") or 0) < cfg.diffusion.timesteps:
         raise CheckpointError(f"{unet_dir / 'config.json'}: its learned time embedding has "
                               f"{u.get('num_train_timesteps')} rows for {cfg.diffusion.timesteps} timesteps")
-    return DiffusersUNet(load_unet(unet_dir), cfg.model.num_classes), cfg
+    net = DiffusersUNet(load_unet(unet_dir), cfg.model.num_classes)
+    own = own_classes(folder, unet_dir, u)
+    if own is not None:                                  # a difflo export: its null class and class names
+        k, names = own
+        if k:
+            cfg.model.num_classes = net.set_null_class(k)
+        cfg.data.classes = names
+    return net, cfg
+
+
+def own_classes(folder: Path, unet_dir: Path, u: dict) -> tuple[int, tuple[str, ...]] | None:
+    """(null class, class names) from the ``difflo/config.yaml`` that ``difflo export`` writes into the
+    folder (``model.num_classes``: the classes are 0..n-1 and n the null class, the last embedding;
+    ``data.classes``), or None when the folder has none; one line when it does not describe this UNet."""
+    candidates = [folder / OWN_CONFIG]
+    if unet_dir == folder and folder.name == "unet":                  # a pipeline's unet/ folder itself
+        candidates.append(folder.parent / OWN_CONFIG)
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return None
+    fix = "remove it to read the folder as a plain diffusers model (with --null-class K)"
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path} is not a readable difflo config ({type(e).__name__}); {fix}") from None
+    model, data = (d.get(s) if isinstance(d, dict) else None for s in ("model", "data"))
+    n = model.get("num_classes") if isinstance(model, dict) else None
+    names = (data.get("classes") if isinstance(data, dict) else None) or []
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not isinstance(names, list) \
+            or not all(isinstance(c, (str, int)) for c in names):
+        raise CheckpointError(f"{path} has no model.num_classes (a whole number >= 0) and data.classes (a list "
+                              f"of names): it is not the config difflo export writes; {fix}")
+    embeds = u.get("num_class_embeds") or 0
+    if embeds != (n + 1 if n else 0):
+        raise CheckpointError(f"{path}: model.num_classes = {n} does not fit {unet_dir / 'config.json'}'s "
+                              f"num_class_embeds = {embeds or None} (difflo export writes num_classes + 1, the last "
+                              f"the null class); {fix}")
+    return n, tuple(str(c) for c in names)

@@ -8,10 +8,18 @@ model's own defaults, applies overrides and validates them against the model's p
 
 ``generate`` draws sample i from its own generator seeded with ``seeds[i]``, so an image depends
 on its seed (and label and settings) only, never on the batch size.
+
+Sampler options (``eta``, ``variance``, the churn ``s_*``; :data:`difflo.samplers.OPTIONS`) are read only
+by the samplers whose registry entry lists them. One the caller sets (an override of
+:func:`settings_for`: a command-line flag) that the chosen sampler does not read is a one-line error; one
+the run's config carries is a default for whichever sampler reads it, silent, except that a non-default
+value the config's own sampler does not read gets a one-line note (once) when that sampler runs.
+:func:`describe` lists only the options the sampler reads.
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -20,13 +28,11 @@ from .config import SampleConfig as SampleSettings
 from .errors import DiffloError
 from .model import Model, make_denoiser
 from .precision import PRECISIONS
-from .samplers import SAMPLERS, SeededNoise
+from .samplers import NEEDS_ON, OPTIONS, SAMPLERS, VARIANCES, SeededNoise, as_flag, check_options, unused_option
 from .schedules import SPACING_CHOICES
 
-VARIANCES = ("fixed_small", "fixed_large")
-
 __all__ = ["SampleSettings", "VARIANCES", "settings_for", "check_settings", "check_sampler", "check_steps",
-           "sampler_options", "describe", "generate"]
+           "sampler_options", "unused_options", "record", "time_grid", "describe", "generate"]
 
 
 def check_sampler(sampler: str, model: Model) -> str:
@@ -54,30 +60,58 @@ def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
     if s.spacing not in SPACING_CHOICES:
         raise DiffloError(f"unknown spacing {s.spacing!r}; choose one of {', '.join(SPACING_CHOICES)}")
     try:
-        path.sampling_times(1, s.spacing)             # the path says why a spacing does not fit it
+        time_grid(path, s)                             # the path says why a spacing (offset, rule, end) does not fit it
     except ValueError as e:
         raise DiffloError(str(e)) from None
     if s.s_churn < 0 or s.s_noise <= 0 or s.s_tmin > s.s_tmax:
         raise DiffloError(f"churn needs s_churn >= 0, s_noise > 0 and s_tmin <= s_tmax; got s_churn={s.s_churn}, "
                           f"s_noise={s.s_noise}, s_tmin={s.s_tmin}, s_tmax={s.s_tmax}")
-    if s.s_churn > 0 and "s_churn" not in SAMPLERS[s.sampler].options:
-        takes = [n for n in path.samplers if "s_churn" in SAMPLERS[n].options]
-        raise DiffloError(f"sampler {s.sampler} has no churn (s_churn={s.s_churn}); churn applies to "
-                          f"{', '.join(takes) or 'no sampler of this model'}, or set s_churn to 0")
     if s.variance not in VARIANCES:
         raise DiffloError(f"unknown DDPM variance {s.variance!r}; choose one of {', '.join(VARIANCES)}")
     if s.precision not in PRECISIONS:
         raise DiffloError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not (s.w >= 0 and s.eta >= 0):
         raise DiffloError(f"guidance w and eta must be >= 0, got w={s.w}, eta={s.eta}")
+    for option in unused_options(s):
+        value = getattr(s, option)
+        if value != getattr(model.cfg.sample, option):     # set by the caller, not carried from the run's config
+            raise DiffloError(unused_option(s.sampler, option, lambda o: f"{o}={value}", path.samplers))
+        if s.sampler == model.cfg.sample.sampler:         # the config's own sampler ignores its own value
+            _note_once("note: the run's " + unused_option(s.sampler, option, lambda o: f"sample.{o}={value}",
+                                                          path.samplers))
     return s
 
 
 def settings_for(model: Model, **overrides) -> SampleSettings:
     """The model's own sample settings (its config's ``sample`` section) with ``overrides`` applied
-    (a None value keeps the model's), checked against the model."""
-    return check_settings(dataclasses.replace(model.cfg.sample, **{k: v for k, v in overrides.items()
-                                                                   if v is not None}), model)
+    (a None value keeps the model's), checked against the model. An override of a sampler option that
+    the sampler does not read is a one-line DiffloError naming it as its flag (``--eta``)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    s = dataclasses.replace(model.cfg.sample, **given)
+    check_sampler(s.sampler, model)
+    check_options(s.sampler, [k for k in given if k in OPTIONS], fits=model.path.samplers,
+                  which="" if "sampler" in given else "the run's sample.sampler; choose one with --sampler")
+    s = check_settings(s, model)
+    for option, switch in NEEDS_ON.items():         # a warning, not an error: churn 0 vs 3 with the same flags
+        if option in given and not getattr(s, switch):
+            _note_once(f"warning: {as_flag(option)} has no effect while {as_flag(switch)} is 0 (no churn); "
+                       f"give {as_flag(switch)} > 0 to use it")
+    return s
+
+
+def unused_options(s: SampleSettings) -> list[str]:
+    """The sampler options that hold a value other than their default and that ``s.sampler`` does not read."""
+    default = SampleSettings()
+    return [o for o in OPTIONS if o not in SAMPLERS[s.sampler].options and getattr(s, o) != getattr(default, o)]
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        print(message, file=sys.stderr)
 
 
 def sampler_options(s: SampleSettings) -> dict:
@@ -86,8 +120,20 @@ def sampler_options(s: SampleSettings) -> dict:
     return {name: getattr(s, name) for name in SAMPLERS[s.sampler].options}
 
 
+def record(s: SampleSettings) -> dict:
+    """The settings as they act: every field but the sampler options that ``s.sampler`` does not read."""
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+            if f.name not in OPTIONS or f.name in SAMPLERS[s.sampler].options}
+
+
+def time_grid(path, s: SampleSettings) -> list:
+    """The sampler's time grid of the settings: ``s.steps`` times of ``s.spacing`` (leading with
+    ``s.steps_offset``), stepped by ``s.step_rule``, ending at ``s.grid_end`` (the path's ``sampling_times``)."""
+    return path.sampling_times(s.steps, s.spacing, s.steps_offset, s.step_rule, s.grid_end)
+
+
 def describe(s: SampleSettings) -> str:
-    return ", ".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s))
+    return ", ".join(f"{k}={v}" for k, v in record(s).items())
 
 
 def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings | None = None,
@@ -104,7 +150,7 @@ def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings
     device = model.device
     c, size = model.cfg.model.in_channels, model.cfg.model.image_size
     den = make_denoiser(model, s.w, s.clip_x0, model.precision(s.precision).dtype)
-    ts = model.path.sampling_times(s.steps, s.spacing)
+    ts = time_grid(model.path, s)
     sampler, options = SAMPLERS[s.sampler], sampler_options(s)
     seeds = [int(x) for x in seeds]
     out = []

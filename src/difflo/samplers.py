@@ -10,7 +10,9 @@ Every sampler has the signature::
   ``[1.0, 0.95, ..., 0.05, 0.0]`` for flow matching. A sampler walks ``zip(ts[:-1], ts[1:])``, so
   running part of a trajectory (SDEdit from the middle, RePaint's chunks) is a slice of the grid.
   Discrete times may be fractional (the ``karras``/``exponential`` noise-level grids); samplers never
-  index by time, they only ask the path for ``alpha_sigma(t)``.
+  index by time, they only ask the path for ``alpha_sigma(t)``. A :class:`TimeGrid` (diffusers' DDIM step
+  rule, ``sample.step_rule: stride``) also says where each step lands when that is not the next listed
+  time; samplers see it only through ``_steps``.
 * ``extra_args``: keyword arguments passed to the denoiser on every call (e.g. ``{"y": labels}``).
 * ``callback``: called after every step from ``t`` to ``t_prev`` with
   ``{"i", "t", "t_prev", "x", "denoised"}`` (``x`` is the new state at ``t_prev``); editing methods
@@ -20,6 +22,10 @@ Every sampler has the signature::
   depends on its seed only, never on the batch it was drawn in.
 
 Samplers use only ``alpha_t, sigma_t`` of ``denoiser.path`` (x_t = alpha_t x0 + sigma_t eps).
+
+Options: what a sampler reads beyond that (``eta``, ``variance``, the churn ``s_*``) is its keyword
+parameters, listed by its registry entry (``Sampler.options``) and nowhere else; every front end refuses
+an option the user set that the chosen sampler does not read with :func:`check_options`.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import DiffloError
 
 
 class SeededNoise:
@@ -48,10 +56,37 @@ def _eps(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch
     return (x - alpha * x0) / sigma
 
 
+class TimeGrid(list):
+    """A time grid whose steps land elsewhere than on the next listed time. As a list it is the times the
+    network is evaluated at, then the grid's end, like any grid; ``lands[i]`` is where the step from
+    ``self[i]`` goes (``self[i + 1]`` in a plain list), and the state there is then read as at ``self[i + 1]``.
+    diffusers' DDIMScheduler steps from t to t - T // n and then evaluates the network at its next listed
+    timestep: ``DiscreteSchedule.sampling_times(n, spacing, step_rule="stride")`` builds such a grid.
+    A slice ``ts[i:j + 1]`` (part of a trajectory) keeps the landings of its steps i .. j - 1."""
+
+    def __init__(self, times, lands):
+        super().__init__(times)
+        self.lands = list(lands)
+        if len(self.lands) != max(len(self) - 1, 0):
+            raise ValueError(f"a grid of {len(self)} times has {max(len(self) - 1, 0)} steps, got {len(self.lands)} "
+                             f"landings")
+
+    def __getitem__(self, k):
+        if not isinstance(k, slice):
+            return super().__getitem__(k)
+        start, stop, step = k.indices(len(self))
+        times = super().__getitem__(k)
+        if step != 1:
+            raise ValueError("a TimeGrid is sliced with step 1 (its steps land between consecutive times)")
+        return TimeGrid(times, self.lands[start:start + max(len(times) - 1, 0)])
+
+
 def _steps(ts):
-    """Triples (i, t, t_prev) over consecutive times of the grid (the last t_prev is its end)."""
+    """Triples (i, t, t_prev) over the steps of the grid: consecutive times (the last t_prev is its end),
+    or a :class:`TimeGrid`'s own landings."""
+    lands = getattr(ts, "lands", None)
     ts = ts.tolist() if isinstance(ts, torch.Tensor) else [t.item() if isinstance(t, torch.Tensor) else t for t in ts]
-    return [(i, t, t_prev) for i, (t, t_prev) in enumerate(zip(ts[:-1], ts[1:]))]
+    return [(i, t, t_prev) for i, (t, t_prev) in enumerate(zip(ts[:-1], ts[1:] if lands is None else lands))]
 
 
 def _require_noise(noise, name):
@@ -132,6 +167,9 @@ def sample_euler_ancestral(denoiser, x, ts, extra_args=None, callback=None, nois
 
 
 # DDPM ancestral sampling (Ho et al. 2020, Algorithm 2, with Eq. 6-7 for the posterior).
+VARIANCES = ("fixed_small", "fixed_large")      # the reverse variance: beta_tilde (posterior) or beta
+
+
 def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, variance: str = "fixed_small",
               noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t_prev} from q(x_prev | x_t, x0_hat):
@@ -152,7 +190,7 @@ def ddpm_step(x: torch.Tensor, x0: torch.Tensor, path, t: int, t_prev: int, vari
     elif variance == "fixed_large":
         var = beta
     else:
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose fixed_small or fixed_large")
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}")
     return mean + var**0.5 * _require_noise(noise, "DDPM")()
 
 
@@ -407,7 +445,52 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_3m": Sampler(sample_dpmpp_3m),
 }
 
+# Every sampler option (a keyword some registered sampler reads, from the entries' ``options``), in registry order.
+OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(o for s in SAMPLERS.values() for o in s.options))
+
+
+# Options that act only while another is on: EDM's churn window and noise scale need s_churn > 0.
+NEEDS_ON = {"s_tmin": "s_churn", "s_tmax": "s_churn", "s_noise": "s_churn"}
+
 
 def fitting(path) -> tuple[str, ...]:
     """The names of the samplers that fit a path, in registry order."""
     return tuple(name for name, s in SAMPLERS.items() if s.fits(path))
+
+
+def users(option: str) -> tuple[str, ...]:
+    """The samplers that read ``option``, in registry order."""
+    return tuple(name for name, s in SAMPLERS.items() if option in s.options)
+
+
+def as_flag(option: str) -> str:
+    """An option as its command-line flag: ``s_churn`` -> ``--s-churn``."""
+    return "--" + option.replace("_", "-")
+
+
+def unused_option(sampler: str, option: str, spell: Callable[[str], str] = as_flag, fits=None,
+                  which: str = "") -> str | None:
+    """None if ``sampler`` reads ``option``; else the one line that says so: ``--eta has no effect with sampler
+    dpmpp; it is used by ddim``. ``fits``: the samplers of the model at hand (users that fit none of them are
+    named as such); ``which``: how the sampler was chosen, said after its name (e.g. "the run's sample.sampler").
+    The one check of every front end (through :func:`difflo.sample.settings_for`: ``difflo sample``, ``eval``,
+    the experiments, the web page; and the run's config values in :func:`difflo.sample.check_settings`): what a
+    sampler reads is its entry's ``options`` (its function's keywords), nowhere else."""
+    if option in SAMPLERS[sampler].options:
+        return None
+    takers = users(option)
+    fit = [n for n in takers if fits is None or n in fits]
+    named = ", ".join(fit) if fit else f"{', '.join(takers)}, none of which fits this model"
+    return (f"{spell(option)} has no effect with sampler {sampler}{f' ({which})' if which else ''}; "
+            f"it is used by {named}")
+
+
+def check_options(sampler: str, given, spell: Callable[[str], str] = as_flag, fits=None, which: str = "") -> None:
+    """Raise a one-line DiffloError for the first of ``given`` (sampler option names a user set) that
+    ``sampler`` does not read (:func:`unused_option`)."""
+    for option in given:
+        if option not in OPTIONS:
+            raise ValueError(f"{option!r} is not a sampler option ({', '.join(OPTIONS)})")
+        message = unused_option(sampler, option, spell, fits, which)
+        if message:
+            raise DiffloError(message)

@@ -122,12 +122,19 @@ SPACINGS = ("leading", "trailing", "linspace")
 # timesteps by log-sigma interpolation (diffusers' use_karras_sigmas / use_exponential_sigmas).
 SIGMA_SPACINGS = ("karras", "exponential")
 SPACING_CHOICES = SPACINGS + SIGMA_SPACINGS          # every value of sample.spacing
+# Where a step of a timestep grid goes (sample.step_rule): ``listed``, the grid's next timestep (difflo's rule,
+# the DDIM paper's sub-sequence); ``stride``, T // n timesteps down (diffusers' DDIMScheduler ``prev_timestep``).
+STEP_RULES = ("listed", "stride")
+# Where the last step goes (sample.grid_end): ``clean``, the data (t = -1, alpha_bar = 1); ``t0``, timestep 0
+# (alpha_bar_0: diffusers' DDIMScheduler with ``set_alpha_to_one: false``).
+GRID_ENDS = ("clean", "t0")
 
 
 def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> torch.Tensor:
     """n timesteps in decreasing order, from near T-1 down to near 0 (int64).
 
-    * ``leading``:  ``(arange(n) * (T // n))[::-1] + offset`` (DDIM paper; never reaches T-1);
+    * ``leading``:  ``(arange(n) * (T // n))[::-1] + offset`` (DDIM paper; never reaches T-1; ``offset`` is
+      diffusers' ``steps_offset``, >= 0, and must keep the first timestep <= T-1);
     * ``trailing``: ``round(arange(T, 0, -T/n)) - 1`` (starts at T-1);
     * ``linspace``: ``round(linspace(0, T-1, n))[::-1]``.
 
@@ -139,6 +146,10 @@ def timesteps(T: int, n: int, spacing: str = "trailing", offset: int = 0) -> tor
     if not 1 <= n <= T:
         raise ValueError(f"number of sampling steps must be between 1 and {T}, got {n}")
     if spacing == "leading":
+        top = (n - 1) * (T // n) + offset
+        if offset < 0 or top > T - 1:
+            raise ValueError(f"steps_offset {offset} does not fit leading spacing with {n} steps: it must be >= 0 "
+                             f"and keep the first timestep {top} <= {T - 1}")
         ts = (np.arange(0, n) * (T // n)).round()[::-1] + offset
     elif spacing == "trailing":
         ts = (np.round(np.arange(T, 0, -T / n)) - 1)[:n]

@@ -39,8 +39,8 @@ LEAVES = dict(commands())
 
 def test_every_command_is_covered():
     assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment",
-                                      "export"}
-    assert len(LEAVES) == 3 + 2 + 8 + 7 + 1 + 1 + 1 + 1   # data: download/info; edit: 8; eval: 7 (nll); study; serve; experiment; export
+                                      "export", "env"}
+    assert len(LEAVES) == 3 + 3 + 8 + 7 + 1 + 1 + 1 + 1 + 1   # data: download/info/clean; edit: 8; eval: 7 (nll); study; serve; experiment; export; env
 
 
 @fuzz(150)
@@ -183,6 +183,7 @@ def cases(ckpt, png, tmp):
         (["experiment", "guidance", str(tmp / "none"), "--out", str(tmp / "x")], "only for `experiment report`"),
         (["export", str(tmp / "none"), str(tmp / "out")], "not found"),
         (["export", ckpt], "the following arguments are required: OUT"),
+        (["env", "--remeasure=1"], "ignored explicit argument"),
     ]
 
 

@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export.
+"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, env.
 
 One module per subcommand (``cli/train.py``, ``cli/sample.py``, ...), each with ``add_parser(sub)``
 that sets ``func=run``; the modules parse arguments and call the library (``difflo.sample``,
@@ -17,9 +17,9 @@ import sys
 
 from .. import __version__, memory
 from ..errors import DiffloError
-from . import data, demo, edit, eval, experiment, export, sample, serve, study, train
+from . import data, demo, edit, env, eval, experiment, export, sample, serve, study, train
 
-SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export)   # in --help order
+SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export, env)   # in --help order
 
 
 class Parser(argparse.ArgumentParser):

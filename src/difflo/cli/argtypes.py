@@ -64,3 +64,19 @@ def int_list(s: str, flag: str) -> list[int]:
 
 CKPT_HELP = ("a run directory, its checkpoints/ or one step folder, a .safetensors file, a diffusers model folder, "
              "or 'demo' (the model that ships with difflo)")
+
+
+def null_class(s: str) -> int:
+    """``--null-class K``: a class index, K >= 0 (its upper bound is the model's; checked when it is loaded)."""
+    v = _number(s, int, "a class index (a whole number)")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a class index >= 0, got {v}")
+    return v
+
+
+def add_null_class(p) -> None:
+    """``--null-class K``, beside every ``--ckpt`` (applied by ``difflo.model.load_model(null_class=K)``)."""
+    p.add_argument("--null-class", type=null_class, metavar="K",
+                   help="the class index a class-conditional diffusers model reads as 'no class', for guidance "
+                        "(--w != 1) and unconditional edits; difflo's own exports name it themselves (their "
+                        "difflo/config.yaml); a difflo-trained model's own is its num_classes")

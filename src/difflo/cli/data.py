@@ -1,4 +1,4 @@
-"""``difflo data download NAME`` and ``difflo data info NAME``.
+"""``difflo data download NAME``, ``difflo data info NAME`` and ``difflo data clean``.
 
 ``add_parser(sub)`` adds the ``data`` command to the subparsers of the ``difflo`` parser;
 ``run(args)`` executes it and returns the exit code. User errors raise ``DataError`` (the
@@ -13,6 +13,7 @@ import numpy as np
 
 from ..data import DATASETS, celeba, data_home, emoji, flowers, folder, load
 from ..data.base import check_split, resolve_root
+from ..data.cache import cache_dir_of, human, stale
 from ..data.download import download
 from ..data.imaging import GRAY_MODES, probe
 from ..errors import DataError
@@ -20,12 +21,12 @@ from .argtypes import positive_float, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Add ``data`` (with ``download`` and ``info``) to an argparse subparsers object."""
+    """Add ``data`` (with ``download``, ``info`` and ``clean``) to an argparse subparsers object."""
 
     names = ", ".join(DATASETS)
     p = sub.add_parser("data", help="download data sets and show what a data set holds",
                        description=f"Data sets: {names} (see docs/data.md).")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{download,info}")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{download,info,clean}")
     d = dsub.add_parser("download", help="fetch a data set from its official source and verify its checksums",
                         description="Download a data set's files from their official source and verify the published "
                                     "MD5 checksums (files already present are verified, not fetched again). CelebA "
@@ -48,6 +49,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     i.add_argument("--label", help="emoji: subcategory (default) or category (as data.label)")
     i.add_argument("--styles", help="emoji: google, twitter or google,twitter (default; as data.styles)")
     i.add_argument("--cache-dir", help="as data.cache_dir")
+    c = dsub.add_parser("clean", help="remove decoded-image cache files that no current source would use",
+                        description="Remove the decoded-image cache's entries that no current source would use: "
+                                    "made by an older difflo (no record of their source), whose source directory "
+                                    "is gone or whose files changed since, or replaced by a newer entry of the same "
+                                    "source; and killed builds' temporary files. Prints each file and the space "
+                                    "freed. Entries in use by a running job may be removed: it keeps reading them.")
+    c.add_argument("--cache-dir", metavar="DIR", help=f"as data.cache_dir (default {cache_dir_of(None)})")
+    c.add_argument("--all", action="store_true", help="remove every entry, current ones too (rebuilt when next used)")
+    c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.set_defaults(func=run)
     return p
 
@@ -56,8 +66,40 @@ def run(args) -> int:
     if args.data_command == "download":
         download(args.name, args.root, timeout=args.timeout)
         return 0
+    if args.data_command == "clean":
+        return clean(args.cache_dir, everything=args.all, dry_run=args.dry_run)
     print(info_text(args.name, args.root, args.split, args.image_size, args.attribute, args.cache_dir,
                     label=args.label, styles=args.styles))
+    return 0
+
+
+def clean(cache_dir=None, everything: bool = False, dry_run: bool = False) -> int:
+    """``difflo data clean``: print and remove (``dry_run``: only print) what ``cache.stale`` finds."""
+    directory, files = stale(cache_dir, everything)
+    if not files:
+        print(f"nothing to remove in {directory}" if directory.exists() else f"nothing to remove: no {directory}")
+        return 0
+    freed, failed = 0, {}
+    for f in files:                                         # an entry before its record: kept together
+        if not dry_run:
+            if f.path.with_suffix(".npy") in failed:
+                continue
+            try:
+                f.path.unlink()
+            except FileNotFoundError:
+                continue                                    # removed meanwhile
+            except OSError as e:
+                failed[f.path] = f"{f.path} ({e.strerror or e})"
+                continue
+        freed += f.size
+        print(f"{'would remove' if dry_run else 'removed'} {f.path} ({human(f.size)}): {f.why}")
+    verb = "would free" if dry_run else "freed"
+    exact = f" ({freed:,} bytes)" if freed >= 1000 else ""
+    print(f"{verb} {human(freed)}{exact} in {directory}" + ("; run without --dry-run to remove them" * dry_run))
+    if failed:
+        first = next(iter(failed.values()))
+        raise DataError(f"could not remove {len(failed)} of {len(files)} files, the first {first}; "
+                        f"check the permissions of {directory}")
     return 0
 
 

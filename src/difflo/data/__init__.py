@@ -82,6 +82,10 @@ def load(name: str, split: str = "train", root=None, image_size: int | None = No
         if value != DATA_OPTIONS[key] and value is not None and key not in spec.options:
             takers = [s.name for s in DATASETS.values() if key in s.options]
             raise DataError(f"data.{key}={value!r} is only for {', '.join(takers)}, not {name}; remove it")
+    if cache_dir not in (None, "") and not spec.cached:
+        takers = [s.name for s in DATASETS.values() if s.cached]
+        raise DataError(f"data.cache_dir={cache_dir} has no effect on {name}, which is read as stored (not decoded "
+                        f"into the cache); it is used by {', '.join(takers)}; remove it")
     if image_size is not None and image_size < 1:
         raise DataError(f"data.image_size={image_size} must be a positive number of pixels")
     if "background" in options:

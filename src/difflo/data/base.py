@@ -79,7 +79,8 @@ class DatasetSpec:
     """A registry entry: ``spec(split=..., root=..., image_size=..., cache_dir=..., **options)`` loads.
 
     ``options`` names the data-set options (``DATA_OPTIONS``) this loader reads; ``load`` refuses a
-    non-default value for any other, so a setting never silently does nothing."""
+    non-default value for any other, and a ``cache_dir`` unless it is ``cached``, so a setting never
+    silently does nothing."""
     name: str
     loader: Callable[..., ArrayDataset]
     splits: tuple[str, ...]               # the real splits ("all" is their union where supported)
@@ -89,6 +90,13 @@ class DatasetSpec:
     options: tuple[str, ...] = ()        # the DATA_OPTIONS it reads
     licence: str = ""                     # licences and attribution, printed by `difflo data info`
     native_size: int | None = None        # the size of the stored images (None: decoded, resized)
+
+    @property
+    def cached(self) -> bool:
+        """Whether it uses the decoded-data cache (``cache.py``, in ``data.cache_dir``): the data sets of
+        image files (no ``native_size``) are decoded and resized once into it; the others read their
+        arrays as stored, so ``load`` refuses a ``cache_dir`` for them."""
+        return self.native_size is None
 
     def __call__(self, split: str = "train", root=None, image_size: int | None = None, cache_dir=None,
                  **options) -> ArrayDataset:

@@ -6,8 +6,18 @@ One ``.npy`` per (data set, split, size, source files) in ``data.cache_dir`` (de
 uint8 (N, H, W, C), opened with ``numpy.load(mmap_mode="r")``. Indexing it with a batch's indices
 copies just those rows into memory (the pages of the rest stay on disk, or in the page cache, which
 the kernel may drop). ``key`` is a hash of the recipe (crop box, resize method, channels, format
-version) and of every source file's path, size and modification time, so editing, adding or
-removing a file makes a new entry.
+version) and of every source file's path (made absolute), size and modification time, so editing,
+adding or removing a file makes a new entry.
+
+Each entry has a record beside it, ``<same name>.json``: its name, split, size, recipe, source
+directory and source file names. A source is (name, split, size, recipe, source directory): two
+folders that share a name are two sources. When a build has renamed its entry into place and the
+source still hashes to its key, the entries it replaces (same source, another key, per their
+records) are removed; a process that has one open keeps reading it (Linux keeps an unlinked file's
+data until its last mapping and descriptor close, and ``open_entry`` holds a descriptor that
+``take_rows`` reads from), and temporary files are never touched. ``difflo data clean`` removes
+what ``stale`` finds: entries without a record, whose source is gone or no longer hashes to their
+key, or that a newer entry of the same source replaced.
 
 Building streams: the loader's decoder stores each chunk of decoded images at its own place in a
 temporary file in the same directory (``os.pwrite``, not through a mapping, so a full disk is an
@@ -17,12 +27,16 @@ the first image is decoded; the finished file is fsynced and renamed into place 
 a failed or killed build never leaves an entry that would be used. An entry that does not open as
 the expected array (truncated, garbage, another image count) is rebuilt. A full disk or an
 unwritable directory is one ``DataError`` line naming the space needed and ``data.cache_dir``.
+The record is written (atomically) before the entry is renamed into place, so an entry without a
+record was made by a difflo from before records (it gets one when it is next opened).
 """
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import io
+import json
 import math
 import mmap
 import os
@@ -31,6 +45,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +58,9 @@ from ..io import cache_home
 FORMAT = 3                 # 3: one .npy, read memory-mapped, built streaming (2: .npz loaded whole)
 STALE_S = 3600             # a temporary file untouched this long was left by a killed build: removed
 WHERE_ELSE = "set data.cache_dir=DIR (or $XDG_CACHE_HOME)"
+RECORD = 1                 # the format of an entry's .json record
+ENTRY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*-[0-9a-f]{16}\.(npy|npz|json)")     # .npz: format 2's entries
+TEMPORARY = re.compile(r"\.[A-Za-z0-9_][A-Za-z0-9_.-]*-[0-9a-f]{16}\..+\.tmp\.(npy|npz|json)")
 
 
 def cache_dir_of(cache_dir) -> Path:
@@ -53,7 +71,7 @@ def source_key(files: list[Path], recipe: str) -> str:
     """sha256 over the recipe and each file's path, size and mtime (stat only, no reading)."""
     h = hashlib.sha256(f"difflo-cache-{FORMAT}\n{recipe}\n".encode())
     missing = []
-    for f in files:
+    for f in file_names(files):
         try:
             st = os.stat(f)
         except OSError:
@@ -66,6 +84,12 @@ def source_key(files: list[Path], recipe: str) -> str:
     return h.hexdigest()[:16]
 
 
+def file_names(files) -> list[str]:
+    """The names ``source_key`` hashes: each path as given, a relative one made absolute (so the key
+    does not depend on the working directory)."""
+    return [os.fspath(f) if os.path.isabs(f) else os.path.abspath(f) for f in files]
+
+
 @dataclass
 class Plan:
     """What a cache entry holds and how to make it: ``fill(rows)`` stores every image with
@@ -75,8 +99,9 @@ class Plan:
 
 
 def human(n: float) -> str:
-    return next(f"{n / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes"))
-                if n >= scale or unit == "bytes")
+    if n < 1e3:
+        return f"{n:.0f} bytes"
+    return next(f"{n / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if n >= scale)
 
 
 def write_error(e: OSError, directory: Path, needed: int) -> DataError:
@@ -126,6 +151,71 @@ def entry_path(name: str, split: str, size, key: str, cache_dir) -> Path:
     return cache_dir_of(cache_dir) / f"{name}-{split}-{size if size is not None else 'native'}-{key}.npy"
 
 
+def record_path(entry: Path) -> Path:
+    return entry.with_suffix(".json")
+
+
+def make_record(name: str, split: str, size, recipe: str, key: str, files, source=None) -> dict:
+    """What ``record_path(entry)`` holds (module docstring). ``source``: the source's directory
+    (default: the files' common directory). The file names are stored after their common prefix."""
+    names = file_names(files)
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:prefix.rfind(os.sep) + 1]
+    if source is None and prefix:
+        source = prefix.rstrip(os.sep) or os.sep
+    return {"record": RECORD, "name": name, "split": split, "size": size, "recipe": recipe, "key": key,
+            "source": os.path.abspath(source) if source is not None else None, "prefix": prefix,
+            "files": [n[len(prefix):] for n in names]}
+
+
+def source_of(record: dict) -> tuple:
+    """What makes two entries' sources the same one (another key is then a newer or older version)."""
+    return record["name"], record["split"], record["size"], record["recipe"], record["source"]
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write ``record`` for the entry ``path`` atomically (a temporary file and a rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, separators=(",", ":"))
+        os.replace(tmp, record_path(path))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict | None:
+    """The record of the entry ``path``, or None when it is missing, unreadable or not this entry's."""
+    try:
+        with open(record_path(path)) as f:
+            record = json.load(f)
+        ok = (record["record"] == RECORD and isinstance(record["files"], list)
+              and entry_path(record["name"], record["split"], record["size"], record["key"], path.parent) == path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if ok else None
+
+
+HELD: dict[int, int] = {}    # id(the mmap of an opened entry) -> a descriptor of its file, for take_rows
+
+
+def hold(images: np.memmap) -> None:
+    """Keep a descriptor of ``images``' file while its mapping lives: ``take_rows`` reads there, so a
+    replaced (unlinked) entry is still read with positional reads, not through the mapping."""
+    try:
+        fd = os.open(images.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return                                          # take_rows opens the file by name
+    HELD[id(images.base)] = fd
+    weakref.finalize(images.base, release, id(images.base), fd)
+
+
+def release(key: int, fd: int) -> None:
+    HELD.pop(key, None)
+    os.close(fd)
+
+
 def open_entry(path: Path, count: int) -> np.ndarray | None:
     """The entry memory-mapped read-only, or None when it is missing or not a complete uint8
     (count, H, W, C) array (truncated, garbage, another count: the caller rebuilds it)."""
@@ -138,6 +228,8 @@ def open_entry(path: Path, count: int) -> np.ndarray | None:
         return None
     complete = (isinstance(images, np.memmap) and images.dtype == np.uint8 and images.ndim == 4
                 and len(images) == count and images.offset + images.nbytes == os.path.getsize(path))
+    if complete and isinstance(images.base, mmap.mmap):
+        hold(images)
     return images if complete else None
 
 
@@ -158,28 +250,42 @@ def take_rows(images: np.ndarray, idx) -> np.ndarray:
         return images[idx]                                  # numpy's IndexError
     out = np.empty((len(idx), *images.shape[1:]), dtype=images.dtype)
     pos = images.offset + np.where(idx < 0, idx + n, idx).astype(np.int64) * row
+    fd = HELD.get(id(images.base))                          # open_entry's descriptor (replaced files too)
+    opened = fd is None
+    if opened:
+        try:
+            fd = os.open(images.filename, os.O_RDONLY)
+        except OSError:
+            return images[idx]                              # deleted while in use: the mapping still has it
     try:
-        f = open(images.filename, "rb", buffering=0)
-    except OSError:
-        return images[idx]                                  # deleted while in use: the mapping still has it
-    with f:
-        if os.fstat(f.fileno()).st_size != images.offset + images.nbytes:
+        if os.fstat(fd).st_size != images.offset + images.nbytes:
             return images[idx]                              # not the file that was mapped
         for k in np.argsort(pos, kind="stable"):
-            view = memoryview(out[k]).cast("B")
-            f.seek(int(pos[k]))
+            view, at = memoryview(out[k]).cast("B"), int(pos[k])
             while view:
-                got = f.readinto(view)
+                got = read_at(fd, view, at)
                 if not got:
                     raise DataError(f"the decoded-image cache {images.filename} was truncated while in use; "
                                     f"run again (it will be rebuilt)")
-                view = view[got:]
+                view, at = view[got:], at + got
+    finally:
+        if opened:
+            os.close(fd)
     return out
+
+
+def read_at(fd: int, view: memoryview, at: int) -> int:
+    """Read into ``view`` from offset ``at`` of ``fd`` (no shared file position: thread-safe)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], at)
+    data = os.pread(fd, len(view), at)
+    view[:len(data)] = data
+    return len(data)
 
 
 def remove_stale(path: Path) -> None:
     """Temporary files of this entry that nothing has written to for STALE_S (a killed build's)."""
-    for old in path.parent.glob(f".{path.stem}.*.tmp.npy"):
+    for old in path.parent.glob(f".{path.stem}.*.tmp.*"):                   # the entry's and its record's
         try:
             if time.time() - old.stat().st_mtime > STALE_S:
                 old.unlink()
@@ -199,8 +305,9 @@ def reserve(fd: int, length: int) -> None:
             raise                                                            # writes report a full disk
 
 
-def build_entry(path: Path, plan: Plan) -> None:
-    """Write ``plan``'s images to ``path`` through a temporary file and a rename (module docstring)."""
+def build_entry(path: Path, plan: Plan, record: dict | None = None) -> None:
+    """Write ``plan``'s images to ``path`` through a temporary file and a rename, and ``record``
+    beside it first (module docstring)."""
     directory = path.parent
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": tuple(plan.shape)})
@@ -237,29 +344,143 @@ def build_entry(path: Path, plan: Plan) -> None:
             except OSError as e:
                 raise write_error(e, directory, needed) from None
         try:
+            if record is not None:
+                write_record(path, record)
             os.replace(tmp, path)
         except OSError as e:
             raise write_error(e, directory, needed) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if record is not None and not path.is_file():
+            record_path(path).unlink(missing_ok=True)
         raise
 
 
+def remove_replaced(path: Path, record: dict, files) -> None:
+    """After ``path`` was built: remove the entries of the same source with another key (their records
+    say so), if the source still hashes to this key (else it changed during the build: this entry is
+    already outdated). Other data sets, temporary files and entries without a record are left alone;
+    a failed removal is left to ``difflo data clean``."""
+    try:
+        if source_key(files, record["recipe"]) != record["key"]:
+            return
+    except DataError:
+        return
+    head = path.name[:-len(f"{record['key']}.npy")]                     # "<name>-<split>-<size>-"
+    for other in sorted(path.parent.glob(f"{glob.escape(head)}*.npy")):
+        if other == path or not re.fullmatch(r"[0-9a-f]{16}\.npy", other.name[len(head):]):
+            continue
+        theirs = read_record(other)
+        if theirs is not None and source_of(theirs) == source_of(record):
+            for p in (other, record_path(other)):
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    break
+
+
 def cached(name: str, split: str, size, files: list[Path], recipe: str, cache_dir, build: Callable[[], Plan],
-           count: int | None = None) -> tuple[np.ndarray, Path]:
+           count: int | None = None, source=None) -> tuple[np.ndarray, Path]:
     """The images ``build()`` plans for these files, memory-mapped from the cache (built first when it
-    has no complete entry). An entry is complete when it holds ``count`` images (default: one per
-    file; archives pass their image count)."""
-    path = entry_path(name, split, size, source_key(files, recipe), cache_dir)
+    has no complete entry, which then replaces the source's older entries). An entry is complete when
+    it holds ``count`` images (default: one per file; archives pass their image count). ``source``:
+    the source's directory (default: the files' common directory; see the module docstring)."""
+    key = source_key(files, recipe)
+    path = entry_path(name, split, size, key, cache_dir)
     count = len(files) if count is None else count
     images = open_entry(path, count)
     if images is None:
         plan = build()
         if plan.shape[0] != count:
             raise RuntimeError(f"{name}: the build plans {plan.shape[0]} images, the entry needs {count}")
-        build_entry(path, plan)
+        record = make_record(name, split, size, recipe, key, files, source)
+        build_entry(path, plan, record)
         images = open_entry(path, count)
         if images is None:
             raise DataError(f"the decoded-image cache {path} was written but does not read back as "
                             f"{count} images; {WHERE_ELSE} to another directory")
+        remove_replaced(path, record, files)
+    elif not record_path(path).is_file():                     # made before records: it gets one now
+        try:
+            write_record(path, make_record(name, split, size, recipe, key, files, source))
+        except OSError:
+            pass                                              # a read-only cache: still read
     return images, path
+
+
+@dataclass
+class Stale:
+    """A file of the cache that ``difflo data clean`` removes: its path, bytes and why."""
+    path: Path
+    size: int
+    why: str
+
+
+def outdated(record: dict | None) -> str | None:
+    """Why no current source would use the entry of ``record`` (None: its source still hashes to its key)."""
+    if record is None:
+        return "no record of its source (made by an older difflo)"
+    if record["source"] is not None and not os.path.exists(record["source"]):
+        return f"its source {record['source']} is gone"
+    try:
+        same = source_key([record["prefix"] + f for f in record["files"]], record["recipe"]) == record["key"]
+    except DataError:
+        same = False
+    except (OSError, TypeError, ValueError):
+        return "its record cannot be read"
+    return None if same else f"its source files in {record['source'] or record['prefix']} changed since"
+
+
+def stale(cache_dir, everything: bool = False) -> tuple[Path, list[Stale]]:
+    """The cache directory and its files that no current source would use (module docstring), or with
+    ``everything`` all its entries and records; a killed build's temporary files (untouched for
+    STALE_S) either way, never a running build's. Other files there are not the cache's: left alone."""
+    directory = cache_dir_of(cache_dir)
+    if not directory.exists():
+        return directory, []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as e:
+        raise DataError(f"cannot read the decoded-image cache {directory} ({e.strerror or e}); pass --cache-dir "
+                        f"DIR (as data.cache_dir) naming the cache directory") from None
+    found, newest, current = {}, {}, []         # found: path -> why; newest: source -> (mtime, entry)
+    for n in names:
+        p = directory / n
+        orphan = ENTRY.fullmatch(n) and n.endswith(".json") and not p.with_suffix(".npy").exists()
+        if TEMPORARY.fullmatch(n) or orphan:
+            try:                                # a record is written just before its entry is renamed into place
+                if time.time() - p.stat().st_mtime > STALE_S:
+                    found[p] = "a killed build's temporary file" if n[0] == "." else "a record without its entry"
+            except OSError:
+                pass
+        elif not ENTRY.fullmatch(n) or n.endswith(".json"):
+            continue                            # not the cache's, or a record (removed with its entry)
+        elif n.endswith(".npz"):
+            found[p] = "an older cache format (.npz)"
+        elif everything:
+            found[p] = "every entry (--all)"
+        else:
+            record = read_record(p)
+            why = outdated(record)
+            if why is not None:
+                found[p] = why
+                continue
+            try:
+                mtime = p.stat().st_mtime_ns
+            except OSError:
+                continue
+            current.append((p, source_of(record)))
+            newest[source_of(record)] = max(newest.get(source_of(record), (mtime, p)), (mtime, p))
+    for p, source in current:
+        if newest[source][1] != p:
+            found[p] = f"replaced by {newest[source][1].name}"
+    for p in [p for p in found if p.suffix == ".npy"]:
+        if record_path(p).exists():
+            found[record_path(p)] = f"the record of {p.name}"
+    out = []
+    for p in sorted(found, key=lambda p: (p.stem, p.suffix == ".json")):       # an entry, then its record
+        try:
+            out.append(Stale(p, p.stat().st_size, found[p]))
+        except OSError:
+            pass                                               # removed meanwhile
+    return directory, out

@@ -108,6 +108,7 @@ def load_folder(split="train", root=None, image_size=None, cache_dir=None, backg
                                                  background=background, out=out))
 
     recipe = f"folder {root.resolve()} gray-if-all resize-shorter+center-crop {image_size} background {background}"
-    images, _ = cache.cached(f"folder-{root.name}", split, image_size, files, recipe, cache_dir, build)
+    images, _ = cache.cached(f"folder-{root.name}", split, image_size, files, recipe, cache_dir, build,
+                             source=root)
     return ArrayDataset(images, labels, len(classes), "folder", classes=classes, split=split,
                         source=str(root))

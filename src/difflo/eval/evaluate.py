@@ -16,7 +16,7 @@ from ..errors import DiffloError
 from . import fid as fid_mod, kid as kid_mod
 from .classifier import (accuracy_of, category_accuracy, classifier_record, load_classifier_file, predict,
                          uint8_to_tensor)
-from .precision_recall import precision_recall
+from .precision_recall import K as PRC_K, needs as prc_needs, precision_recall
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -33,17 +33,15 @@ def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, s
                      w: float | None = None, batch_size: int = 250, progress: bool = False,
                      spacing: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used (None: the
-    model's own sample settings)."""
-    import dataclasses
-
+    model's own sample settings; the sampler options it does not read are left out)."""
     from ..images import to_uint8
-    from ..sample import generate, settings_for
+    from ..sample import generate, record, settings_for
 
     settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing)
     labels = balanced_labels(n, model.num_classes)
     with progress_bar(n, "sampling", progress) as bar:
         images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar)
-    return to_uint8(images), labels.numpy(), {**dataclasses.asdict(settings), "seed": seed}
+    return to_uint8(images), labels.numpy(), {**record(settings), "seed": seed}
 
 
 def reference_stats(dataset, extractor, n: int | None = None, seed: int = 0, progress: bool = False) -> dict:
@@ -63,12 +61,18 @@ def kid_precision_recall(feats: np.ndarray, ref_feats: np.ndarray, extractor, ki
     """KID (``kid``, or ``kd_classifier`` in the classifier's features) with its spread over subsets,
     and precision/recall (``prc_precision``, ``prc_recall``; k = 3) on equal numbers of generated and
     reference vectors: the larger set is cut to the smaller one's size by a seeded random choice, as Kynkaanniemi et al. compare equal
-    sets (a set's k-NN balls shrink as it grows, so unequal sets would tilt precision against recall)."""
+    sets (a set's k-NN balls shrink as it grows, so unequal sets would tilt precision against recall).
+    Where the sets are too small for precision/recall (fewer than ``needs(k)``), it is left out and
+    ``notes`` says so; KID needs 2 vectors in each set, as the Frechet distance does."""
     k = kid_mod.kid(feats, ref_feats, kid_subset_size, kid_subsets, seed)
     name = fid_mod.kid_metric_name(extractor)
     out = {name: k["kid"], f"{name}_std": k["kid_std"], "kid_subset_size": k["kid_subset_size"],
            "kid_subsets": k["kid_subsets"]}
     n = min(len(feats), len(ref_feats))
+    if n < prc_needs():
+        out["notes"] = [f"no precision/recall: its k = {PRC_K} nearest neighbours need at least {prc_needs()} "
+                        f"samples and reference images, got N={len(feats)} vs {len(ref_feats)}"]
+        return out
     rng = np.random.default_rng(seed)
     pick = lambda f: f if len(f) == n else f[np.sort(rng.choice(len(f), n, replace=False))]
     out.update(precision_recall(pick(feats), pick(ref_feats)))
@@ -147,12 +151,11 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise DiffloError(f"samples {path} not found: give an .npz written by `difflo sample --n N --out X.npz` "
                           f"or a folder of images")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images = z["images"]
-            labels = z["labels"] if "labels" in z.files else None
-    except (OSError, ValueError, KeyError) as e:
-        raise DiffloError(f"{path} is not a sample set .npz with an 'images' array ({e})") from None
+    z = fid_mod.read_npz(path)
+    if z is None or "images" not in z:
+        raise DiffloError(f"{path} is not a sample set ({'not an .npz archive' if z is None else 'no images array'}); "
+                          f"give the .npz that `difflo sample --n N --out X.npz` writes, or a folder of images")
+    images, labels = z["images"], z.get("labels")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DiffloError(f"{path}: 'images' must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} "
                           f"{images.shape}")
@@ -189,4 +192,5 @@ def format_result(res: dict) -> str:
         lines.append(f"category accuracy: {res['category_accuracy']:.4f}  [N={res['n']}, {res['num_categories']} "
                      f"categories: the predicted class is in the asked class's category (held-out real "
                      f"{res.get('classifier_test_category_accuracy')})]{how}")
+    lines += [f"note: {note}" for note in res.get("notes", ())]
     return "\n".join(lines)

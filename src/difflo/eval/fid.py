@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -191,19 +192,39 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int, extr
         np.savez(tmp, mu=mu, sigma=sigma, n=n, extractor=extractor, **arrays, **{k: str(v) for k, v in info.items()})
 
 
+def read_npz(path: Path) -> dict | None:
+    """The arrays of an .npz file (never unpickling), or None where the file is not one (text, a .npy, a
+    damaged archive); unreadable is a one-line DiffloError."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except PermissionError as e:
+        raise DiffloError(f"cannot read {path}: {e.strerror}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        return None
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+STATS_KEYS = ("mu", "sigma", "n", "extractor")
+
+
 def load_stats(path: str | Path) -> dict:
+    """A statistics file of :func:`save_stats`; anything else is one line saying how to make one."""
     path = Path(path)
     if not path.is_file():
         raise DiffloError(f"reference statistics {path} not found; write them with "
                           f"`difflo eval fid-ref --data NAME --split test --out {path}`")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DiffloError(f"{path} is not a difflo statistics .npz ({e})") from None
-    if not {"mu", "sigma", "n", "extractor"} <= set(d):
-        raise DiffloError(f"{path} is not a difflo statistics file (needs mu, sigma, n, extractor); "
-                          f"write one with `difflo eval fid-ref`")
+    d = read_npz(path)
+    if d is None or not set(STATS_KEYS) <= set(d):
+        what = "not an .npz archive" if d is None else \
+            f"an .npz without {', '.join(k for k in STATS_KEYS if k not in d)}"
+        raise DiffloError(f"{path} is not an FID statistics file ({what}); give the .npz that `difflo eval fid-ref` "
+                          f"writes, e.g. `difflo eval fid-ref --data NAME --split test --out refs/NAME-test.npz`")
     return {k: (v.item() if v.ndim == 0 else v) for k, v in d.items()}
 
 

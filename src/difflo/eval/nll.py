@@ -34,9 +34,9 @@ import torch
 
 from ..diffusion import to_x0
 from ..errors import DiffloError
+from ..samplers import VARIANCES
 
 BIN_OFFSET = math.log2(127.5)    # -log2 of the bin width 2/255 = 8 - log2(256 / 127.5) = 6.9944
-VARIANCES = ("fixed_small", "fixed_large")
 FLOW_DATA_END = 1 / (127.5 * math.sqrt(12))   # the flow ODE's data end: sigma = the dequantization noise's sd
 
 
@@ -332,6 +332,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | 
 
 # -------------------------------------------------------------------------------- a model's images
 METHODS = ("vlb", "ode")
+METHOD_OPTIONS = {"vlb": ("terms", "variance"), "ode": ("steps", "probe")}   # the options of :func:`estimate` each reads
 STEPS = 50          # ODE steps (Heun: 2 network evaluations + vector-Jacobian products each)
 TERMS = 100         # KL terms of the variational bound evaluated per image (of T - 1)
 N_IMAGES = 16
@@ -353,6 +354,26 @@ def methods_for(path, method: str | None) -> list[str]:
         raise DiffloError("--method vlb: the variational bound needs a discrete diffusion model (DDPM's Markov "
                           "chain over timesteps); this is a flow model: use --method ode")
     return chosen
+
+
+def check_method_options(methods, given) -> None:
+    """A one-line DiffloError for the first option of ``given`` (names a user set, e.g. ``terms``) that
+    none of ``methods`` reads (METHOD_OPTIONS)."""
+    for option in given:
+        if not any(option in METHOD_OPTIONS[m] for m in methods):
+            users = [m for m in METHODS if option in METHOD_OPTIONS[m]]
+            raise DiffloError(f"--{option} has no effect with --method {'/'.join(methods)}; it is used by "
+                              f"--method {', '.join(users)}")
+
+
+def check_terms(path, terms: int | None) -> int | None:
+    """``terms`` KL terms of the variational bound that a user asked for: None (all) or 1..T-1 for a model
+    of T timesteps (the default, TERMS, means all of fewer)."""
+    T = path.max_steps
+    if terms is not None and not 1 <= terms <= T - 1:
+        raise DiffloError(f"--terms {terms}: this model has {T - 1} KL terms (t = 1..{T - 1} of its "
+                          f"diffusion.timesteps={T}); give 1..{T - 1}, or all")
+    return terms
 
 
 def held_out(model, n: int, split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:

@@ -42,6 +42,11 @@ def covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) ->
     return torch.cat([(torch.cdist(block, centres) <= radii).any(dim=1) for block in points.split(BLOCK)])
 
 
+def needs(k: int = K) -> int:
+    """The fewest vectors in each set that give every one a k-th nearest other: k + 1."""
+    return k + 1
+
+
 def precision_recall(gen: np.ndarray, real: np.ndarray, k: int = K) -> dict:
     """Kynkaanniemi et al. 2019, Eq. 2: {prc_precision, prc_recall, prc_k, prc_n_gen, prc_n_real} of
     generated vs real (N, d) features. The keys carry ``prc_`` because "precision" already names the numerical precision of a run."""
@@ -50,8 +55,8 @@ def precision_recall(gen: np.ndarray, real: np.ndarray, k: int = K) -> dict:
     if g.ndim != 2 or r.ndim != 2 or g.shape[1] != r.shape[1]:
         raise DiffloError(f"precision/recall need two (N, d) feature arrays of one d, got {tuple(g.shape)} and "
                           f"{tuple(r.shape)}")
-    if min(len(g), len(r)) < k + 1:
-        raise DiffloError(f"precision/recall with k = {k} neighbours need at least {k + 1} samples and {k + 1} "
+    if min(len(g), len(r)) < needs(k):
+        raise DiffloError(f"precision/recall with k = {k} neighbours need at least {needs(k)} samples and {needs(k)} "
                           f"reference images, got {len(g)} and {len(r)}")
     precision = covered(g, r, kth_neighbour_radii(r, k)).double().mean().item()
     recall = covered(r, g, kth_neighbour_radii(g, k)).double().mean().item()

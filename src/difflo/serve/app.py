@@ -10,6 +10,10 @@
   Progress and cancelling come from a thin wrapper around the network (each network evaluation is
   one tick), because the edit techniques keep their own sampler callbacks.
 
+Classes: the page lists the model's classes (``Model.class_names``), never its null class; for a
+class-conditional diffusers folder that is the null class the folder names itself (a ``difflo export``)
+or that ``--null-class K`` names (then passed on in every command shown).
+
 Every request field is checked here (type and bounds; uploaded images by Pillow: format, pixel
 size, bytes) and a bad one raises :class:`RequestError` with a message naming the field and the
 allowed range; the server answers it as HTTP 400 ``{"error": ...}``.
@@ -179,10 +183,11 @@ class _Counted(torch.nn.Module):
 class App:
     """A loaded model, its job queue, and the request handlers (dict in, dict out)."""
 
-    def __init__(self, ckpt, ema: bool = True, device: str = "auto", jobs_root=None):
+    def __init__(self, ckpt, ema: bool = True, device: str = "auto", jobs_root=None, null_class: int | None = None):
         self.device = pick_device(device)
-        self.model: Model = load_model(ckpt, ema=ema, device=self.device)
+        self.model: Model = load_model(ckpt, ema=ema, device=self.device, null_class=null_class)
         self.ema = ema
+        self.null_flag = [] if null_class is None else ["--null-class", str(null_class)]    # in the commands shown
         weights = resolve_weights(ckpt, ema)
         # The command line names the exact checkpoint that is loaded (a run directory's "latest"
         # may change while the server runs).
@@ -249,8 +254,9 @@ class App:
                                f"per request: lower n or pick one class")
         spacing = f.choice("spacing", self.spacings, defaults["spacing"])
         settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing)
-        argv = ["sample", "--ckpt", self.ckpt_arg, "--classes", spec, "--grid", str(n), "--sampler", p["sampler"],
-                "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"]), "--spacing", spacing] \
+        argv = ["sample", "--ckpt", self.ckpt_arg, *self.null_flag, "--classes", spec, "--grid", str(n),
+                "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"]),
+                "--spacing", spacing] \
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
         seeds = [p["seed"] + i for i in range(len(labels))]
@@ -292,8 +298,9 @@ class App:
         per_step = SAMPLERS[p["sampler"]].evals_per_step
         opts = edit.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"],
                                 precision=self.model.cfg.sample.precision)      # as difflo edit
-        args = ["edit", tech, "--ckpt", self.ckpt_arg, "--n", str(n), "--seed", str(p["seed"]), "--w", _num(p["w"]),
-                "--sampler", p["sampler"]] + ([] if self.ema else ["--no-ema"]) + self._device_flag()
+        args = ["edit", tech, "--ckpt", self.ckpt_arg, *self.null_flag, "--n", str(n), "--seed", str(p["seed"]),
+                "--w", _num(p["w"]), "--sampler", p["sampler"]] \
+            + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         files = {}                                                  # name -> PIL image, written into the job
         notes: list[str] = []
         path = self.model.path
