@@ -18,14 +18,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from difflo import config as config_mod, memory, precision  # noqa: E402
+from difflo import config as config_mod, allocator, precision  # noqa: E402
 from difflo.model import build_net  # noqa: E402
-from difflo.paths import make_path  # noqa: E402
+from difflo.noise_paths import make_path  # noqa: E402
 from timing import median_time  # noqa: E402  (benchmarks/timing.py)
 
 
 def main() -> int:
-    memory.tune_malloc()
+    allocator.tune_malloc()
     cfg = config_mod.Config()
     path = make_path(cfg.diffusion)
     print(f"# torch.compile vs eager, demo model, {time.strftime('%Y-%m-%d')}, {precision.cpu_model()}, "

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from difflo import memory, precision  # noqa: E402
+from difflo import allocator, precision  # noqa: E402
 from difflo.nn import UNet, UNetConfig  # noqa: E402
 from difflo.nn.unet import Attention  # noqa: E402
 from timing import median_time as timed  # noqa: E402  (benchmarks/timing.py)
@@ -92,7 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16", action="store_true", help="also under bf16 autocast")
     a = ap.parse_args()
-    memory.tune_malloc()
+    allocator.tune_malloc()
     print(f"# channels_last / default, {time.strftime('%Y-%m-%d')}, {precision.cpu_model()} "
           f"({' '.join(precision.speed_flags())}), {torch.get_num_threads()} threads, torch {torch.__version__}")
     dtypes = ["fp32", "bf16"] if a.bf16 else ["fp32"]

@@ -6,8 +6,8 @@
 
 Each run is a fresh `difflo sample` process (random weights of the demo config: the time does not
 depend on them); wall time, user and system CPU time and minor page faults come from wait4's rusage.
-Settings (difflo.memory): `off` (DIFFLO_MALLOC_TUNING=0: glibc's defaults), `env` (the glibc
-environment variables of shared/README.md, set from outside), and each of memory.SETTINGS. Runs
+Settings (difflo.allocator): `off` (DIFFLO_MALLOC_TUNING=0: glibc's defaults), `env` (the glibc
+environment variables of shared/README.md, set from outside), and each of allocator.SETTINGS. Runs
 alternate their order every repeat; the table shows the median per setting.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from difflo import memory, precision  # noqa: E402
+from difflo import allocator, precision  # noqa: E402
 
 ENV_VARS = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
             "MALLOC_TOP_PAD_": "1073741824"}
@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    settings = ["off", "env", *memory.SETTINGS]
+    settings = ["off", "env", *allocator.SETTINGS]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = make_ckpt(tmp)

@@ -93,7 +93,7 @@ def child(a) -> dict:
     import numpy as np
     import torch  # noqa: F401  (every variant pays the same imports)
     from difflo import data
-    from difflo.data import folder, imaging
+    from difflo.data import folder, decode
 
     res: dict = {}
     load = lambda: data.load("folder", "train", a.folder, image_size=a.size, cache_dir=a.cache)   # noqa: E731
@@ -105,8 +105,8 @@ def child(a) -> dict:
     elif a.child == "build-memory":
         t0 = time.perf_counter()
         files = folder.index("train", a.folder)[0]
-        modes, sizes = zip(*(imaging.probe(f) for f in files))         # as the folder loader did
-        images = imaging.decode_all(files, a.size, 3 if set(modes) - set(imaging.GRAY_MODES) else 1)
+        modes, sizes = zip(*(decode.probe(f) for f in files))         # as the folder loader did
+        images = decode.decode_all(files, a.size, 3 if set(modes) - set(decode.GRAY_MODES) else 1)
         with open(Path(a.cache) / "in-memory.npz", "wb") as f:
             np.savez(f, images=images)
         res["time"] = time.perf_counter() - t0

@@ -278,7 +278,7 @@ def grid_timings(s: dict, device: torch.device, grid_model: str) -> list[dict]:
     model (random weights either way: the time does not depend on them)."""
     from difflo import config as config_mod
     from difflo.model import Model, build_net
-    from difflo.sample import SampleSettings, generate
+    from difflo.generate import SampleSettings, generate
 
     cfg = config_mod.Config()
     if grid_model == "bench":
@@ -395,9 +395,9 @@ def sampling_vs_training(device: torch.device, quick: bool) -> dict:
     images per call of 2 x 250 with w = 3, as `difflo sample`)."""
     from difflo import config as config_mod
     from difflo.model import Model, build_net
-    from difflo.paths import make_path
+    from difflo.noise_paths import make_path
     from difflo.precision import resolve
-    from difflo.sample import SampleSettings, generate
+    from difflo.generate import SampleSettings, generate
 
     cfg = config_mod.Config()
     prec = resolve("auto", device, log=lambda *a: None)
@@ -445,12 +445,12 @@ ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "GOMP_", "KMP_", "MALLOC_", "DIFFLO
 
 
 def machine(device: torch.device) -> dict:
-    from difflo import memory, precision
+    from difflo import allocator, precision
     info = {"platform": platform.platform(), "cpu": precision.cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_flags": precision.speed_flags(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": str(device), "malloc": memory.tune_malloc(),
+            "torch": torch.__version__, "device": str(device), "malloc": allocator.tune_malloc(),
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
             "difflo_auto_precision": str(precision.resolve("auto", device, log=lambda *a: None))}
     try:
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads or a.quick:
         torch.set_num_threads(a.threads or 1)      # the smoke run: one thread, robust on a loaded machine
-    from difflo import memory as difflo_memory, precision
+    from difflo import allocator as difflo_memory, precision
     difflo_memory.tune_malloc()                    # as the difflo CLI does (DIFFLO_MALLOC_TUNING=0 to compare)
     if a.rss_child:
         rss_child(a.rss_child[0], a.rss_child[1].split(","), int(a.rss_child[2]), a.quick, a.device)

@@ -19,7 +19,7 @@ import torch
 from difflo import data
 from difflo.eval.classifier import accuracy, load_classifier, save_classifier, train_classifier
 from difflo.model import load_model
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 
 
 def get_classifier(cache: Path):

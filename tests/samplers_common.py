@@ -9,7 +9,7 @@ import torch
 
 from difflo.diffusion import DiscreteSchedule
 from difflo.flow import FlowPath
-from difflo.paths import OBJECTIVES, samplers_for
+from difflo.noise_paths import OBJECTIVES, samplers_for
 from difflo.samplers import SAMPLERS
 
 T = 1000

@@ -9,10 +9,9 @@ from PIL import Image
 from conftest import assert_clean_error, run_cli, tiny_config
 from difflo import data
 from difflo.errors import DiffloError
-from difflo.images import load_image
 from difflo.model import Model, load_model
 from difflo.nn import UNet
-from difflo.pixels import flatten_alpha, parse_colour
+from difflo.images import flatten_alpha, load_image, parse_colour
 
 ORANGE_HIDDEN = (198, 123, 8, 0)           # what Noto's emoji hide under their transparent pixels
 

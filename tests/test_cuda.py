@@ -39,7 +39,7 @@ def test_reduced_precision_training_follows_fp32(prec, tmp_path):
 
 def test_compile_and_sample_on_cuda(tmp_path):
     from difflo.model import load_model
-    from difflo.sample import generate, settings_for
+    from difflo.generate import generate, settings_for
     ckpt = train(tiny_config("train.steps=2", "train.device=cuda", "train.compile=true"), tmp_path / "r", **quiet)
     model = load_model(ckpt, device="cuda")
     for p in ("fp32", "auto"):

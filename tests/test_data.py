@@ -17,7 +17,7 @@ from PIL import Image
 from difflo import data
 from difflo.config import DataConfig
 from difflo.cli import data as data_cli
-from difflo.data import DATASETS, download as dl, imaging
+from difflo.data import DATASETS, download as dl, decode
 from difflo.errors import DataError
 from conftest import tiny_config
 
@@ -243,16 +243,16 @@ def test_folder_flat_grayscale_native_size(tmp_path):
 
 
 def test_parallel_decoding_matches_serial(tmp_path, monkeypatch):
-    monkeypatch.setattr(imaging, "CHUNK", 4)                    # 11 images -> 3 chunks on 2+ threads
+    monkeypatch.setattr(decode, "CHUNK", 4)                    # 11 images -> 3 chunks on 2+ threads
     paths = [write_jpeg(tmp_path / f"{i}.png", 12 + i, 10, seed=i, fmt="PNG") for i in range(11)]
     Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(paths[5])          # a 16-bit grey PNG
-    batch = imaging.decode_all(paths, 8, 3)
+    batch = decode.decode_all(paths, 8, 3)
     assert batch.shape == (11, 8, 8, 3)
-    assert all(np.array_equal(batch[i], imaging.decode(p, 8, 3)) for i, p in enumerate(paths))
+    assert all(np.array_equal(batch[i], decode.decode(p, 8, 3)) for i, p in enumerate(paths))
     assert batch[5].min() == batch[5].max() == 40000 >> 8
     paths[7].write_bytes(b"broken")
     with pytest.raises(DataError, match=r"7.png: cannot decode"):
-        imaging.decode_all(paths, 8, 3)
+        decode.decode_all(paths, 8, 3)
 
 
 def test_folder_split_subfolders(tmp_path):
@@ -303,7 +303,7 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(imaging, "decode", no_decoding)
+    monkeypatch.setattr(decode, "decode", no_decoding)
     again = data.load("flowers102", "train", root, image_size=16, cache_dir=cache)
     assert np.array_equal(first.images, again.images)
     monkeypatch.undo()
@@ -602,7 +602,7 @@ def test_two_training_steps(tmp_path, name):          # emoji: tests/test_emoji.
     if name == "folder":                                   # unconditional: num_classes 0, sampling works
         assert ds.num_classes == 0
         from difflo.model import load_model
-        from difflo.sample import generate, settings_for
+        from difflo.generate import generate, settings_for
 
         model = load_model(ckpt)
         imgs = generate(model, torch.zeros(2, dtype=torch.long), [0, 1], settings_for(model, steps=2, w=3.0))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from difflo import data
-from difflo.data import cache, folder, imaging
+from difflo.data import cache, folder, decode
 from difflo.errors import DataError
 from difflo.train import batch_indices
 
@@ -90,7 +90,7 @@ def test_memmap_batches_equal_the_in_memory_ones(tmp_path):
     ds = load(root, tmp_path / "c")
     assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable
     files = folder.index("train", root)[0]
-    mem = data.ArrayDataset(imaging.decode_all(files, 12, 3), ds.labels.copy(), ds.num_classes, flip=True)
+    mem = data.ArrayDataset(decode.decode_all(files, 12, 3), ds.labels.copy(), ds.num_classes, flip=True)
     ds.flip = True
     assert np.array_equal(ds.images, mem.images) and ds.class_counts().tolist() == mem.class_counts().tolist()
     for step in range(6):                               # the training loop's own batch path
@@ -157,14 +157,14 @@ def data_config(root, cache_dir, **kw):
 def test_building_holds_a_few_chunks_not_the_data_set(big_folder, tmp_path, monkeypatch):
     """tracemalloc sees numpy's allocations: the streaming build's peak is a few chunk buffers, while
     decoding the same folder into one array (what the cache did before) peaks at its whole size."""
-    monkeypatch.setattr(imaging, "CHUNK", 8)
+    monkeypatch.setattr(decode, "CHUNK", 8)
     decoded = PER_CLASS * CLASSES * SIZE * SIZE * 3
     tracemalloc.start()
     try:
         ds = load(big_folder, tmp_path / "c", image_size=SIZE)
         streaming = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        whole = imaging.decode_all(folder.index("train", big_folder)[0], SIZE, 3)
+        whole = decode.decode_all(folder.index("train", big_folder)[0], SIZE, 3)
         in_memory = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -182,8 +182,8 @@ def test_cache_reused_and_rebuilt_when_a_source_changes(tmp_path, monkeypatch):
     old = entries(c)[0]
     assert records(c) == [old.with_suffix(".json")]
     calls = []
-    real = imaging.decode
-    monkeypatch.setattr(imaging, "decode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = decode.decode
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     again = load(root, c)
     assert calls == [] and np.array_equal(again.images, first)                # reused: nothing decoded
     edited = write_png(root / "class1" / "0002.png", 99, 20, 18)
@@ -225,7 +225,7 @@ def test_damaged_entry_is_rebuilt(tmp_path, damage):
 @pytest.mark.parametrize("when", ["decoding", "renaming", "interrupted"])
 def test_failed_build_leaves_no_entry(tmp_path, monkeypatch, when):
     root, c = small(tmp_path), tmp_path / "c"
-    real_decode, real_replace, count = imaging.decode, os.replace, [0]
+    real_decode, real_replace, count = decode.decode, os.replace, [0]
 
     def failing_decode(*a, **k):
         count[0] += 1
@@ -236,12 +236,12 @@ def test_failed_build_leaves_no_entry(tmp_path, monkeypatch, when):
     if when == "renaming":
         monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     else:
-        monkeypatch.setattr(imaging, "decode", failing_decode)
+        monkeypatch.setattr(decode, "decode", failing_decode)
     with pytest.raises((DataError, KeyboardInterrupt)) as e:
         load(root, c)
     assert "\n" not in str(e.value)
     assert entries(c) == [] and leftovers(c) == []             # no entry, no half-written temporary file
-    monkeypatch.setattr(imaging, "decode", real_decode)
+    monkeypatch.setattr(decode, "decode", real_decode)
     monkeypatch.setattr(os, "replace", real_replace)
     assert len(load(root, c)) == 12 and len(entries(c)) == 1
 
@@ -282,13 +282,13 @@ def test_full_disk_while_writing(tmp_path, monkeypatch):
 
 def test_full_disk_found_before_decoding(tmp_path, monkeypatch):
     root, c = make_folder(tmp_path / "imgs", 50, 2, 64, 64), tmp_path / "c"
-    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
     monkeypatch.setattr(shutil, "disk_usage", lambda d: Usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(DataError, match=r"^no space left .* it needs 1\.2 MB \(1\.0 kB free\); set data.cache_dir"):
         load(root, c, image_size=64)
     assert entries(c) == [] and leftovers(c) == []
     monkeypatch.undo()
-    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: pytest.fail("decoded although the disk is full"))
     monkeypatch.setattr(os, "posix_fallocate",                  # the reservation fails: still no decoding
                         lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(DataError, match=r"^no space left .* it needs 1\.2 MB"):
@@ -453,10 +453,10 @@ def test_data_clean(tmp_path, monkeypatch):
     assert {p for p in entries(c)} == {p for p in keep if owner(p) == "keep"} | {grown}
     assert running.exists() and fresh_record.exists() and all(p.exists() for p in others)
     assert run_cli("data", "clean", "--cache-dir", c)[1].startswith("nothing to remove in ")
-    real = imaging.decode
-    monkeypatch.setattr(imaging, "decode", lambda *a, **k: pytest.fail("a current entry was removed"))
+    real = decode.decode
+    monkeypatch.setattr(decode, "decode", lambda *a, **k: pytest.fail("a current entry was removed"))
     load(keep_src, c), load(grown_src, c)
-    monkeypatch.setattr(imaging, "decode", real)
+    monkeypatch.setattr(decode, "decode", real)
 
     real_unlink = Path.unlink                                    # a file that cannot be removed: one line
 

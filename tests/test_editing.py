@@ -5,12 +5,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_clean_error, run_cli
-from difflo import edit, editing
+from difflo.edit import operators, techniques
 from difflo.cli import main
 from difflo.errors import DiffloError
 from difflo.images import load_image, load_mask
 from difflo.model import load_model, make_denoiser
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,14 +43,14 @@ def test_inpaint_keeps_known_pixels(model):
     ts = model.path.sampling_times(5)
     y = torch.tensor([3, 4])
     for kw in ({}, {"jump_length": 2, "jump_n_sample": 2}):
-        out = editing.inpaint(den, x, mask, y, ts, [0, 1], "ddpm", **kw)
+        out = operators.inpaint(den, x, mask, y, ts, [0, 1], "ddpm", **kw)
         known = mask.expand_as(x) == 0
         assert torch.allclose(out[known], x[known], atol=1e-6)
         assert not torch.allclose(out[~known], x[~known], atol=1e-2)
 
 
 def test_repaint_chunks():
-    assert editing.repaint_chunks(5, 2, 2) == [(0, 2, False), (0, 2, True), (2, 4, False), (2, 4, True),
+    assert operators.repaint_chunks(5, 2, 2) == [(0, 2, False), (0, 2, True), (2, 4, False), (2, 4, True),
                                                  (4, 5, False), (4, 5, True)]
 
 
@@ -59,21 +59,21 @@ def test_sdedit_zero_and_full_strength(model):
     x = torch.rand(2, 1, 28, 28) * 2 - 1
     ts = model.path.sampling_times(6)                       # 6 steps: 7 times, the last the clean end
     y = torch.tensor([1, 7])
-    assert torch.equal(editing.sdedit(den, x, y, ts, 0, [5, 6]), x)
+    assert torch.equal(operators.sdedit(den, x, y, ts, 0, [5, 6]), x)
     for sampler in ("ddim", "ddpm"):
-        full = editing.sdedit(den, x, y, ts, len(ts) - 1, [5, 6], sampler)
+        full = operators.sdedit(den, x, y, ts, len(ts) - 1, [5, 6], sampler)
         plain = generate(model, y, [5, 6], settings_for(model, sampler=sampler, steps=6, w=3.0))
         assert torch.allclose(full, plain, atol=1e-5)
-    part = editing.sdedit(den, x, y, ts, 2, [5, 6])
+    part = operators.sdedit(den, x, y, ts, 2, [5, 6])
     assert not torch.allclose(part, full, atol=1e-3)
 
 
 def test_anagram_identity_equals_conditional_sampling(model):
-    den = editing.AnagramDenoiser(make_denoiser(model, 2.0, clip_x0=False), ["identity", "identity"])
+    den = operators.AnagramDenoiser(make_denoiser(model, 2.0, clip_x0=False), ["identity", "identity"])
     from difflo.guidance import ClampDenoiser
     ts = model.path.sampling_times(4)
     y = torch.tensor([[2, 2], [6, 6]])
-    out = editing.sample_plain(ClampDenoiser(den), y, ts, [0, 1], (1, 28, 28), "ddim")
+    out = operators.sample_plain(ClampDenoiser(den), y, ts, [0, 1], (1, 28, 28), "ddim")
     plain = generate(model, torch.tensor([2, 6]), [0, 1], settings_for(model, sampler="ddim", steps=4, w=2.0))
     assert torch.allclose(out, plain, atol=1e-5)
 
@@ -89,12 +89,12 @@ def test_wrappers_match_the_eps_formulas(model):
     a, s = model.path.alpha_sigma(t)
     A, B = torch.tensor([6, 1]), torch.tensor([9, 7])
     for view in ("flip", "rot90", "rot180", "hflip"):
-        assert torch.equal(editing.apply_view(editing.apply_view(x, view), view, inverse=True), x)
-        ana = editing.AnagramDenoiser(base, ["identity", view])
-        eps = (_eps(base, x, t, A) + editing.apply_view(_eps(base, editing.apply_view(x, view), t, B), view,
+        assert torch.equal(operators.apply_view(operators.apply_view(x, view), view, inverse=True), x)
+        ana = operators.AnagramDenoiser(base, ["identity", view])
+        eps = (_eps(base, x, t, A) + operators.apply_view(_eps(base, operators.apply_view(x, view), t, B), view,
                                                         inverse=True)) / 2
         assert torch.allclose((x - a * ana(x, t, y=torch.stack([A, B], 1))) / s, eps, atol=1e-4)
-    hyb = editing.HybridDenoiser(base, 7, 1.5)
+    hyb = operators.HybridDenoiser(base, 7, 1.5)
     lp = hyb.lowpass
     eA, eB = _eps(base, x, t, A), _eps(base, x, t, B)
     eps = lp(eA) + (eB - lp(eB))
@@ -103,17 +103,17 @@ def test_wrappers_match_the_eps_formulas(model):
 
 def test_hybrid_all_pass_low_equals_class_a(model):
     for size, sigma in ((1, 2.0), (5, 0.0)):
-        hyb = editing.HybridDenoiser(make_denoiser(model, 2.0), size, sigma)
-        out = editing.sample_plain(hyb, torch.tensor([[3, 8]]), model.path.sampling_times(4), [4], (1, 28, 28))
+        hyb = operators.HybridDenoiser(make_denoiser(model, 2.0), size, sigma)
+        out = operators.sample_plain(hyb, torch.tensor([[3, 8]]), model.path.sampling_times(4), [4], (1, 28, 28))
         plain = generate(model, torch.tensor([3]), [4], settings_for(model, sampler="ddim", steps=4, w=2.0))
         assert torch.allclose(out, plain, atol=1e-5)
 
 
 def test_gaussian_blur_preserves_mean_and_psnr():
     x = torch.rand(1, 1, 28, 28) * 2 - 1
-    assert torch.allclose(editing.gaussian_blur(torch.full_like(x, 0.3), 9, 2.0), torch.full_like(x, 0.3))
-    assert editing.psnr(x, x) == float("inf")
-    assert abs(editing.psnr(torch.zeros_like(x) + 0.2, torch.zeros_like(x)) - 20.0) < 1e-4   # mse 0.01 on [0, 1]
+    assert torch.allclose(operators.gaussian_blur(torch.full_like(x, 0.3), 9, 2.0), torch.full_like(x, 0.3))
+    assert operators.psnr(x, x) == float("inf")
+    assert abs(operators.psnr(torch.zeros_like(x) + 0.2, torch.zeros_like(x)) - 20.0) < 1e-4   # mse 0.01 on [0, 1]
 
 
 def test_strided_and_cli_times(model):
@@ -125,7 +125,7 @@ def test_strided_and_cli_times(model):
     assert fts == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert FlowPath().time_from_cli(500) == 0.5
     with pytest.raises(DiffloError, match="out of range"):
-        edit.cli_times(model, [5000])
+        techniques.cli_times(model, [5000])
 
 
 def test_image_loading_converts_and_refuses(tmp_path):

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli, tiny_config
-from difflo import edit, editing
+from difflo.edit import operators, techniques
 from difflo.data import load_mnist10k
 from difflo.diffusion import DiscreteSchedule
 from difflo.flow import FlowPath
 from difflo.model import load_model, make_denoiser
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 from difflo.train import train
 
 FLOW = ["diffusion.objective=flow", "diffusion.prediction=u", "sample.sampler=euler", "sample.steps=4"]
@@ -45,7 +45,7 @@ def digit():
 
 
 def _opts(model, w=1.0):
-    return edit.EditOptions([0], edit.ode_sampler(model), w, True, "fp32").check(model)
+    return techniques.EditOptions([0], techniques.ode_sampler(model), w, True, "fp32").check(model)
 
 
 # ----------------------------------------------------------------------------- the numerical core
@@ -68,7 +68,7 @@ def test_round_trip_converges_with_the_exact_denoiser(path):
     err = {}
     for n in (10, 100, 500):
         ts = path.sampling_times(n)
-        back = editing.run_sampler("ddim", den, editing.ddim_invert(den, x0, ts), ts, None, None, None)
+        back = operators.run_sampler("ddim", den, operators.ddim_invert(den, x0, ts), ts, None, None, None)
         err[n] = (back - x0).abs().max().item()
     assert err[100] < err[10] / 5 and err[500] < err[100] / 3 and err[500] < 0.02, err   # ~1/n
 
@@ -87,22 +87,22 @@ def test_flow_inversion_is_backward_euler():
         a, s = path.alpha_sigma(at)
         u = (x - a * d) / s - d                             # eps_hat - x0_hat
         x = x + (t_next - t) * u if t > 0 else (1 - t_next) * d + t_next * (x - a * d) / s
-    torch.testing.assert_close(editing.ddim_invert(den, x0, ts), x)
+    torch.testing.assert_close(operators.ddim_invert(den, x0, ts), x)
 
 
 def test_slerp_endpoints_and_norm():
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(3, 1, 28, 28, generator=g), torch.randn(3, 1, 28, 28, generator=g)
-    assert torch.equal(editing.slerp(z0, z1, 0.0), z0) and torch.equal(editing.slerp(z0, z1, 1.0), z1)
+    assert torch.equal(operators.slerp(z0, z1, 0.0), z0) and torch.equal(operators.slerp(z0, z1, 1.0), z1)
     e0, e1 = torch.zeros(1, 5), torch.zeros(1, 5)
     e0[0, 0], e1[0, 3] = 1.0, 1.0                            # orthogonal unit vectors
     for a in (0.1, 0.25, 0.5, 0.9):
-        mid = editing.slerp(e0, e1, a)
+        mid = operators.slerp(e0, e1, a)
         assert abs(mid.norm().item() - 1.0) < 1e-6
         assert torch.allclose(mid[0, [0, 3]], torch.tensor([math.cos(a * math.pi / 2), math.sin(a * math.pi / 2)]))
-    half = editing.slerp(z0, z1, 0.5)                         # Gaussian noises keep their norm, a linear mix does not
+    half = operators.slerp(z0, z1, 0.5)                         # Gaussian noises keep their norm, a linear mix does not
     assert (half.flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1) - 1).abs().max() < 0.1
-    assert torch.allclose(editing.slerp(z0, 2 * z0, 0.5), 1.5 * z0)   # parallel: the linear fallback
+    assert torch.allclose(operators.slerp(z0, 2 * z0, 0.5), 1.5 * z0)   # parallel: the linear fallback
 
 
 def test_class_weights_hook(diffusion_run):
@@ -114,7 +114,7 @@ def test_class_weights_hook(diffusion_run):
     with torch.no_grad():
         plain = net(x, time, y)
         assert torch.equal(net(x, time, None, class_weights=torch.eye(k + 1)[y]), plain)
-        mixer = editing.ClassMixNet(net, k, editing.ClassMixNet.mix(k, 2, 7, [0.0, 1.0, 0.5]))
+        mixer = operators.ClassMixNet(net, k, operators.ClassMixNet.mix(k, 2, 7, [0.0, 1.0, 0.5]))
         y_mix = torch.tensor([mixer.label(0), mixer.label(1), k])
         assert torch.equal(mixer(x, time, y_mix), plain)           # a = 0, a = 1 and the null class: exact
         half = mixer(x, time, torch.tensor([mixer.label(2)] * 3))
@@ -131,7 +131,7 @@ def test_inversion_reconstructs(which, diffusion_run, flow_run, digit):
     with the step count. Measured (150-step tiny models): diffusion 21.5 / 27.0 / 32.1 dB at 5 / 10 / 20
     steps, flow 32.0 / 36.1 / 40.9 dB, random noise 8.4-8.7 dB."""
     model = load_model(diffusion_run if which == "diffusion" else flow_run)
-    res = edit.invert(model, _opts(model), digit, 3, STEPS)
+    res = techniques.invert(model, _opts(model), digit, 3, STEPS)
     m = res.metrics
     psnr = [m[f"psnr_{n}"] for n in STEPS]
     assert psnr == sorted(psnr), m
@@ -143,9 +143,9 @@ def test_inversion_reconstructs(which, diffusion_run, flow_run, digit):
 
 def test_inversion_with_guidance_is_measured(diffusion_run, digit):
     model = load_model(diffusion_run)
-    res = edit.invert(model, _opts(model, w=3.0), digit, 3, [5, 10])
+    res = techniques.invert(model, _opts(model, w=3.0), digit, 3, [5, 10])
     assert {"psnr_5", "psnr_10", "psnr_5_w1", "psnr_10_w1"} <= set(res.metrics)
-    assert res.metrics["psnr_5_w1"] == edit.invert(model, _opts(model), digit, 3, [5]).metrics["psnr_5"]
+    assert res.metrics["psnr_5_w1"] == techniques.invert(model, _opts(model), digit, 3, [5]).metrics["psnr_5"]
     assert any("inexact" in n and "w=3" in n for n in res.notes)
     assert len(res.grid) == 4 and res.results.shape[0] == 4
 
@@ -154,15 +154,15 @@ def test_interpolation_ends(diffusion_run, digit):
     """Seed ends: frames 0 and K-1 are exactly `difflo sample`'s images of those seeds and classes; image ends:
     frame 0 is invert's reconstruction."""
     model = load_model(diffusion_run)
-    ts = edit.time_grid(model, steps=6)
+    ts = techniques.time_grid(model, steps=6)
     opts = _opts(model, w=2.0)
-    res = edit.interpolate(model, opts, 4, 9, 1, 8, 5, ts)
+    res = techniques.interpolate(model, opts, 4, 9, 1, 8, 5, ts)
     s = settings_for(model, sampler="ddim", steps=6, w=2.0)
     assert torch.allclose(res.results[0], generate(model, torch.tensor([1]), [4], s)[0], atol=1e-6)
     assert torch.allclose(res.results[4], generate(model, torch.tensor([8]), [9], s)[0], atol=1e-6)
     assert not torch.allclose(res.results[2], res.results[0], atol=1e-2)
-    res = edit.interpolate(model, _opts(model), digit, 9, 3, None, 3, ts)
-    rec = edit.invert(model, _opts(model), digit, 3, [6])
+    res = techniques.interpolate(model, _opts(model), digit, 9, 3, None, 3, ts)
+    rec = techniques.invert(model, _opts(model), digit, 3, [6])
     assert torch.allclose(res.results[0], rec.results[0], atol=1e-6)
     assert res.metrics["psnr_a"] == pytest.approx(rec.metrics["psnr_6"], abs=1e-3)
 

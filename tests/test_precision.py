@@ -30,6 +30,7 @@ def test_auto_follows_the_flags_and_a_measurement(monkeypatch):
     """No bf16 flags: fp32 without measuring. bf16 flags (or none readable): bf16 only if the measured
     conv and matmul are both >= 1.15x faster (a CPU listing AVX512-BF16 measured 0.57x here)."""
     cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.AUTO_ENV, raising=False)         # CI forces auto for the other tests
     measured = []
     monkeypatch.setattr(precision, "bf16_ratios", lambda: measured.append(1) or ratios)
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"sse2", "avx512f"})

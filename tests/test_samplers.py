@@ -10,7 +10,7 @@ import torch
 
 from difflo.flow import FlowPath
 from difflo.guidance import CFGDenoiser, ClampDenoiser
-from difflo.paths import OBJECTIVES, samplers_for
+from difflo.noise_paths import OBJECTIVES, samplers_for
 from difflo.samplers import (SAMPLERS, Sampler, SeededNoise, ddim_step, ddpm_step, fitting, sample_ddim, sample_ddpm,
                              sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler,
                              sample_euler_ancestral, sample_heun)

@@ -12,8 +12,8 @@ import torch
 
 from conftest import assert_clean_error, run_cli, tiny_config
 from difflo.model import Model, load_model
-from difflo.paths import samplers_for
-from difflo.sample import generate, settings_for
+from difflo.noise_paths import samplers_for
+from difflo.generate import generate, settings_for
 from difflo.samplers import SAMPLERS
 from difflo.schedules import SPACING_CHOICES
 
@@ -39,7 +39,7 @@ class Counting(torch.nn.Module):
 
 @pytest.mark.parametrize("objective", ["diffusion", "flow"])
 def test_every_sampler_and_grid_generates_with_its_nfe(objective, tiny_run, flow_run):
-    """sample.generate (what sample, eval, experiments and the web page call) runs every sampler that fits the
+    """generate.generate (what sample, eval, experiments and the web page call) runs every sampler that fits the
     model on every grid its path takes, with exactly Sampler.evals(steps) network calls per batch."""
     model = load_model(tiny_run if objective == "diffusion" else flow_run)
     assert tuple(model.path.samplers) == samplers_for(objective)
@@ -82,8 +82,8 @@ def test_stochastic_samplers_are_seeded(tiny_run):
 
 def test_flow_churn_from_the_cli(flow_run, tmp_path, monkeypatch):
     """--s-churn makes Euler/Heun stochastic (seeded); 0 is the ODE solver."""
-    from difflo import sample
-    monkeypatch.setattr(sample, "_noted", set())                   # notes print once per process: a fresh one
+    from difflo import generate as generate_module
+    monkeypatch.setattr(generate_module, "_noted", set())                   # notes print once per process: a fresh one
     outs, errs = {}, {}
     for churn in ("0", "3"):
         for rep in (1, 2):

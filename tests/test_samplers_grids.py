@@ -108,7 +108,7 @@ def _config(*overrides):
 
 def test_zero_terminal_snr_config():
     """diffusion.zero_terminal_snr rescales the configured schedule; v (and x0) prediction only."""
-    from difflo.paths import make_path
+    from difflo.noise_paths import make_path
     path = make_path(_config("diffusion.zero_terminal_snr=true").diffusion)
     assert path.alphas_cumprod[-1].item() == 0.0 and path.alphas_cumprod[0].item() > 0.99
     assert make_path(_config().diffusion).alphas_cumprod[-1].item() > 0
@@ -155,7 +155,7 @@ def test_offset_noise():
 
 @pytest.mark.parametrize("objective", ["diffusion", "flow"])
 def test_offset_noise_reaches_the_loss(objective):
-    from difflo.paths import make_path
+    from difflo.noise_paths import make_path
     over = ["diffusion.objective=flow", "diffusion.prediction=u", "sample.sampler=euler"] if objective == "flow" else []
     d = _config(*over).diffusion
     path = make_path(d)

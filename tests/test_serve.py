@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 from difflo import cli
 from conftest import assert_clean_error, run_cli
 from difflo.model import load_model
-from difflo.paths import samplers_for
-from difflo.sample import generate, settings_for
+from difflo.noise_paths import samplers_for
+from difflo.generate import generate, settings_for
 from difflo.serve.server import serve_in_thread
 
 

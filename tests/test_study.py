@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from difflo.errors import DiffloError
 from difflo.nn import SmallUNet
 from difflo.cli import study as cli
-from difflo.study.denoiser import PARTS, SIGMAS, load_digits, parse_parts
-from difflo.study.report import fmt
+from difflo.experiments.denoiser import PARTS, SIGMAS, load_digits, parse_parts
+from difflo.experiments.denoiser_report import fmt
 from conftest import TINY
 
 FILES = ["noising_strip.png", "train_loss.png", "denoised_epoch1.png", "denoised_last.png", "ood.png", "ood_mse.csv",

@@ -9,7 +9,7 @@ from difflo import checkpoint
 from difflo.config import TrainConfig
 from difflo.errors import DiffloError
 from difflo.model import load_model
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 from difflo.train import batch_indices, ema_decay_at, lr_at, train
 from conftest import tiny_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError, DiffloError
-from .pixels import parse_colour
+from .images import parse_colour
 from .nn.unet import UNetConfig
 
 
@@ -140,7 +140,7 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
         from . import precision, samplers, schedules
-        from .paths import OBJECTIVES, PATHS, samplers_for
+        from .noise_paths import OBJECTIVES, PATHS, samplers_for
 
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample

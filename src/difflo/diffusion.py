@@ -34,7 +34,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 @dataclass(frozen=True, eq=False)
 class DiscreteSchedule:
     """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t.
-    Implements :class:`difflo.paths.Path`."""
+    Implements :class:`difflo.noise_paths.NoisePath`."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64
     t_clean = -1                  # the time of the clean data, where every sampler ends

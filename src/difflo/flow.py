@@ -29,7 +29,7 @@ T_SAMPLINGS = ("uniform", "logit_normal")
 
 class FlowPath:
     """alpha_t = 1 - t, sigma_t = t for t in [0, 1]; ``t_clean = 0`` is the data end.
-    Implements :class:`difflo.paths.Path`."""
+    Implements :class:`difflo.noise_paths.NoisePath`."""
 
     t_clean = 0.0
     time_scale = 1000.0          # the network sees 1000 t, the range of diffusion timesteps

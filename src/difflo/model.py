@@ -1,7 +1,7 @@
 """The model factory: a network rebuilt from its checkpoint alone, the device, the denoiser.
 
 :class:`Model` is a network with the resolved config it was trained with; its ``path`` (see
-:mod:`difflo.paths`) carries everything that depends on the objective. :func:`make_denoiser` turns
+:mod:`difflo.noise_paths`) carries everything that depends on the objective. :func:`make_denoiser` turns
 it into the one denoiser interface the samplers consume (x0 prediction, guided, optionally clamped).
 
 The network is any module called as ``net(x, time, y) -> output`` (:class:`difflo.nn.UNet`'s call):
@@ -23,7 +23,7 @@ from .data.idx import FASHION_CLASSES
 from .errors import CheckpointError, DiffloError
 from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
 from .nn import UNet
-from .paths import Path, make_path
+from .noise_paths import NoisePath, make_path
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -56,7 +56,7 @@ class Model:
     cfg: config_mod.Config
 
     @functools.cached_property
-    def path(self) -> Path:
+    def path(self) -> NoisePath:
         return make_path(self.cfg.diffusion)
 
     @property

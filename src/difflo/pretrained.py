@@ -93,7 +93,7 @@ class DiffusersUNet(torch.nn.Module):
       the model was trained to read as "no class", which its diffusers config does not name
       (:meth:`set_null_class`; :func:`load_folder` reads it from a ``difflo export``'s own config).
     * **class_weights** ((B, num_classes + 1), difflo's rows: the classes, then the null class; the
-      class-embedding mixes of :class:`difflo.editing.ClassMixNet`) become weights over the model's
+      class-embedding mixes of :class:`difflo.edit.operators.ClassMixNet`) become weights over the model's
       embedding rows (difflo's null row moved to ``null_class``) and the embedding ``sum_k w_k E[k]``,
       summed elementwise in float32 as :class:`difflo.nn.UNet` does, replaces the output of
       ``unet.class_embedding`` for that call (a forward hook: UNet2DModel adds that output to the time

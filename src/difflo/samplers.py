@@ -473,8 +473,8 @@ def unused_option(sampler: str, option: str, spell: Callable[[str], str] = as_fl
     """None if ``sampler`` reads ``option``; else the one line that says so: ``--eta has no effect with sampler
     dpmpp; it is used by ddim``. ``fits``: the samplers of the model at hand (users that fit none of them are
     named as such); ``which``: how the sampler was chosen, said after its name (e.g. "the run's sample.sampler").
-    The one check of every front end (through :func:`difflo.sample.settings_for`: ``difflo sample``, ``eval``,
-    the experiments, the web page; and the run's config values in :func:`difflo.sample.check_settings`): what a
+    The one check of every front end (through :func:`difflo.generate.settings_for`: ``difflo sample``, ``eval``,
+    the experiments, the web page; and the run's config values in :func:`difflo.generate.check_settings`): what a
     sampler reads is its entry's ``options`` (its function's keywords), nowhere else."""
     if option in SAMPLERS[sampler].options:
         return None

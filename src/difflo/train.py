@@ -26,14 +26,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from . import distributed, faults, memory, precision
+from . import distributed, guards, allocator, precision
 from .errors import DiffloError
 from .eval.periodic import EVAL_METRICS, PeriodicEval, csv_value
 from .images import grid_image, plot_loss, save_image, to_uint8
 from .io import check_writable, write_text_atomic
 from .model import Model, build_net, pick_device
-from .paths import make_path
-from .sample import generate
+from .noise_paths import make_path
+from .generate import generate
 
 METRICS_FIELDS = ["step", "loss", "lr", "images_per_s", "elapsed_s", *EVAL_METRICS]
 
@@ -109,7 +109,7 @@ def environment(device: torch.device, prec: precision.Precision) -> dict:
     """RUN/environment.json: where and how the last (re)start trained (the precision chosen and why)."""
     return {"precision": {"asked": prec.asked, "used": prec.used, "why": prec.why}, "device": str(device),
             "cpu": precision.cpu_model(), "cpu_flags": precision.speed_flags(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": memory.tune_malloc(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": allocator.tune_malloc(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -175,7 +175,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     done and the raw network (e.g. to keep extra EMA copies, as ``difflo experiment`` does)."""
     run_dir = Path(run_dir)
     t = cfg.train
-    memory.tune_malloc()                              # large tensors stay in the heap (difflo.memory)
+    allocator.tune_malloc()                              # large tensors stay in the heap (difflo.allocator)
     ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
     device = ddp.device
     prec = precision.resolve(t.precision, device, log, "train.precision")   # auto: bf16 where the hardware has it
@@ -208,7 +208,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if t.compile:
         model = precision.compile_net(model, device)
     scaler = precision.grad_scaler(prec, device)
-    faults.check_free_space(run_dir, n_params, t.keep_checkpoints)
+    guards.check_free_space(run_dir, n_params, t.keep_checkpoints)
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
     step = 0
@@ -249,7 +249,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     window_t, window_loss, window_n = start, 0.0, 0         # the loss/throughput log window
     last_saved = step                                       # the step of the newest checkpoint
     evaluator: PeriodicEval | None = None                   # built at the first evaluation (eval.every)
-    guard = faults.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
+    guard = guards.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
         f"precision {prec}, steps {step}..{t.steps}, run dir {run_dir}"
@@ -259,7 +259,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
 
     # 5) The loop.
     net.train()
-    while step < t.steps and not faults.stop_requested():         # SIGINT/SIGTERM: save, stop (faults.py)
+    while step < t.steps and not guards.stop_requested():         # SIGINT/SIGTERM: save, stop (guards.py)
         lr = lr_at(step, t, time.time() - start)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -279,7 +279,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
                                                    offset_noise=t.offset_noise) / len(micro)
                 scaler.scale(part_loss).backward()      # the gradients add up in .grad
             loss = loss + part_loss.detach()            # the mean loss over this rank's rows
-        finite = scaler.is_enabled() or guard.check(step, loss, net)   # NaN/inf: skip the update (faults.py);
+        finite = scaler.is_enabled() or guard.check(step, loss, net)   # NaN/inf: skip the update (guards.py);
                                                                         # with fp16 the grad scaler skips them
         if t.grad_clip > 0:
             scaler.unscale_(opt)

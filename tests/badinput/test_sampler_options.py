@@ -19,7 +19,7 @@ from conftest import tiny_config
 from difflo.config import SampleConfig
 from difflo.errors import DiffloError
 from difflo.model import Model
-from difflo.sample import check_settings, describe, settings_for
+from difflo.generate import check_settings, describe, settings_for
 from difflo.samplers import OPTIONS, SAMPLERS, as_flag, users
 from inputcheck import assert_clean_error, call, tally
 

@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 
 from difflo import checkpoint
-from difflo import faults
+from difflo import guards
 from difflo import train as train_mod
 from conftest import TINY, run_cli, assert_clean_error
 
@@ -22,7 +22,7 @@ def enospc(path=None):
 
 def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(faults.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 200_000, 200_000))
+    monkeypatch.setattr(guards.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 200_000, 200_000))
     code, out, err = run_cli("train", *ARGS, "--out", tmp_path / "run")
     assert code == 2
     line = assert_clean_error(code, err)
@@ -31,7 +31,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, monk
 
 
 def test_estimate_is_not_absurd():
-    assert faults.checkpoint_bytes(1_110_000) < 30 * 2**20       # the demo model's checkpoint is ~18 MB
+    assert guards.checkpoint_bytes(1_110_000) < 30 * 2**20       # the demo model's checkpoint is ~18 MB
 
 
 @pytest.mark.parametrize("writer", ["save_file", "torch.save"])

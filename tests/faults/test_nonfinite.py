@@ -8,7 +8,7 @@ from difflo.diffusion import DiscreteSchedule
 from difflo import checkpoint
 from difflo import train as train_mod
 from difflo.cli import main
-from difflo.faults import TrainingDiverged
+from difflo.guards import TrainingDiverged
 from conftest import TINY, tiny_config
 
 
@@ -26,7 +26,7 @@ class NanGrad(torch.autograd.Function):
 
 def poison(monkeypatch, bad_steps: set[int], kind: str) -> None:
     """Make the loss (or only its gradient) non-finite at the given 0-based steps."""
-    real = DiscreteSchedule.training_loss              # the tiny config's path (difflo.paths)
+    real = DiscreteSchedule.training_loss              # the tiny config's path (difflo.noise_paths)
     calls = []
 
     def loss(self, *a, **kw):

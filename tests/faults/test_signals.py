@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from difflo.diffusion import DiscreteSchedule
-from difflo import checkpoint, faults
+from difflo import checkpoint, guards
 from difflo.cli import demo as demo_cli
 from conftest import TINY, run_cli
 import forkserver
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "po
 
 def signal_at_step(monkeypatch, k: int, signum: int) -> None:
     """The process sends itself `signum` while computing step k (0-based)."""
-    real = DiscreteSchedule.training_loss              # the tiny config's path (difflo.paths)
+    real = DiscreteSchedule.training_loss              # the tiny config's path (difflo.noise_paths)
     calls = []
 
     def loss(self, *a, **kw):
@@ -56,7 +56,7 @@ def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capf
 def test_demo_prints_its_own_resume_command(tmp_path, capfd, monkeypatch):
     def fake_train(cfg, run_dir, resume=False, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
-        assert faults.stop_requested()
+        assert guards.stop_requested()
         return None
 
     monkeypatch.setattr(demo_cli, "train", fake_train)
@@ -67,9 +67,9 @@ def test_demo_prints_its_own_resume_command(tmp_path, capfd, monkeypatch):
 
 
 def test_signal_outside_training_is_untouched():
-    assert not faults.stop_requested()
-    with faults.graceful_stop() as stop:
-        assert not faults.stop_requested()
+    assert not guards.stop_requested()
+    with guards.graceful_stop() as stop:
+        assert not guards.stop_requested()
     assert stop.signum is None and stop.exit_code == 0
 
 

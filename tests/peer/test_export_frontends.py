@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli, tiny_config
-from difflo import checkpoint, cli, editing, pretrained
+from difflo import checkpoint, cli, pretrained
+from difflo.edit import operators
 from difflo.cli import edit as edit_cli
 from difflo.errors import DiffloError
 from difflo.model import load_model, make_denoiser
 from difflo.nn import UNet
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 from difflo.serve.app import App
 
 pytest.importorskip("diffusers")
@@ -105,7 +106,7 @@ def test_class_weights_mix_embeddings(pair):
         assert torch.equal(back.net(x, t, None, class_weights=eye), back.net(x, t, torch.arange(4)))
         assert max_diff(back.net(x, t, None, class_weights=mixes), own.net(x, t, None, class_weights=mixes)) < ATOL
         assert not torch.equal(back.net(x, t, None, class_weights=mixes), back.net(x, t, torch.arange(4)))
-        mixer = editing.ClassMixNet(back.net, 3, mixes)
+        mixer = operators.ClassMixNet(back.net, 3, mixes)
         assert torch.equal(mixer(x, t, torch.tensor([4, 5, 6, 7])), back.net(x, t, None, class_weights=mixes))
         other = load_model(out, null_class=0)                    # null class 0: difflo's null row -> row 0
         weights5 = torch.zeros(1, 5)

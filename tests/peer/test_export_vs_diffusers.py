@@ -18,8 +18,8 @@ from conftest import assert_clean_error, run_cli, tiny_config
 from difflo import checkpoint, export as export_mod, pretrained, schedules
 from difflo.model import load_model, make_denoiser
 from difflo.nn import UNet
-from difflo.paths import make_path
-from difflo.sample import generate, settings_for
+from difflo.noise_paths import make_path
+from difflo.generate import generate, settings_for
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402

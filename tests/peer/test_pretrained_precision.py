@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difflo.model import load_model
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from conftest import assert_clean_error, run_cli
 from difflo import pretrained
 from difflo.model import load_model
-from difflo.sample import generate, settings_for
+from difflo.generate import generate, settings_for
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UniPCMultistepScheduler  # noqa: E402
@@ -66,7 +66,7 @@ PREDICTIONS = {"eps-clip": (dict(prediction_type="epsilon", clip_sample=True), d
                          ids=[f"{c[0]}-{c[1]}-offset{c[2]}-{'one' if c[3] else 'alpha0'}" for c in DDIM_CASES])
 def test_ddim_folder_samples_as_ddim_pipeline(tmp_path, spacing, steps, offset, alpha_one, prediction):
     """The folder's own defaults (spacing, steps_offset, set_alpha_to_one as sample.grid_end, DDIM's stride rule)
-    give DDIMPipeline's images through `difflo sample`, and through difflo.sample.generate to TOL; difflo's own
+    give DDIMPipeline's images through `difflo sample`, and through difflo.generate.generate to TOL; difflo's own
     rule (listed steps, the clean end, no offset) gives other images, so the comparison can fail."""
     scheduler, call = PREDICTIONS[prediction]
     pipe = save(tmp_path / "m", "ddim", timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=alpha_one,
@@ -119,7 +119,7 @@ def test_flags_override_the_folder(tmp_path):
     line."""
     save(tmp_path / "m", "ddim", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
     model = load_model(tmp_path / "m")
-    from difflo.sample import time_grid
+    from difflo.generate import time_grid
     grid = time_grid(model.path, settings_for(model, steps=10))
     assert grid[0] == 901 and grid[-2:] == [1, 0]
     grid = time_grid(model.path, settings_for(model, steps=10, steps_offset=0, grid_end="clean"))

@@ -18,8 +18,8 @@ from conftest import assert_clean_error, run_cli
 from difflo import checkpoint, pretrained
 from difflo.errors import DiffloError
 from difflo.model import load_model, make_denoiser
-from difflo.paths import make_path
-from difflo.sample import generate, settings_for
+from difflo.noise_paths import make_path
+from difflo.generate import generate, settings_for
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402

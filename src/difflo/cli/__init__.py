@@ -1,8 +1,8 @@
 """``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, env.
 
 One module per subcommand (``cli/train.py``, ``cli/sample.py``, ...), each with ``add_parser(sub)``
-that sets ``func=run``; the modules parse arguments and call the library (``difflo.sample``,
-``difflo.edit``, ...), never each other's parsers. Choices come from the registries that own them
+that sets ``func=run``; the modules parse arguments and call the library (``difflo.generate``,
+``difflo.edit.techniques``, ...), never each other's parsers. Choices come from the registries that own them
 (``samplers.SAMPLERS``, ``schedules.SPACINGS``, ``editing.VIEWS``).
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
@@ -15,7 +15,7 @@ import argparse
 import errno
 import sys
 
-from .. import __version__, memory
+from .. import __version__, allocator
 from ..errors import DiffloError
 from . import data, demo, edit, env, eval, experiment, export, sample, serve, study, train
 
@@ -47,7 +47,7 @@ def one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    memory.tune_malloc()                     # large tensors stay in the heap between ops (difflo.memory)
+    allocator.tune_malloc()                     # large tensors stay in the heap between ops (difflo.allocator)
     try:
         return args.func(args)
     except DiffloError as e:

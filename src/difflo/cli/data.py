@@ -15,7 +15,7 @@ from ..data import DATASETS, celeba, data_home, emoji, flowers, folder, load
 from ..data.base import check_split, resolve_root
 from ..data.cache import cache_dir_of, human, stale
 from ..data.download import download
-from ..data.imaging import GRAY_MODES, probe
+from ..data.decode import GRAY_MODES, probe
 from ..errors import DataError
 from .argtypes import positive_float, positive_int
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config as config_mod, faults
+from .. import config as config_mod, guards
 from ..images import grid_image, save_image, to_uint8
 from ..model import load_model
 from ..train import train
@@ -52,11 +52,11 @@ def run(args) -> int:
     print(f"difflo demo: training on the embedded mnist10k digits for {args.minutes:g} minutes ...")
     if note := busy_note(args.minutes):
         print(note, file=sys.stderr)
-    with faults.graceful_stop() as stop:
+    with guards.graceful_stop() as stop:
         ckpt = train(cfg, out / "run", resume=args.resume)
     if stop.signum:
         again = shlex.join(["difflo", "demo", "--out", str(out), "--minutes", f"{args.minutes:g}", "--resume"])
-        print(faults.stop_message(stop, ckpt, again), file=sys.stderr)
+        print(guards.stop_message(stop, ckpt, again), file=sys.stderr)
         return stop.exit_code
     model = load_model(ckpt, ema=True)
     labels = torch.arange(10).repeat_interleave(10)

@@ -3,7 +3,7 @@
 
 Each technique writes into ``--out DIR``: ``figure.png`` (a labelled grid), ``raw.npz`` (every image
 as uint8 (N, H, W, C), by name) and one PNG per final result (``result_XX.png``). This module only
-parses arguments and files; the techniques are :mod:`difflo.edit`'s functions, which the web page
+parses arguments and files; the techniques are :mod:`difflo.edit.techniques`'s functions, which the web page
 calls too.
 
 Input images (PNG/JPG) are converted to the model's channels (L for 1 channel, RGB for 3; an alpha
@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import edit
-from ..editing import VIEWS
+from ..edit import techniques
+from ..edit.operators import VIEWS
 from ..errors import DiffloError
-from ..images import load_image, load_mask
-from ..pixels import parse_colour
+from ..images import load_image, load_mask, parse_colour
 from ..io import check_out_file
 from ..model import Model, load_model, pick_device
 from ..precision import PRECISIONS
@@ -124,7 +123,7 @@ def add_parser(sub) -> None:
 
 
 def _grid(model: Model, a) -> list:
-    return edit.time_grid(model, steps=a.steps, stride=a.stride)
+    return techniques.time_grid(model, steps=a.steps, stride=a.stride)
 
 
 def _image(model: Model, a, c, notes: list):
@@ -133,14 +132,14 @@ def _image(model: Model, a, c, notes: list):
     if a.image:
         return load_image(a.image, model.cfg.model.in_channels, model.cfg.model.image_size, notes,
                           background=parse_colour(model.cfg.data.background)).to(device)
-    return edit.sample_input(model, c, a.seed, notes, _precision(model, a)).to(device)
+    return techniques.sample_input(model, c, a.seed, notes, _precision(model, a)).to(device)
 
 
 def _precision(model: Model, a) -> str:
     return a.precision or model.cfg.sample.precision
 
 
-def run_technique(a, model: Model) -> edit.EditResult:
+def run_technique(a, model: Model) -> techniques.EditResult:
     """Run the technique ``a`` names (parsed ``difflo edit`` arguments) on a loaded model."""
     notes: list[str] = []
     seeds = [getattr(a, "seed", 0) + i for i in range(getattr(a, "n", 1))]
@@ -155,37 +154,37 @@ def run_technique(a, model: Model) -> edit.EditResult:
                 values = [float(v) for v in a.t.split(",") if v.strip()]
             except ValueError:
                 raise DiffloError(f"--t must be comma-separated timesteps like 250,500,750; got {a.t!r}") from None
-        ts = edit.cli_times(model, values)
+        ts = techniques.cli_times(model, values)
         if not ts:
             raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
-        return edit.forward(model, _image(model, a, a.cls, notes), ts, seeds, notes)
-    sampler = getattr(a, "sampler", None) or (edit.ode_sampler(model) if a.technique in ("invert", "interpolate")
-                                               else edit.default_sampler(model))
-    opts = edit.EditOptions(seeds, sampler, a.w, not a.no_clip, _precision(model, a)).check(model)
+        return techniques.forward(model, _image(model, a, a.cls, notes), ts, seeds, notes)
+    sampler = getattr(a, "sampler", None) or (techniques.ode_sampler(model) if a.technique in ("invert", "interpolate")
+                                               else techniques.default_sampler(model))
+    opts = techniques.EditOptions(seeds, sampler, a.w, not a.no_clip, _precision(model, a)).check(model)
     if a.technique == "invert":
         steps = int_list(a.steps, "--steps")
-        return edit.invert(model, opts, _image(model, a, None, notes), a.cls, steps, notes)
+        return techniques.invert(model, opts, _image(model, a, None, notes), a.cls, steps, notes)
     if a.technique == "interpolate":
         ends = [load_image(img, model.cfg.model.in_channels, model.cfg.model.image_size, notes,
                            background=parse_colour(model.cfg.data.background)).to(model.device)
                 if img is not None else s for img, s in ((a.image_a, a.seed_a), (a.image_b, a.seed_b))]
-        return edit.interpolate(model, opts, ends[0], ends[1], a.class_a, a.class_b, a.frames,
-                                edit.time_grid(model, steps=a.steps), notes)
+        return techniques.interpolate(model, opts, ends[0], ends[1], a.class_a, a.class_b, a.frames,
+                                techniques.time_grid(model, steps=a.steps), notes)
     if a.technique == "denoise":
         if a.w > 0 and a.cls is None and model.num_classes:
             raise DiffloError("--w > 0 conditions on a class: give --class")
-        return edit.denoise(model, opts, _image(model, a, a.cls, notes), 0 if a.cls is None else a.cls,
+        return techniques.denoise(model, opts, _image(model, a, a.cls, notes), 0 if a.cls is None else a.cls,
                             a.stride, a.i_start, notes)
     if a.technique == "sdedit":
         levels = int_list(a.levels, "--levels")
-        return edit.sdedit(model, opts, _image(model, a, None, notes), a.cls, a.stride, levels, notes)
+        return techniques.sdedit(model, opts, _image(model, a, None, notes), a.cls, a.stride, levels, notes)
     if a.technique == "inpaint":
         x = _image(model, a, None, notes)
         mask = load_mask(a.mask, a.image, model.cfg.model.image_size).to(x.device)
-        return edit.inpaint(model, opts, x, mask, a.cls, _grid(model, a), a.jump_length, a.jump_n_sample, notes)
+        return techniques.inpaint(model, opts, x, mask, a.cls, _grid(model, a), a.jump_length, a.jump_n_sample, notes)
     if a.technique == "anagram":
-        return edit.anagram(model, opts, a.a, a.b, a.view, _grid(model, a))
-    return edit.hybrid(model, opts, a.low, a.high, a.kernel_size, a.sigma, _grid(model, a))
+        return techniques.anagram(model, opts, a.a, a.b, a.view, _grid(model, a))
+    return techniques.hybrid(model, opts, a.low, a.high, a.kernel_size, a.sigma, _grid(model, a))
 
 
 def run(args) -> int:

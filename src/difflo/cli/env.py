@@ -1,7 +1,7 @@
 """``difflo env``: what difflo decides on this machine and why, without training anything.
 
 Prints the CPU (model, the flags that matter for speed, torch's CPU capability), the threads, the
-allocator setting (:mod:`difflo.memory`), what ``precision: auto`` runs here with its measured
+allocator setting (:mod:`difflo.allocator`), what ``precision: auto`` runs here with its measured
 bf16/fp32 ratios (:mod:`difflo.precision`), the GPU if any, the cache folder, and how to override
 each decision. ``--remeasure`` times bf16 against fp32 again and stores the new answer; ``--json``
 prints the same as one JSON object (for bug reports and benchmark logs).
@@ -12,7 +12,7 @@ import json
 import os
 import platform
 
-from .. import __version__, memory, precision
+from .. import __version__, allocator, precision
 from ..io import cache_home
 
 OVERRIDES = (
@@ -47,7 +47,7 @@ def facts(remeasure: bool = False) -> dict:
         "cpu": precision.cpu_model(), "cpu_flags": precision.speed_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "allocator": memory.tune_malloc(),
+        "allocator": allocator.tune_malloc(),
         "precision_auto": {"used": auto.used, "why": auto.why,
                            "bf16_over_fp32_time": measured,
                            "min_speedup": precision.BF16_MIN_SPEEDUP,

@@ -378,7 +378,7 @@ def _nearest(args, device) -> int:
     from ..eval import memorization
     from ..images import save_image
     from ..io import check_out_file
-    from ..sample import settings_for
+    from ..generate import settings_for
 
     out = check_out_file(args.out, (".png",)) if args.out else None
     model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)

@@ -12,7 +12,7 @@ from ..errors import DiffloError
 from ..images import grid_image, save_gif, save_image, to_uint8
 from ..io import atomic_path, check_out_file
 from ..model import load_model, pick_device
-from ..sample import VARIANCES, SampleSettings, describe, generate, settings_for
+from ..generate import VARIANCES, SampleSettings, describe, generate, settings_for
 from ..precision import PRECISIONS
 from ..samplers import SAMPLERS, users
 from ..schedules import GRID_ENDS, SPACING_CHOICES, STEP_RULES

@@ -1,4 +1,4 @@
-"""``difflo study denoiser``: the single-step denoiser study (:mod:`difflo.study.denoiser`).
+"""``difflo study denoiser``: the single-step denoiser study (:mod:`difflo.experiments.denoiser`).
 
 ``add_parser(sub)`` adds the ``study`` command to the subparsers of the ``difflo`` parser;
 ``run(args)`` executes it and returns the exit code. Bad values (``--hidden 0``, a negative sigma,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..study.denoiser import PARTS, SIGMAS, StudyOptions, parse_parts, run_study
+from ..experiments.denoiser import PARTS, SIGMAS, StudyOptions, parse_parts, run_study
 
 DEFAULTS = StudyOptions(out=Path("."))
 NUMBERS = (("--hidden", "D", int, "UNet hidden width D"),

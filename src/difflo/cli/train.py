@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import config as config_mod, faults
+from .. import config as config_mod, guards
 from ..train import train
 
 
@@ -24,11 +24,11 @@ def run(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)   # train() validates it once the data is known
     name = Path(args.config).stem if args.config else "mnist10k"
     out = Path(args.out or f"runs/{name}")
-    with faults.graceful_stop() as stop:
+    with guards.graceful_stop() as stop:
         ckpt = train(cfg, out, resume=args.resume)
     if stop.signum:
         again = ["difflo", "train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
-        print(faults.stop_message(stop, ckpt, shlex.join(again + ["--out", str(out), "--resume"])), file=sys.stderr)
+        print(guards.stop_message(stop, ckpt, shlex.join(again + ["--out", str(out), "--resume"])), file=sys.stderr)
         return stop.exit_code
     if os.environ.get("RANK", "0") == "0":            # torchrun: rank 0 reports
         print(f"done: checkpoint {ckpt}\n  sample with: difflo sample --ckpt {out} --out {out}/grid.png")

@@ -31,8 +31,8 @@ from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
 from .emoji import FILE_LIST as _EMOJI_FILES, LICENCE as _EMOJI_LICENCE, load_emoji
 from .folder import FILE_LIST as _FOLDER_FILES, load_folder
 from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
-from .imaging import resize_array
-from ..pixels import parse_colour
+from .decode import resize_array
+from ..images import parse_colour
 
 
 def load_mnist10k(split: str = "train", root=None, **_) -> ArrayDataset:

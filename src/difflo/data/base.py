@@ -107,7 +107,7 @@ class DatasetSpec:
 # Options beyond name/root/split/image_size that some loaders read, with their defaults (DataConfig's).
 DATA_OPTIONS: dict[str, object] = {
     "attribute": None,         # celeba: condition on this attribute
-    "background": "white",     # files with transparency: composited over this colour (difflo.pixels)
+    "background": "white",     # files with transparency: composited over this colour (difflo.images)
     "label": None,             # emoji: subcategory | category
     "styles": None,            # emoji: which image sets (google, twitter)
 }

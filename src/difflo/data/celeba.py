@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import DataError
 from . import cache
 from .base import ArrayDataset, check_split, resolve_root
-from .imaging import decode_all, probe
+from .decode import decode_all, probe
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 ALIASES = {"val": "valid"}

@@ -20,7 +20,7 @@ to 984 (``person-role``, skin tones included) images) or ``category`` (9 classes
 to 4,522 ``People & Body``). Class names are the sorted unique names. ``data.styles``: ``google``,
 ``twitter`` or both (default; a list, a tuple or a comma-separated string).
 
-Pixels: transparency is composited over ``data.background`` (default white; :mod:`difflo.pixels`;
+Pixels: transparency is composited over ``data.background`` (default white; :mod:`difflo.images`;
 Noto hides orange under its transparent pixels, Twemoji black) to RGB uint8 64x64. A smaller
 ``data.image_size`` (at most 64; 32 is the usual one) averages areas: a size dividing 64 takes
 the mean of each block (at 32, of each 2x2 block, rounded; PIL's ``reduce``), any other size
@@ -56,7 +56,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from ..pixels import WHITE, parse_colour, to_mode
+from ..images import WHITE, parse_colour, to_mode
 from . import cache
 from .base import ArrayDataset, check_split, resolve_root
 

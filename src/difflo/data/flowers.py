@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import DataError
 from . import cache
 from .base import ArrayDataset, check_split, resolve_root
-from .imaging import decode_all
+from .decode import decode_all
 
 SPLITS = {"train": "trnid", "val": "valid", "test": "tstid"}
 ALIASES = {"valid": "val"}

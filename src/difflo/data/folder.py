@@ -10,7 +10,7 @@
 Images are resized (shorter side) and center-cropped to ``image_size``; with no image_size all
 images must already share one size (cropped to a centred square). They are kept as 1 channel only
 if every image is grayscale, else converted to RGB (EXIF orientation applied). Transparency (RGBA,
-LA, palette) is composited over ``data.background`` (default white; :mod:`difflo.pixels`).
+LA, palette) is composited over ``data.background`` (default white; :mod:`difflo.images`).
 Decoded once, streaming, into the cache (``cache.py``), which training reads memory-mapped:
 a folder of any size trains in bounded memory.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..pixels import WHITE
+from ..images import WHITE
 from . import cache
 from .base import ArrayDataset, check_split, resolve_root
-from .imaging import GRAY_MODES, IMAGE_EXTENSIONS, decode_all, is_image_file, probe
+from .decode import GRAY_MODES, IMAGE_EXTENSIONS, decode_all, is_image_file, probe
 
 SPLIT_DIRS = ("train", "val", "valid", "test")
 FILE_LIST = f"image files ({', '.join(IMAGE_EXTENSIONS)}), flat or in one subfolder per class"

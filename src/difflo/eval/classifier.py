@@ -169,7 +169,7 @@ def data_options(data_name: str, image_size: int | None = None, label=None, styl
     data set has them, the others dropped): ``{"image_size", "label", "styles", "background",
     "attribute"}`` keys, only those that apply."""
     from ..data import DATASETS
-    from ..pixels import WHITE, parse_colour
+    from ..images import WHITE, parse_colour
     spec = DATASETS.get(data_name)
     takes = spec.options if spec else ()
     out: dict = {}

@@ -35,7 +35,7 @@ def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, s
     """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used (None: the
     model's own sample settings; the sampler options it does not read are left out)."""
     from ..images import to_uint8
-    from ..sample import generate, record, settings_for
+    from ..generate import generate, record, settings_for
 
     settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing)
     labels = balanced_labels(n, model.num_classes)
@@ -139,7 +139,7 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 (N, H, W, C) images and labels (or None) from an .npz sample set or a folder of images."""
     path = Path(path)
     if path.is_dir():
-        from ..data.imaging import decode, is_image_file, probe
+        from ..data.decode import decode, is_image_file, probe
         files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
         if not files:
             raise DiffloError(f"{path} holds no images (.png/.jpg); give an .npz from `difflo sample --n N`")

@@ -147,7 +147,7 @@ def nearest_report(model, classes: list[int] | None = None, n_per_class: int = 8
     the model trained on another split than ``train``)."""
     from .. import data as data_mod
     from ..images import to_uint8
-    from ..sample import generate, settings_for
+    from ..generate import generate, settings_for
 
     if model.num_classes == 0:
         raise DiffloError("the nearest-neighbour check is per class: this model is unconditional")

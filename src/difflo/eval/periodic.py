@@ -89,7 +89,7 @@ class PeriodicEval:
         self.best = json.loads(best.read_text())[self.metric] if best.is_file() else float("inf")
 
     def __call__(self, model, step: int) -> dict:
-        """Score the model (a :class:`difflo.sample.Model` over the EMA net) at this step."""
+        """Score the model (a :class:`difflo.generate.Model` over the EMA net) at this step."""
         e = self.cfg.eval
         t0 = time.time()
         images, labels, _ = evaluate.generate_samples(model, e.n, e.seed, steps=e.steps)

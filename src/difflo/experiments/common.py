@@ -28,7 +28,7 @@ from ..errors import DiffloError
 from ..images import grid_image, save_image, to_uint8
 from ..io import atomic_path, check_writable, pyplot, write_text_atomic
 from ..model import Model, load_model, pick_device
-from ..sample import generate, settings_for
+from ..generate import generate, settings_for
 from ..train import ema_update, train
 
 EMA_DECAYS = (0.99, 0.999, 0.9999)       # extra EMA copies kept by every cached run (plain, no warmup)

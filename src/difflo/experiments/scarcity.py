@@ -25,7 +25,7 @@ from .. import data as data_mod
 from ..eval.memorization import nearest
 from ..images import to_uint8
 from ..io import pyplot
-from ..sample import generate, settings_for
+from ..generate import generate, settings_for
 from .common import Options, Report, base_config, judge_for, trained
 
 BINS = ((1, 10), (11, 30), (31, 100), (101, None))     # training images per class, inclusive

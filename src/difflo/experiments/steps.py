@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..io import pyplot
-from ..paths import samplers_for
+from ..noise_paths import samplers_for
 from .common import Options, Report, base_config, class_caption, firsts, judge_for, measure, short, shown_classes, trained
 
 DDIM_STEPS = (10, 20, 50, 100, 200)

@@ -1,10 +1,10 @@
 """What ``difflo serve`` does, without the HTTP: validate a request, queue a job, make its files.
 
-* **sample** runs :func:`difflo.sample.generate` with a sampler callback that advances the progress
+* **sample** runs :func:`difflo.generate.generate` with a sampler callback that advances the progress
   bar, checks the cancel flag and records the trajectory (``x`` at ``t_prev`` and the predicted x0,
   for the first images, at up to :data:`MAX_FRAMES` steps). It writes the same labelled grid and npz
   as ``difflo sample --grid N``, whose exact command comes with the result.
-* **edit** calls the technique's function in :mod:`difflo.edit` (the one ``difflo edit`` calls) on
+* **edit** calls the technique's function in :mod:`difflo.edit.techniques` (the one ``difflo edit`` calls) on
   the loaded model and writes its files with ``EditResult.write``; the ``difflo edit ...`` command
   shown with the result reproduces the figure exactly (tests compare the files byte for byte).
   Progress and cancelling come from a thin wrapper around the network (each network evaluation is
@@ -32,14 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import edit, editing
 from ..checkpoint import WEIGHTS, resolve_weights
+from ..edit import operators, techniques
 from ..errors import DiffloError
-from ..images import grid_image, image_tensor, mask_image, mask_tensor, model_image, open_image, save_image, to_uint8
+from ..generate import describe, generate, settings_for
+from ..images import (WHITE, grid_image, image_tensor, mask_image, mask_tensor, model_image, open_image, parse_colour,
+                      save_image, to_uint8)
 from ..io import atomic_path
-from ..pixels import WHITE, parse_colour
 from ..model import Model, load_model, pick_device
-from ..sample import describe, generate, settings_for
 from ..samplers import SAMPLERS
 from .jobs import Job, JobQueue
 
@@ -60,7 +60,7 @@ LIMITS = {
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 MAX_FRAMES = 40                # trajectory steps recorded per sample job
 TRAJ_IMAGES = 8                # images whose trajectory is recorded
-EDIT_TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")    # of difflo.edit.TECHNIQUES
+EDIT_TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")    # of difflo.edit.techniques.TECHNIQUES
 
 
 class RequestError(DiffloError):
@@ -211,7 +211,7 @@ class App:
     def info(self) -> dict:
         m, sc = self.model, self.model.cfg.sample
         default = sc.sampler if sc.sampler in self.samplers else self.samplers[0]
-        edit_default = edit.default_sampler(m)                                      # as difflo edit
+        edit_default = techniques.default_sampler(m)                                      # as difflo edit
         return {
             "ckpt": self.ckpt_arg, "weights": "ema" if self.ema else "raw", "objective": m.objective,
             "data": m.cfg.data.name, "num_classes": m.num_classes, "class_names": list(m.class_names),
@@ -221,7 +221,7 @@ class App:
                          "spacing": sc.spacing if sc.spacing in self.spacings else self.spacings[0],
                          "edit_sampler": edit_default if edit_default in self.edit_samplers
                          else self.edit_samplers[0]},
-            "views": [v for v in editing.VIEWS if v != "identity"],
+            "views": [v for v in operators.VIEWS if v != "identity"],
             "limits": {**LIMITS, "steps": self.max_steps, "upload_mb": LIMITS["upload_bytes"] >> 20},
         }
 
@@ -296,7 +296,7 @@ class App:
         p = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
         n = f.int("n", 1, LIMITS["n"], 1)
         per_step = SAMPLERS[p["sampler"]].evals_per_step
-        opts = edit.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"],
+        opts = techniques.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"],
                                 precision=self.model.cfg.sample.precision)      # as difflo edit
         args = ["edit", tech, "--ckpt", self.ckpt_arg, *self.null_flag, "--n", str(n), "--seed", str(p["seed"]),
                 "--w", _num(p["w"]), "--sampler", p["sampler"]] \
@@ -304,7 +304,7 @@ class App:
         files = {}                                                  # name -> PIL image, written into the job
         notes: list[str] = []
         path = self.model.path
-        ts = edit.time_grid(self.model, steps=p["steps"])            # as difflo edit --steps
+        ts = techniques.time_grid(self.model, steps=p["steps"])            # as difflo edit --steps
         if tech in ("sdedit", "inpaint"):
             files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes,
                                                 background=self.background)
@@ -318,7 +318,7 @@ class App:
             args += ["--stride", str(stride), "--levels", str(level)]
             evals = level * per_step
             notes.append(f"strength {strength:g}: start {level} of {n_ts} steps (stride {stride}) from the clean end")
-            run = lambda model, x: edit.sdedit(model, opts, x, cls, stride, [level])
+            run = lambda model, x: techniques.sdedit(model, opts, x, cls, stride, [level])
         elif tech == "inpaint":
             files["mask.png"] = to_model_mask(decode_image(body.get("mask"), "mask"), self.S)
             j = f.int("jump_length", 1, LIMITS["jump_length"], 1)
@@ -327,13 +327,13 @@ class App:
                      "--jump-n-sample", str(r)]
             evals = p["steps"] * r * per_step
             mask = mask_tensor(files["mask.png"])
-            run = lambda model, x: edit.inpaint(model, opts, x, mask.to(x.device), cls, ts, j, r)
+            run = lambda model, x: techniques.inpaint(model, opts, x, mask.to(x.device), cls, ts, j, r)
         elif tech == "anagram":
             view = f.choice("view", info["views"], "rot180")
             a, b = self._cls(f, "a"), self._cls(f, "b")
             args += ["--a", str(a), "--b", str(b), "--view", view, "--steps", str(p["steps"])]
             evals = p["steps"] * per_step
-            run = lambda model, x: edit.anagram(model, opts, a, b, view, ts)
+            run = lambda model, x: techniques.anagram(model, opts, a, b, view, ts)
         else:
             size = f.int("kernel_size", 1, LIMITS["kernel_size"], 9)
             if size % 2 == 0:
@@ -343,7 +343,7 @@ class App:
             args += ["--low", str(low), "--high", str(high), "--kernel-size", str(size), "--sigma", _num(sigma),
                      "--steps", str(p["steps"])]
             evals = p["steps"] * per_step
-            run = lambda model, x: edit.hybrid(model, opts, low, high, size, sigma, ts)
+            run = lambda model, x: techniques.hybrid(model, opts, low, high, size, sigma, ts)
         if evals > LIMITS["evals"]:
             raise RequestError(f"this edit needs {evals} network evaluations; the limit is {LIMITS['evals']}: "
                                f"lower steps or the resampling")

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError
-from ..pixels import WHITE, to_mode
+from ..images import WHITE, to_mode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 CHUNK = 64                  # images per task of the decoding threads
@@ -57,7 +57,7 @@ def decode(path: Path, size: int | None, channels: int, box: tuple[int, int, int
            fix: str = "replace or delete it", background=WHITE) -> np.ndarray:
     """One image file -> uint8 (size, size, channels). ``box`` (left, upper, right, lower) is cropped
     first (in the stored image's pixels); ``size`` None keeps the (square) size. Transparency is
-    composited over ``background`` (:mod:`difflo.pixels`)."""
+    composited over ``background`` (:mod:`difflo.images`)."""
     try:
         with Image.open(path) as im:
             if box is None and size is not None and im.format == "JPEG":

@@ -50,7 +50,7 @@ from ..io import check_writable
 from ..model import pick_device
 from ..nn import SmallUNet
 from ..train import batch_indices, train
-from .report import plot_lr_runs, plural, save_rows, write_csv, write_results
+from .denoiser_report import plot_lr_runs, plural, save_rows, write_csv, write_results
 
 SIGMAS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0)
 PARTS = ("strip", "train", "ood", "noise", "lr")

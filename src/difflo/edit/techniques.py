@@ -4,9 +4,9 @@ Each technique takes a loaded :class:`~difflo.model.Model`, an :class:`EditOptio
 guidance) and its own inputs, and returns an :class:`EditResult`: the figure's cells and row labels,
 the final results, every intermediate image by name, and a summary line. ``EditResult.write`` makes
 the files ``difflo edit`` documents (``figure.png``, ``raw.npz``, ``result_XX.png``). The numerical
-pieces (denoiser wrappers, the RePaint callback, SDEdit's start) are in :mod:`difflo.editing`.
+pieces (denoiser wrappers, the RePaint callback, SDEdit's start) are in :mod:`difflo.edit.operators`.
 
-Times: the grids are the path's own (:mod:`difflo.paths`), ending at the clean data; command-line
+Times: the grids are the path's own (:mod:`difflo.noise_paths`), ending at the clean data; command-line
 times are on the path's ``cli_scale`` (diffusion timesteps 0..T-1; flow per mille).
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import editing
-from .errors import DiffloError
-from .images import grid_image, save_image, to_uint8
-from .io import atomic_path
-from .model import Model, make_denoiser
-from .sample import SampleSettings, check_sampler, check_steps, generate, time_grid as sample_grid
-from .samplers import SeededNoise
+from ..errors import DiffloError
+from ..generate import SampleSettings, check_sampler, check_steps, generate, time_grid as sample_grid
+from ..images import grid_image, save_image, to_uint8
+from ..io import atomic_path
+from ..model import Model, make_denoiser
+from ..samplers import SeededNoise
+from . import operators
 
 TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid", "invert", "interpolate")
 EDIT_SAMPLER_PREFERENCE = ("ddpm", "euler")     # stochastic DDPM for diffusion (RePaint's), Euler for flow
@@ -41,7 +41,7 @@ def default_sampler(model: Model) -> str:
 
 
 def ode_sampler(model: Model) -> str:
-    """The deterministic sampler that :func:`difflo.editing.ddim_invert` inverts: Euler on the flow
+    """The deterministic sampler that :func:`difflo.edit.operators.ddim_invert` inverts: Euler on the flow
     path (where DDIM is the same update), DDIM on discrete diffusion."""
     return next(s for s in ODE_SAMPLERS if s in model.path.samplers)
 
@@ -152,7 +152,7 @@ def forward(model: Model, x0: torch.Tensor, ts: list, seeds: list[int], notes=()
         raise DiffloError("--t needs at least one timestep, e.g. 250,500,750")
     noise = SeededNoise(seeds, x0.shape[1:], x0.device)
     z = noise()
-    xs = {f"x_{t}": editing.q_sample(x0.expand_as(z), z, *model.path.alpha_sigma(t)) for t in ts}
+    xs = {f"x_{t}": operators.q_sample(x0.expand_as(z), z, *model.path.alpha_sigma(t)) for t in ts}
     grid = [[x0[0]] + [xs[f"x_{t}"][i] for t in ts] for i in range(len(seeds))]
     results = torch.stack([xs[f"x_{t}"] for t in ts], 1).flatten(0, 1)
     return EditResult(grid, [f"seed {s}" for s in seeds], results, {"clean": x0, **xs},
@@ -173,15 +173,15 @@ def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: i
     noise = SeededNoise(opts.seeds, x0.shape[1:], x0.device)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x0.device)
-    x_t = editing.q_sample(x0.expand(B, -1, -1, -1), noise(), *model.path.alpha_sigma(t))
-    blur = [editing.best_blur(x_t[i:i + 1], x0) for i in range(B)]
+    x_t = operators.q_sample(x0.expand(B, -1, -1, -1), noise(), *model.path.alpha_sigma(t))
+    blur = [operators.best_blur(x_t[i:i + 1], x0) for i in range(B)]
     one = den(x_t, t, y=y)
-    it = editing.run_sampler(opts.sampler, den, x_t.clone(), ts[i_start:], {"y": y}, None, noise)
+    it = operators.run_sampler(opts.sampler, den, x_t.clone(), ts[i_start:], {"y": y}, None, noise)
     grid, lines = [], []
     for i in range(B):
-        pb, p1, pi = blur[i][3], editing.psnr(one[i:i + 1], x0), editing.psnr(it[i:i + 1], x0)
+        pb, p1, pi = blur[i][3], operators.psnr(one[i:i + 1], x0), operators.psnr(it[i:i + 1], x0)
         grid.append([x0[0], x_t[i], blur[i][0][0], one[i], it[i]])
-        lines.append(f"seed {opts.seeds[i]}: noisy {editing.psnr(x_t[i:i + 1], x0):.2f} dB, best blur "
+        lines.append(f"seed {opts.seeds[i]}: noisy {operators.psnr(x_t[i:i + 1], x0):.2f} dB, best blur "
                      f"(kernel {blur[i][1]}, sigma {blur[i][2]:g}) {pb:.2f} dB, one-step {p1:.2f} dB, "
                      f"iterative ({n - i_start} steps, {opts.sampler}) {pi:.2f} dB")
     summary = (f"denoise at {_t_label(t)} (--i-start {i_start}, stride {stride}); columns: clean, noisy, "
@@ -203,7 +203,7 @@ def sdedit(model: Model, opts: EditOptions, x_in: torch.Tensor, c: int, stride: 
     den = opts.denoiser(model)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x_in.device)
-    outs = {k: editing.sdedit(den, x_in.expand(B, -1, -1, -1), y, ts, k, opts.seeds, opts.sampler) for k in levels}
+    outs = {k: operators.sdedit(den, x_in.expand(B, -1, -1, -1), y, ts, k, opts.seeds, opts.sampler) for k in levels}
     grid = [[x_in[0]] + [outs[k][i] for k in levels] for i in range(B)]
     results = torch.stack([outs[k] for k in levels], 1).flatten(0, 1)
     starts = ", ".join(f"{k}: " + ("input" if k == 0 else _t_label(ts[-k - 1])) for k in levels)
@@ -219,7 +219,7 @@ def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor
     c = model.class_index(c)
     B = len(opts.seeds)
     y = torch.full((B,), c, device=x.device)
-    out = editing.inpaint(opts.denoiser(model), x.expand(B, -1, -1, -1), mask, y, ts,
+    out = operators.inpaint(opts.denoiser(model), x.expand(B, -1, -1, -1), mask, y, ts,
                           opts.seeds, opts.sampler, jump_length=jump_length, jump_n_sample=jump_n_sample)
     shown = x * (1 - mask) + mask * 0.0                      # the regenerated region shown grey
     grid = [[x[0], shown[0]] + [out[i] for i in range(B)]]
@@ -232,10 +232,10 @@ def inpaint(model: Model, opts: EditOptions, x: torch.Tensor, mask: torch.Tensor
 def anagram(model: Model, opts: EditOptions, a: int, b: int, view: str, ts: list) -> EditResult:
     """An image that reads as class a upright and class b under ``view``."""
     A, B_ = model.class_index(a, "--a"), model.class_index(b, "--b")
-    den = editing.AnagramDenoiser(opts.denoiser(model), ["identity", view])
+    den = operators.AnagramDenoiser(opts.denoiser(model), ["identity", view])
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
-    out = editing.sample_plain(den, _labels(model, len(opts.seeds), A, B_), ts, opts.seeds, shape, opts.sampler)
-    viewed = editing.apply_view(out, view)
+    out = operators.sample_plain(den, _labels(model, len(opts.seeds), A, B_), ts, opts.seeds, shape, opts.sampler)
+    viewed = operators.apply_view(out, view)
     return EditResult([list(out), list(viewed)], [f"{A} upright", f"{B_} {view}"], out,
                       {"anagram": out, "viewed": viewed},
                       f"anagram: class {A} upright, class {B_} under {view} (w={opts.w:g}, {opts.sampler}); "
@@ -246,9 +246,9 @@ def hybrid(model: Model, opts: EditOptions, low: int, high: int, kernel_size: in
            ts: list) -> EditResult:
     """Low frequencies from class ``low``, high frequencies from class ``high``."""
     lo, hi = model.class_index(low, "--low"), model.class_index(high, "--high")
-    den = editing.HybridDenoiser(opts.denoiser(model), kernel_size, sigma)
+    den = operators.HybridDenoiser(opts.denoiser(model), kernel_size, sigma)
     shape = (model.cfg.model.in_channels, model.cfg.model.image_size, model.cfg.model.image_size)
-    out = editing.sample_plain(den, _labels(model, len(opts.seeds), lo, hi), ts, opts.seeds, shape, opts.sampler)
+    out = operators.sample_plain(den, _labels(model, len(opts.seeds), lo, hi), ts, opts.seeds, shape, opts.sampler)
     low_img = den.lowpass(out)
     high_img = (out - low_img).clamp(-1, 1)
     return EditResult([list(out), list(low_img), list(high_img)], ["hybrid", f"lowpass ({lo})", f"highpass ({hi})"],
@@ -289,15 +289,15 @@ def invert(model: Model, opts: EditOptions, x: torch.Tensor, c: int, steps: list
         den = dataclasses.replace(opts, w=w).denoiser(model)
         suffix = "" if w == opts.w else "_w1"
         for n, ts in grids.items():
-            z = editing.ddim_invert(den, x, ts, {"y": y})
-            recon[n, w] = editing.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
+            z = operators.ddim_invert(den, x, ts, {"y": y})
+            recon[n, w] = operators.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
             noise[n, w] = z
-            metrics[f"psnr_{n}{suffix}"] = editing.psnr(recon[n, w], x)
+            metrics[f"psnr_{n}{suffix}"] = operators.psnr(recon[n, w], x)
     den = opts.denoiser(model)
     seed = opts.seeds[0]
     for n, ts in grids.items():
         z = SeededNoise([seed], x.shape[1:], x.device)()
-        metrics[f"psnr_random_{n}"] = editing.psnr(editing.run_sampler(sampler, den, z, ts, {"y": y}, None, None), x)
+        metrics[f"psnr_random_{n}"] = operators.psnr(operators.run_sampler(sampler, den, z, ts, {"y": y}, None, None), x)
 
     two = len(ws) > 1
     head = "  steps" + "".join(f"{f'w={w:g}':>8}" for w in ws) + f"  random noise (seed {seed}, w={opts.w:g})"
@@ -356,22 +356,22 @@ def interpolate(model: Model, opts: EditOptions, a: torch.Tensor | int, b: torch
         if isinstance(end, torch.Tensor):
             x = end.to(device)
             inputs[side] = x
-            zs.append(editing.ddim_invert(den, x, ts, {"y": torch.tensor([c], device=device)}))
+            zs.append(operators.ddim_invert(den, x, ts, {"y": torch.tensor([c], device=device)}))
             what.append(f"image {side.upper()} (inverted)")
         else:
             seeds.append(int(end))
             zs.append(SeededNoise([int(end)], shape, device)())
             what.append(f"seed {int(end)}")
     alphas = [j / (frames - 1) for j in range(frames)]                  # exactly 0 and 1 at the ends
-    z = torch.cat([editing.slerp(zs[0], zs[1], t) for t in alphas])
+    z = torch.cat([operators.slerp(zs[0], zs[1], t) for t in alphas])
     if k:
-        mixer = editing.ClassMixNet(model.net, k, editing.ClassMixNet.mix(k, class_a, class_b, alphas))
+        mixer = operators.ClassMixNet(model.net, k, operators.ClassMixNet.mix(k, class_a, class_b, alphas))
         mixed = dataclasses.replace(model, net=mixer)
         y = torch.tensor([mixer.label(j) for j in range(frames)], device=device)
-        out = editing.run_sampler(sampler, opts.denoiser(mixed), z.clone(), ts, {"y": y}, None, None)
+        out = operators.run_sampler(sampler, opts.denoiser(mixed), z.clone(), ts, {"y": y}, None, None)
     else:
         y = torch.zeros(frames, dtype=torch.long, device=device)
-        out = editing.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
+        out = operators.run_sampler(sampler, den, z.clone(), ts, {"y": y}, None, None)
     metrics = {}
     grid, labels = [list(out)], ["frames"]
     if inputs and opts.w > 1.0 and k:
@@ -384,7 +384,7 @@ def interpolate(model: Model, opts: EditOptions, a: torch.Tensor | int, b: torch
         labels.append("inputs")
         for side, j in (("a", 0), ("b", frames - 1)):
             if side in inputs:
-                metrics[f"psnr_{side}"] = editing.psnr(out[j:j + 1], inputs[side])
+                metrics[f"psnr_{side}"] = operators.psnr(out[j:j + 1], inputs[side])
                 notes.append(f"frame {j} reconstructs image {side.upper()} at {metrics[f'psnr_{side}']:.2f} dB")
     name = lambda c: model.class_label(c) if k and c < k else "unconditional"
     classes = name(class_a) if class_a == class_b else f"class embedding {name(class_a)} -> {name(class_b)}"

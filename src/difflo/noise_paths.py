@@ -33,7 +33,7 @@ from .flow import FlowPath
 from .samplers import fitting
 
 
-class Path(Protocol):
+class NoisePath(Protocol):
     t_clean: int | float              # the time of the clean data (alpha = 1, sigma = 0)
     variance_preserving: bool         # alpha^2 + sigma^2 = 1
     continuous: bool                  # has d_alpha_sigma(t)
@@ -54,7 +54,7 @@ class Path(Protocol):
     loss_weightings: tuple[str, ...]  # diffusion.loss_weighting choices
     t_samplings: tuple[str, ...]      # diffusion.t_sampling choices
     @classmethod
-    def from_config(cls, d) -> "Path": ...
+    def from_config(cls, d) -> "NoisePath": ...
     @staticmethod
     def max_steps_for(d) -> int | None: ...
 
@@ -63,7 +63,7 @@ PATHS = {"diffusion": DiscreteSchedule, "flow": FlowPath}      # diffusion.objec
 OBJECTIVES = tuple(PATHS)
 
 
-def make_path(d) -> Path:
+def make_path(d) -> NoisePath:
     """The path of a DiffusionConfig: DDPM's discrete schedule, or the straight flow path."""
     return PATHS[d.objective].from_config(d)
 

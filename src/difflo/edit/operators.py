@@ -39,9 +39,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .diffusion import q_sample
-from .errors import DiffloError
-from .samplers import SAMPLERS, SeededNoise
+from ..diffusion import q_sample
+from ..errors import DiffloError
+from ..samplers import SAMPLERS, SeededNoise
 
 # ----------------------------------------------------------------------------- views
 VIEWS = ("identity", "flip", "hflip", "rot90", "rot180", "rot270")
@@ -156,7 +156,7 @@ def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "d
     if k == 0:
         return x_in.clone()
     if k == n:
-        x = z                                                  # x_T ~ N(0, I), as difflo.sample.generate
+        x = z                                                  # x_T ~ N(0, I), as difflo.generate.generate
     else:
         a, s = denoiser.path.alpha_sigma(ts[-k - 1])
         x = q_sample(x_in, z, a, s)

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from . import memory
+from . import allocator
 from .config import SampleConfig as SampleSettings
 from .errors import DiffloError
 from .model import Model, make_denoiser
@@ -143,7 +143,7 @@ def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings
     ``settings``: checked :class:`SampleSettings` (default: the model's own, ``settings_for(model)``).
     ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index)."""
     s = settings_for(model) if settings is None else check_settings(settings, model)
-    memory.tune_malloc()
+    allocator.tune_malloc()
     n_cls = model.num_classes
     if n_cls and len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
         raise DiffloError(f"class index out of range: this model has classes 0..{n_cls - 1}")
