@@ -36,9 +36,9 @@ ERROR_LINE = re.compile(r"^difflo( [\w-]+)*: error: \S")
 
 # The numerical tests (peers, exact-Gaussian checks, equivalences): `.ci/run` runs them a second time with
 # `precision: auto` forced to the other choice than the machine's (`pytest -m numerical`).
-NUMERICAL = ("peer/", "test_samplers_exact.py", "test_samplers.py", "test_samplers_grids.py", "test_diffusion.py",
+NUMERICAL = ("peer", "test_samplers_exact.py", "test_samplers.py", "test_samplers_grids.py", "test_diffusion.py",
              "test_flow.py", "test_inversion.py", "test_nll.py", "test_editing.py", "test_schedules.py",
-             "test_precision.py")
+             "test_precision.py")          # a folder of tests/ or a test file's name
 
 
 def pytest_configure(config):
@@ -47,8 +47,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = item.path.as_posix()
-        if any(f"/tests/{name}" in path for name in NUMERICAL):
+        if item.path.name in NUMERICAL or any(part in NUMERICAL for part in item.path.parent.parts):
             item.add_marker(pytest.mark.numerical)
 
 

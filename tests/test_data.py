@@ -540,6 +540,16 @@ def test_info(tmp_path, capsys):
     assert "mixed (" in out and "3 channels (RGB), 3 classes" in out
 
 
+def test_info_prints_the_licence(capsys):
+    """`difflo data info` prints the licence its DatasetSpec records (the one exported model cards carry)."""
+    from difflo import cli
+    from difflo.data import DATASETS
+
+    assert cli.main(["data", "info", "mnist10k"]) == 0
+    out = capsys.readouterr().out
+    assert DATASETS["mnist10k"].licence in out and "CC BY-SA 3.0" in out and "LeCun" in out
+
+
 def test_wired_into_difflo_cli(tmp_path, capsys):
     from difflo import cli
 

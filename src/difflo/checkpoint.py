@@ -10,7 +10,7 @@ A run directory looks like::
                                            loaded with torch.load(weights_only=True))
         manifest.json                      sha256 of each file above, written last
 
-A checkpoint is written into ``checkpoints/.tmp-step_N`` and renamed into place, so a directory
+A checkpoint is written into ``checkpoints/.tmp-step_N`` and renamed into place (``io.atomic_dir``), so a directory
 named ``step_N`` is always complete; a kill during the write leaves only a ``.tmp-*`` directory,
 which the next save removes. Replacing or deleting a checkpoint first renames it to ``.tmp-*`` too.
 A failed write (disk full) removes the partial ``.tmp-*`` directory and raises CheckpointError.
@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file, safe_open
 
 from . import __version__
 from .errors import CheckpointError
-from .io import file_digest
+from .io import atomic_dir, discard_dir, file_digest, fsync_dir
 
 FORMAT = "difflo"
 FORMAT_VERSION = 1
@@ -56,19 +56,6 @@ def sha256_file(path: str | Path) -> str:
     return file_digest(path, "sha256").hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def weights_metadata(config: dict, step: int, kind: str) -> dict[str, str]:
     return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "difflo_version": __version__,
             "step": str(step), "weights": kind, "config": json.dumps(config)}
@@ -81,13 +68,6 @@ def _fault_sleep() -> None:
         time.sleep(float(seconds))
 
 
-def _discard(path: Path, root: Path) -> None:
-    """Remove a directory so that no half-deleted copy is ever visible under its name."""
-    doomed = root / f".tmp-del-{path.name}"
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, ema_state: dict,
                     train_state: dict, keep: int = 2) -> Path:
     """Write RUN/checkpoints/step_N atomically; keep the newest `keep` checkpoints."""
@@ -96,42 +76,33 @@ def save_checkpoint(run_dir: Path, step: int, config: dict, model_state: dict, e
     for stale in ckpt_root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".tmp-step_{step:07d}"
     try:
-        tmp.mkdir()
-        for name, state in (("model.safetensors", model_state), ("ema.safetensors", ema_state)):
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / name), metadata=weights_metadata(config, step, name.split(".")[0]))
+        with atomic_dir(final) as tmp:           # .tmp-step_N; replaces a re-saved step (after falling back)
+            for name, state in (("model.safetensors", model_state), ("ema.safetensors", ema_state)):
+                tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+                save_file(tensors, str(tmp / name), metadata=weights_metadata(config, step, name.split(".")[0]))
+                _fault_sleep()
+            torch.save(train_state, tmp / "state.pt")
             _fault_sleep()
-        torch.save(train_state, tmp / "state.pt")
-        _fault_sleep()
-        files = ("model.safetensors", "ema.safetensors", "state.pt")
-        for name in files:
-            with open(tmp / name, "rb") as f:
+            files = ("model.safetensors", "ema.safetensors", "state.pt")
+            for name in files:
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            manifest = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in files}}
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f)
+                f.flush()
                 os.fsync(f.fileno())
-        manifest = {"step": step, "sha256": {name: sha256_file(tmp / name) for name in files}}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _fault_sleep()
+            fsync_dir(tmp)
+            _fault_sleep()
     except (OSError, SafetensorError, RuntimeError) as e:     # disk full, quota, I/O error (torch.save: RuntimeError)
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(run_dir)
+        previous = list_checkpoints(run_dir)                  # atomic_dir removed the partial directory
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         why = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise CheckpointError(f"could not write checkpoint {final} ({why}); the partial write was removed and "
                               f"{kept}: free disk space, then continue with --resume") from None
-    except BaseException:                    # e.g. a second Ctrl-C: leave no partial directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():                       # re-saving the same step (e.g. after falling back to an older one)
-        _discard(final, ckpt_root)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        _discard(old, ckpt_root)
+        discard_dir(old)
     return final
 
 

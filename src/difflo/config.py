@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError, DiffloError
+from .eval import FEATURES
 from .images import parse_colour
 from .nn.unet import UNetConfig
 
@@ -144,8 +145,9 @@ class Config:
 
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample
-        # The objective's path class says what it accepts (an unknown objective is reported below).
-        path = PATHS.get(d.objective, PATHS["diffusion"])
+        # The objective's path class says what it accepts (an unknown objective is reported below, and the
+        # rest is checked against the default objective's class).
+        path = PATHS.get(d.objective, PATHS[DiffusionConfig.objective])
         fitting = samplers_for(d.objective) if d.objective in OBJECTIVES else tuple(samplers.SAMPLERS)
         choices = [("diffusion.objective", d.objective, OBJECTIVES),
                    ("diffusion.schedule", d.schedule, schedules.BETA_SCHEDULES),
@@ -160,7 +162,7 @@ class Config:
                    ("sample.step_rule", s.step_rule, schedules.STEP_RULES),
                    ("sample.grid_end", s.grid_end, schedules.GRID_ENDS),
                    ("sample.variance", s.variance, samplers.VARIANCES),
-                   ("eval.features", self.eval.features, ("classifier", "inception"))]
+                   ("eval.features", self.eval.features, FEATURES)]
         for key, value, allowed in choices:
             if value not in allowed:
                 why = f" for diffusion.objective={d.objective}" if key != "diffusion.objective" else ""
@@ -201,14 +203,14 @@ class Config:
         elif d.betas:
             problems.append(f"diffusion.betas is read only with diffusion.schedule=explicit (schedule is "
                             f"{d.schedule!r})")
-        if d.zero_terminal_snr and (d.objective != "diffusion" or d.prediction == "eps"):
+        if d.zero_terminal_snr and (not path.beta_schedule or d.prediction == "eps"):
             problems.append(f"diffusion.zero_terminal_snr=true needs objective diffusion with prediction v or x0 "
                             f"(got {d.objective}, {d.prediction}): at alpha_T = 0 an eps prediction says nothing "
                             f"about x0; use diffusion.prediction=v (Lin et al. 2024)")
         if d.zero_terminal_snr and s.spacing in schedules.SIGMA_SPACINGS:
             problems.append(f"sample.spacing={s.spacing} needs a finite largest noise level; with "
                             f"diffusion.zero_terminal_snr use trailing")
-        if d.objective != "diffusion" and (s.steps_offset, s.step_rule, s.grid_end) != (0, "listed", "clean"):
+        if not path.timestep_grids and (s.steps_offset, s.step_rule, s.grid_end) != (0, "listed", "clean"):
             problems.append(f"sample.steps_offset={s.steps_offset}, step_rule={s.step_rule} and grid_end={s.grid_end} "
                             f"are settings of diffusion timestep grids; objective {d.objective} takes 0, listed, clean")
         elif s.spacing == "leading" and s.steps_offset > 0 and 0 < s.steps <= d.timesteps:

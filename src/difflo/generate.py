@@ -136,6 +136,7 @@ def describe(s: SampleSettings) -> str:
     return ", ".join(f"{k}={v}" for k, v in record(s).items())
 
 
+@torch.no_grad()
 def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings | None = None,
              batch_size: int = 250, callback=None, progress=None) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for the given labels and per-image seeds.

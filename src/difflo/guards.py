@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import list_checkpoints
 from .errors import DiffloError
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
@@ -117,7 +118,6 @@ class NonFiniteGuard:
         self.log(f"step {step + 1}: non-finite {what}; skipped the update ({self.in_row} in a row, "
                  f"{self.total} in this run)")
         if self.in_row >= self.limit:
-            from .checkpoint import list_checkpoints
             ckpts = list_checkpoints(self.run_dir)
             last = f"last good checkpoint {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
             raise TrainingDiverged(
@@ -136,8 +136,6 @@ def checkpoint_bytes(n_params: int) -> int:
 
 def check_free_space(run_dir: Path, n_params: int, keep: int) -> None:
     """Refuse to start when the disk cannot hold `keep` checkpoints plus the one being written."""
-    from .checkpoint import list_checkpoints
-
     run_dir = Path(run_dir)
     size = checkpoint_bytes(n_params)
     on_disk = len(list_checkpoints(run_dir))

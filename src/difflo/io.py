@@ -4,6 +4,11 @@
   yields (same folder, same suffix, so savers that infer the format from the name work); on success
   it is renamed over the target, on any error (disk full, a second Ctrl-C) it is removed. A kill
   never leaves half a file under the real name.
+* :func:`atomic_dir` is the same for a directory (a checkpoint, RUN/best, an exported model): it is
+  built as ``.tmp-NAME`` beside the target and renamed into place; an existing target is first
+  renamed aside to ``.tmp-del-NAME`` (:func:`discard_dir` deletes a directory the same way), so the
+  target is at every moment the whole old directory, the whole new one, or (a kill between the two
+  renames) absent, never a mix. What a kill leaves is ``.tmp-*``, removed by the next write.
 * :func:`cache_home` honours ``$XDG_CACHE_HOME`` (``~/.cache`` otherwise): data caches, downloaded
   data sets and trained classifiers all live under it.
 * :func:`pyplot` gives matplotlib's pyplot with the non-interactive Agg backend (no display needed).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from .errors import DiffloError
@@ -29,6 +35,59 @@ def atomic_path(path: str | Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a new empty directory beside ``target`` (``.tmp-NAME``, a leftover of a killed write
+    removed first) for the caller to fill; on success rename it onto ``target`` (an existing
+    ``target`` is renamed aside to ``.tmp-del-NAME`` first and removed after), then sync the parent
+    folder; on any error (disk full, a second Ctrl-C) remove it and leave ``target`` as it was."""
+    target = Path(target)
+    tmp, aside = target.with_name(f".tmp-{target.name}"), target.with_name(f".tmp-del-{target.name}")
+    for stale in (tmp, aside):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        replaced = target.exists()
+        if replaced:
+            os.replace(target, aside)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if replaced:
+                os.replace(aside, target)             # put the old one back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
+def discard_dir(path: str | Path) -> None:
+    """Remove a directory so that no half-deleted copy is ever visible under its name: rename it to
+    ``.tmp-del-NAME`` beside it first (all a kill can leave), then delete that."""
+    path = Path(path)
+    doomed = path.with_name(f".tmp-del-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a directory's entries (a rename into it) durable, where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

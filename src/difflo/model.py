@@ -198,11 +198,14 @@ def load_difflo_net(weights) -> tuple[UNet, config_mod.Config]:
     return net, cfg
 
 
-def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None):
+def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None,
+                  dtype: torch.dtype = torch.float32):
     """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped to
     [-diffusion.clip_range, clip_range]; the network runs under autocast to ``autocast`` (None: float32;
-    see difflo.precision). An unconditional model ignores w (a note says so when w would guide)."""
-    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast)
+    see difflo.precision) and x0_hat comes in ``dtype``. It takes one time or per-sample times and leaves
+    autograd on (callers that need no gradients run it under ``torch.no_grad()``; see
+    :mod:`difflo.guidance`). An unconditional model ignores w (a note says so when w would guide)."""
+    den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast, dtype)
     if model.num_classes > 0:
         if w != 1.0 and not model.has_null_class:
             raise DiffloError(pretrained.null_class_needed(w))

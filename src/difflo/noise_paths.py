@@ -13,6 +13,9 @@ time                integer timesteps 0..T-1, clean end -1         t in [0, 1], 
 ``cli_scale``       T (``--t 500`` is timestep 500)                1000 (``--t 500`` is t = 0.5)
 ``samplers``        ddpm, ddim, dpmpp                              euler, heun, ddim, dpmpp
 ``training_loss``   DDPM denoising loss (eps / x0 / v)             flow matching (u)
+``beta_schedule``   True (zero_terminal_snr, ``difflo export``)    False
+``timestep_grids``  True (steps_offset, step_rule, grid_end)       False
+``describe(d)``     "diffusion, cosine, v-prediction"              "flow, u-prediction"
 ==================  =============================================  ===================================
 
 **Time grids contain their clean end** (k-diffusion's ``append_zero``): a sampler walks
@@ -24,7 +27,7 @@ fit is decided by the sampler's needs (``Sampler.needs`` in :mod:`difflo.sampler
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import torch
 
@@ -34,38 +37,103 @@ from .samplers import fitting
 
 
 class NoisePath(Protocol):
-    t_clean: int | float              # the time of the clean data (alpha = 1, sigma = 0)
-    variance_preserving: bool         # alpha^2 + sigma^2 = 1
-    continuous: bool                  # has d_alpha_sigma(t)
-    max_steps: int | None             # the most sampling steps (None: unbounded)
-    cli_scale: int                    # command-line times run over (0, cli_scale]
+    """Every member any difflo code reads from a path (``tests/test_path_protocol.py`` parses the sources
+    and fails on a ``path.X`` not declared here; :func:`make_path` checks a built path has them all).
+    ``ClassVar`` members are answered by the class itself, before any path is built (config validation,
+    :func:`samplers_for`, ``difflo export``)."""
 
-    def alpha_sigma(self, t): ...
-    def model_time(self, t: torch.Tensor) -> torch.Tensor: ...
-    def sampling_times(self, n: int, spacing: str = "trailing", offset: int = 0, step_rule: str = "listed",
-                       end: str = "clean") -> list: ...
-    def strided_times(self, stride: int) -> list: ...
-    def time_from_cli(self, t: float): ...
+    t_clean: ClassVar[int | float]
+    """The time of the clean data (alpha = 1, sigma = 0), where every sampler ends."""
+    variance_preserving: ClassVar[bool]
+    """alpha^2 + sigma^2 = 1: DDPM's posterior applies (the ddpm sampler, the variational bound)."""
+    continuous: ClassVar[bool]
+    """A continuous time axis with d_alpha_sigma(t) (Euler/Heun, the flow ODE's data end at sigma > 0)."""
+    beta_schedule: ClassVar[bool]
+    """Built from a DDPM beta schedule: zero_terminal_snr rescales it, diffusers' DDPMScheduler expresses it."""
+    timestep_grids: ClassVar[bool]
+    """Samples on diffusion timestep grids: sample.steps_offset, step_rule and grid_end apply."""
+    predictions: ClassVar[tuple[str, ...]]
+    """The diffusion.prediction choices (what the network may be trained to predict)."""
+    loss_weightings: ClassVar[tuple[str, ...]]
+    """The diffusion.loss_weighting choices."""
+    t_samplings: ClassVar[tuple[str, ...]]
+    """The diffusion.t_sampling choices (how training draws its times)."""
+
     @property
-    def samplers(self) -> Sequence[str]: ...
-    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None)) -> torch.Tensor: ...
-    # Class level, for validating a config without building the path:
-    predictions: tuple[str, ...]      # diffusion.prediction choices
-    loss_weightings: tuple[str, ...]  # diffusion.loss_weighting choices
-    t_samplings: tuple[str, ...]      # diffusion.t_sampling choices
-    @classmethod
-    def from_config(cls, d) -> "NoisePath": ...
-    @staticmethod
-    def max_steps_for(d) -> int | None: ...
+    def max_steps(self) -> int | None:
+        """The most sampling steps (None: unbounded)."""
 
+    @property
+    def cli_scale(self) -> int:
+        """Command-line times run over (0, cli_scale] (``--t``, the web page's time)."""
+
+    @property
+    def spacings(self) -> tuple[str, ...]:
+        """The time-grid spacings :meth:`sampling_times` takes (of ``schedules.SPACING_CHOICES``)."""
+
+    @property
+    def samplers(self) -> Sequence[str]:
+        """The names of the samplers that fit this path, in registry order."""
+
+    def alpha_sigma(self, t):
+        """(alpha_t, sigma_t): Python floats for a Python number t, float64 tensors for a tensor t."""
+
+    def d_alpha_sigma(self, t):
+        """(d alpha/dt, d sigma/dt) at t; only where ``continuous`` (a discrete path raises ValueError)."""
+
+    def time_at_nsr(self, nsr: float) -> float:
+        """The (fractional) time where sigma_t / alpha_t = nsr."""
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time value the network is conditioned on, float32, for path times t (B,)."""
+
+    def sampling_times(self, n: int, spacing: str = "trailing", offset: int = 0, step_rule: str = "listed",
+                       end: str = "clean") -> list:
+        """n steps of ``spacing`` from the noise end: n + 1 times ending at the clean end."""
+
+    def strided_times(self, stride: int) -> list:
+        """Every ``stride``-th time from the noise end, then the clean end (the editing grids)."""
+
+    def time_from_cli(self, t: float) -> int | float:
+        """A command-line time on the ``cli_scale`` as a path time (ValueError out of range)."""
+
+    def training_loss(self, net, x0, y, d, generator=None, rows: slice = slice(None),
+                      offset_noise: float = 0.0) -> torch.Tensor:
+        """The training loss of ``d`` (a DiffusionConfig) on a batch x0 (B, C, H, W) with labels y."""
+
+    @classmethod
+    def from_config(cls, d) -> "NoisePath":
+        """The path of a DiffusionConfig."""
+
+    @staticmethod
+    def max_steps_for(d) -> int | None:
+        """``max_steps`` of the path a DiffusionConfig would build, without building it."""
+
+    @classmethod
+    def describe(cls, d) -> str:
+        """The objective of a DiffusionConfig in words for a report, e.g. ``diffusion, cosine, v-prediction``."""
+
+
+# The declared members, read from the protocol itself (its annotations and its methods and properties).
+MEMBERS: tuple[str, ...] = tuple(n for n in {**NoisePath.__annotations__, **vars(NoisePath)} if not n.startswith("_"))
 
 PATHS = {"diffusion": DiscreteSchedule, "flow": FlowPath}      # diffusion.objective -> its path class
 OBJECTIVES = tuple(PATHS)
 
 
+def missing_members(path) -> list[str]:
+    """The members of :class:`NoisePath` that ``path`` (a path or a path class) lacks."""
+    return [m for m in MEMBERS if not hasattr(path, m)]
+
+
 def make_path(d) -> NoisePath:
-    """The path of a DiffusionConfig: DDPM's discrete schedule, or the straight flow path."""
-    return PATHS[d.objective].from_config(d)
+    """The path of a DiffusionConfig: DDPM's discrete schedule, or the straight flow path (checked to have
+    every member of :class:`NoisePath`)."""
+    path = PATHS[d.objective].from_config(d)
+    missing = missing_members(path)
+    if missing:
+        raise TypeError(f"{type(path).__name__} does not implement NoisePath: it lacks {', '.join(missing)}")
+    return path
 
 
 def samplers_for(objective: str) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import config as config_mod
+from . import config as config_mod, schedules
 from .errors import CheckpointError, DiffloError
 
 INSTALL = 'pip install "difflo[diffusers]"'
@@ -329,8 +329,6 @@ def config_for(u: dict, s: dict, name: str) -> config_mod.Config:
     """The difflo Config of a UNet2DModel config ``u`` and a filled-in scheduler config ``s``.
     ``model`` holds the image shape and classes; its architecture fields are placeholders (the network
     is described by its own config.json)."""
-    from . import schedules
-
     cfg = config_mod.Config()
     cfg.data.name, cfg.data.classes = f"diffusers:{name}", ()
     size = u["sample_size"]

@@ -280,6 +280,23 @@ def test_card_names_classes_and_data_licences(tmp_path):
     assert mode == (tmp_path / "emoji" / "unet" / "config.json").stat().st_mode & 0o777
 
 
+@pytest.mark.parametrize("overrides", [["sample.sampler=ddim"], ["model.num_classes=0", "sample.sampler=ddpm",
+                                                                    "sample.spacing=trailing"]],
+                         ids=["conditional-ddim", "unconditional-ddpm-trailing"])
+def test_card_code_blocks_are_whole(tmp_path, overrides):
+    """Whatever the sampler and spacing, the card's code fences pair up and its diffusers code is Python (a
+    conditional DDIM model's card used to end in a stray DDPMPipeline snippet, an unconditional trailing-DDPM
+    one in an unclosed block)."""
+    run = random_checkpoint(tmp_path / "run", *W32, *overrides)
+    export_mod.export(run, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("```") % 2 == 0
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    compile(snippet, "card", "exec")
+    assert ("DDPMPipeline.from_pretrained" in snippet) == ("model.num_classes=0" in overrides)
+    assert ("With trailing spacing" in card) == ("sample.spacing=trailing" in overrides)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_give_one_line(tiny_run, tmp_path):
     out = tmp_path / "out"

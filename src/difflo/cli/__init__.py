@@ -1,9 +1,10 @@
 """``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, env.
 
 One module per subcommand (``cli/train.py``, ``cli/sample.py``, ...), each with ``add_parser(sub)``
-that sets ``func=run``; the modules parse arguments and call the library (``difflo.generate``,
-``difflo.edit.techniques``, ...), never each other's parsers. Choices come from the registries that own them
-(``samplers.SAMPLERS``, ``schedules.SPACINGS``, ``editing.VIEWS``).
+that sets ``func=run`` (``main`` calls ``args.func(args)``; a command with subcommands of its own
+gives each its own function, which ``run`` calls, e.g. ``eval.run_fid``). The modules parse
+arguments and call the library (``difflo.generate``, ``difflo.edit.techniques``, ...), never each
+other's parsers. Choices come from the registries that own them (``samplers.SAMPLERS``, ``schedules.SPACINGS``, ``editing.VIEWS``).
 
 Every user error (bad config, missing checkpoint, class out of range, unwritable output...) is
 printed as one line ``difflo: error: ...`` with exit code 2; never a traceback. SIGINT/SIGTERM

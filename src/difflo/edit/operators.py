@@ -143,6 +143,7 @@ def run_sampler(sampler: str, denoiser, x, ts, extra_args, callback, noise, **kw
     return SAMPLERS[sampler](denoiser, x, ts, extra_args=extra_args, callback=callback, noise=noise, **kw)
 
 
+@torch.no_grad()
 def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "ddim", callback=None, **kw):
     """Noise ``x_in`` to ``ts[-k - 1]`` (k steps before the grid's clean end) and sample over
     ``ts[-k - 1:]``. k = 0 returns the input; k = len(ts) - 1 starts from pure noise, exactly as
@@ -190,6 +191,7 @@ def repaint_chunks(n: int, jump_length: int, jump_n_sample: int) -> list[tuple[i
     return out
 
 
+@torch.no_grad()
 def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, sampler: str = "ddpm",
             jump_length: int = 1, jump_n_sample: int = 1, callback=None, **kw):
     """RePaint: mask (B or 1, 1, H, W), 1 = regenerate. With ``jump_n_sample`` = 1 there are no jumps."""
@@ -210,6 +212,7 @@ def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, s
     return x
 
 
+@torch.no_grad()
 def sample_plain(denoiser, y, ts, seeds, shape, sampler: str = "ddim", callback=None, **kw):
     """Sampling from pure noise with per-sample seeds (for the anagram and hybrid wrappers)."""
     noise = SeededNoise(seeds, shape)

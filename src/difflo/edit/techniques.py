@@ -1,4 +1,5 @@
-"""``difflo edit``'s techniques as typed functions over a model, shared by the CLI and the web page.
+"""``difflo edit``'s techniques as typed functions over a model, shared by the CLI and the web page
+(through the table :data:`difflo.edit.registry.TECHNIQUES`, which reads their options).
 
 Each technique takes a loaded :class:`~difflo.model.Model`, an :class:`EditOptions` (tries, sampler,
 guidance) and its own inputs, and returns an :class:`EditResult`: the figure's cells and row labels,
@@ -27,11 +28,11 @@ from ..model import Model, make_denoiser
 from ..samplers import SeededNoise
 from . import operators
 
-TECHNIQUES = ("forward", "denoise", "sdedit", "inpaint", "anagram", "hybrid", "invert", "interpolate")
 EDIT_SAMPLER_PREFERENCE = ("ddpm", "euler")     # stochastic DDPM for diffusion (RePaint's), Euler for flow
 ODE_SAMPLERS = ("euler", "ddim")                # what DDIM inversion inverts: Euler on flow (= DDIM there), else DDIM
 NOISE_SHOWN_AS = 0.5                            # inverted noise is shown as x_T / 2 (+-2 std fills the grey range)
 INPUT_SEED_OFFSET = 10_000                      # a generated input image uses seed + 10000
+INPUT_SAMPLER, INPUT_STEPS, INPUT_W = "ddim", 50, 3.0   # ... and is sampled with DDIM 50, w 3
 
 
 def default_sampler(model: Model) -> str:
@@ -130,7 +131,7 @@ def sample_input(model: Model, c: int | None, seed: int, notes: list[str], preci
     """A model sample of class c (DDIM 50, w 3) to edit when no image is given: (1, C, H, W)."""
     c = model.class_index(0 if c is None else c)
     x = generate(model, torch.tensor([c]), [seed + INPUT_SEED_OFFSET],
-                 SampleSettings(sampler="ddim", steps=50, w=3.0, precision=precision))
+                 SampleSettings(sampler=INPUT_SAMPLER, steps=INPUT_STEPS, w=INPUT_W, precision=precision))
     notes.append(f"input: a model sample of class {c} (seed {seed + INPUT_SEED_OFFSET})")
     return x
 
@@ -159,6 +160,7 @@ def forward(model: Model, x0: torch.Tensor, ts: list, seeds: list[int], notes=()
                       "forward: columns clean, " + ", ".join(_t_label(t) for t in ts), seeds, list(notes))
 
 
+@torch.no_grad()                  # calls the denoiser itself for the one-step column
 def denoise(model: Model, opts: EditOptions, x0: torch.Tensor, c: int, stride: int, i_start: int,
             notes=()) -> EditResult:
     """Blur vs one-step vs iterative denoising of x0 noised to the i_start-th strided time, with PSNR."""

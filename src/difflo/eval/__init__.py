@@ -10,3 +10,6 @@
 
 The command line is :mod:`difflo.cli.eval`.
 """
+from __future__ import annotations
+
+FEATURES = ("inception", "classifier")     # the feature extractors (fid.make_extractor): --features, eval.features

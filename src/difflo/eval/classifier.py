@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +26,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data import ArrayDataset, options_of
+from .. import data as data_mod
+from ..data import DATASETS, ArrayDataset, emoji, options_of
 from ..checkpoint import read_safetensors, sha256_file
 from ..errors import DiffloError
+from ..images import WHITE, parse_colour
 from ..io import atomic_path, cache_home
 
 
@@ -135,7 +139,6 @@ def class_categories(data_name: str, classes, label=None, root=None, styles=None
     From the data set's own files (DataError when they are not there)."""
     if data_name != "emoji":
         return None
-    from ..data import emoji
     label, styles = emoji.check_options(label, styles)
     if label != "subcategory":
         return None
@@ -168,13 +171,10 @@ def data_options(data_name: str, image_size: int | None = None, label=None, styl
     """The options that decide a data set's classes and pixels, canonical (defaults filled in where the
     data set has them, the others dropped): ``{"image_size", "label", "styles", "background",
     "attribute"}`` keys, only those that apply."""
-    from ..data import DATASETS
-    from ..images import WHITE, parse_colour
     spec = DATASETS.get(data_name)
     takes = spec.options if spec else ()
     out: dict = {}
     if data_name == "emoji":
-        from ..data import emoji
         out["label"], chosen = emoji.check_options(label, styles)
         if chosen != emoji.STYLES:
             out["styles"] = ",".join(chosen)
@@ -216,7 +216,6 @@ def classifier_path_for(data_cfg) -> Path:
 
 def train_command(data_cfg) -> str:
     """The `difflo eval train-classifier ...` command that writes :func:`classifier_path_for` ``(data_cfg)``."""
-    import shlex
     o = data_options(data_cfg.name, getattr(data_cfg, "image_size", None), **options_of(data_cfg))
     words = ["difflo", "eval", "train-classifier", "--data", data_cfg.name]
     for k in ("label", "styles", "attribute", "background", "image_size"):
@@ -260,9 +259,6 @@ def train_and_save(data_name: str, out: str | Path, root: str | None = None, spl
                    log=print, width: int | None = None, cache_dir=None, **options) -> dict:
     """Train the classifier on a data set's train split, measure it on the test split, save it.
     ``options``: the data set's options (label, styles, background, attribute; as ``data.load``)."""
-    import time
-
-    from .. import data as data_mod
     options = {k: v for k, v in options.items() if v is not None}
     train = data_mod.load(data_name, split, root=root, image_size=image_size, cache_dir=cache_dir, **options)
     if train.num_classes < 2:

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.decode import decode, is_image_file, probe
 from ..errors import DiffloError
+from ..generate import generate, record, settings_for
+from ..images import to_uint8
 from . import fid as fid_mod, kid as kid_mod
 from .classifier import (accuracy_of, category_accuracy, classifier_record, load_classifier_file, predict,
                          uint8_to_tensor)
@@ -34,9 +37,6 @@ def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, s
                      spacing: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used (None: the
     model's own sample settings; the sampler options it does not read are left out)."""
-    from ..images import to_uint8
-    from ..generate import generate, record, settings_for
-
     settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing)
     labels = balanced_labels(n, model.num_classes)
     with progress_bar(n, "sampling", progress) as bar:
@@ -139,7 +139,6 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 (N, H, W, C) images and labels (or None) from an .npz sample set or a folder of images."""
     path = Path(path)
     if path.is_dir():
-        from ..data.decode import decode, is_image_file, probe
         files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
         if not files:
             raise DiffloError(f"{path} holds no images (.png/.jpg); give an .npz from `difflo sample --n N`")

@@ -38,8 +38,11 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import sha256_file
 from ..errors import DiffloError
 from ..io import atomic_path
+from . import FEATURES
+from .classifier import load_classifier_file, uint8_to_tensor
 
 INCEPTION_SIZE = 299
 
@@ -138,8 +141,6 @@ class ClassifierFeatures:
     """64-d penultimate features of difflo's data-set classifier (an in-domain FID proxy)."""
 
     def __init__(self, clf_path: str | Path, device="cpu", batch_size: int = 500):
-        from ..checkpoint import sha256_file
-        from .classifier import load_classifier_file
         self.clf, self.meta = load_classifier_file(clf_path)
         self.clf.to(device)
         self.device, self.batch_size = device, batch_size
@@ -149,7 +150,6 @@ class ClassifierFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, progress=None) -> np.ndarray:
-        from .classifier import uint8_to_tensor
         out = []
         for i in range(0, len(images), self.batch_size):
             x = uint8_to_tensor(images[i:i + self.batch_size]).to(self.device)   # (B, C, H, W) in [-1, 1]
@@ -167,7 +167,7 @@ def make_extractor(kind: str, inception: str | None = None, classifier: str | No
             raise DiffloError("--features classifier needs --classifier PATH (make one with "
                               "`difflo eval train-classifier --data NAME`)")
         return ClassifierFeatures(classifier, device)
-    raise DiffloError(f"--features must be inception or classifier, got {kind!r}")
+    raise DiffloError(f"--features must be {' or '.join(FEATURES)}, got {kind!r}")
 
 
 def metric_name(extractor) -> str:

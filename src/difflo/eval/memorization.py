@@ -21,7 +21,10 @@ import dataclasses
 import numpy as np
 import torch
 
+from .. import data as data_mod
 from ..errors import DiffloError
+from ..generate import generate, settings_for
+from ..images import grid_image, to_uint8
 
 SCARCE = 10          # default classes: those with at most this many training images
 
@@ -145,10 +148,6 @@ def nearest_report(model, classes: list[int] | None = None, n_per_class: int = 8
     training data) and measure them against the model's training data (``train``: default the data
     its config describes, ``data.from_config``) and its ``test`` split (the held-out reals; none when
     the model trained on another split than ``train``)."""
-    from .. import data as data_mod
-    from ..images import to_uint8
-    from ..generate import generate, settings_for
-
     if model.num_classes == 0:
         raise DiffloError("the nearest-neighbour check is per class: this model is unconditional")
     d = model.cfg.data
@@ -213,7 +212,6 @@ def format_report(rep: NearestReport) -> str:
 
 def report_grid(rep: NearestReport, class_label=str):
     """A PIL image: one row per class, each sample followed by its nearest training image of its class."""
-    from ..images import grid_image
     cells, names = [], []
     for r in rep.rows:
         c = r["class"]

@@ -32,28 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..diffusion import to_x0
 from ..errors import DiffloError
+from ..model import make_denoiser
 from ..samplers import VARIANCES
 
 BIN_OFFSET = math.log2(127.5)    # -log2 of the bin width 2/255 = 8 - log2(256 / 127.5) = 6.9944
 FLOW_DATA_END = 1 / (127.5 * math.sqrt(12))   # the flow ODE's data end: sigma = the dequantization noise's sd
-
-
-class LikelihoodDenoiser:
-    """x0_hat of a network at per-image times, differentiable in x (the sampling denoisers of
-    :mod:`difflo.guidance` run under no_grad and take one time per batch). ``y``: the labels (or the
-    null class), fixed for the images it scores; ``clip``: clamp x0_hat to [-clip, clip]."""
-
-    def __init__(self, net, path, prediction: str, y: torch.Tensor | None = None, clip: float | None = None):
-        self.net, self.path, self.prediction, self.y, self.clip = net, path, prediction, y, clip
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) path times -> x0_hat (B, C, H, W) float64."""
-        alpha, sigma = self.path.alpha_sigma(t)
-        out = self.net(x.float(), self.path.model_time(t).to(x.device), self.y)
-        x0 = to_x0(out.double(), x.double(), alpha, sigma, self.prediction)
-        return x0.clamp(-self.clip, self.clip) if self.clip is not None else x0
 
 
 class BatchDraws:
@@ -169,7 +153,7 @@ def strata(T: int, terms: int | None) -> list[np.ndarray]:
 
 @torch.no_grad()
 def vlb(denoiser, x0: torch.Tensor, terms: int | None = None, variance: str = "fixed_small",
-        draws: BatchDraws | None = None) -> dict[str, torch.Tensor]:
+        draws: BatchDraws | None = None, extra_args: dict | None = None) -> dict[str, torch.Tensor]:
     """Ho et al. 2020, Eq. 5 (Sec. 3.3), per image in nats: the negative variational bound
     L = L_T + sum_{t>1} L_{t-1} + L_0 in difflo's indices,
 
@@ -183,8 +167,9 @@ def vlb(denoiser, x0: torch.Tensor, terms: int | None = None, variance: str = "f
     spaced in log t) and evaluates one timestep drawn uniformly in each stratum, weighted by the
     stratum's size (stratified sampling, uniform within a stratum: an unbiased estimate of the sum,
     drawn afresh for every image). ``x0`` (B, C, H, W) are bin centres
-    k / 127.5 - 1; ``denoiser(x, t)`` takes per-image times; ``draws`` gives the timesteps and noise."""
-    path = denoiser.path
+    k / 127.5 - 1; ``denoiser(x, t, **extra_args)`` takes per-image times (:mod:`difflo.guidance`), e.g.
+    ``extra_args = {"y": labels}``; ``draws`` gives the timesteps and noise."""
+    path, extra_args = denoiser.path, extra_args or {}
     if not vlb_applies(path):
         raise DiffloError("the variational bound needs a discrete diffusion model (DDPM's Markov chain over "
                           "timesteps); this model is a continuous-time flow: use --method ode")
@@ -205,13 +190,14 @@ def vlb(denoiser, x0: torch.Tensor, terms: int | None = None, variance: str = "f
         t = torch.as_tensor(stratum)[pick].to(x0.device)                          # (B,) one timestep per image
         ab = bcast(c["abar"][t])
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise()
-        diff2 = (bcast(c["c_x0"][t]) * (x0 - denoiser(x_t, t))) ** 2
+        diff2 = (bcast(c["c_x0"][t]) * (x0 - denoiser(x_t, t, **extra_args))) ** 2
         kl = per_pixel(gaussian_kl(diff2, bcast(c["post_var"][t]), bcast(c["model_var"][t])))
         diffusion += len(stratum) * kl
 
     t0 = torch.zeros(B, dtype=torch.long, device=x0.device)
     x_first = c["abar"][0].sqrt() * x0 + (1.0 - c["abar"][0]).sqrt() * noise()
-    decoder = -per_pixel(discretized_gaussian_log_likelihood(x0, denoiser(x_first, t0), c["model_var"][0].sqrt()))
+    x0_first = denoiser(x_first, t0, **extra_args)
+    decoder = -per_pixel(discretized_gaussian_log_likelihood(x0, x0_first, c["model_var"][0].sqrt()))
     return {"prior": prior, "diffusion": diffusion, "decoder": decoder}
 
 
@@ -238,7 +224,7 @@ def ode_times(path, steps: int) -> list:
     if steps < 2:
         raise DiffloError(f"--steps must be at least 2 (the last step goes to pure noise), got {steps}")
     noise_end = path.sampling_times(1)[0]
-    continuous = getattr(path, "continuous", False)
+    continuous = path.continuous
     data_end = FLOW_DATA_END if continuous else 0
     lam_data, lam_noise = log_snr(path, data_end), log_snr(path, noise_end)
     targets = np.linspace(lam_data, max(lam_noise, LOG_SNR_FLOOR), steps)
@@ -259,13 +245,15 @@ def _time_of(path, lam: float, lo: float, hi: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _field(denoiser, z: torch.Tensor, t, sigma: float, probe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _field(denoiser, z: torch.Tensor, t, sigma: float, probe: torch.Tensor, extra_args: dict
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """dz/dr = x0_hat(sigma z, t) and Hutchinson's estimate of its divergence in z,
-    sigma probe^T (d x0_hat / dx) probe (one vector-Jacobian product)."""
+    sigma probe^T (d x0_hat / dx) probe (one vector-Jacobian product, with autograd on here whatever the
+    caller's mode: the denoiser leaves gradients to its caller)."""
     tt = torch.full((z.shape[0],), t, dtype=torch.long if isinstance(t, int) else torch.float64, device=z.device)
     with torch.enable_grad():
         x = (sigma * z).detach().requires_grad_(True)
-        x0 = denoiser(x, tt)
+        x0 = denoiser(x, tt, **extra_args)
         (vjp,) = torch.autograd.grad((x0 * probe).sum(), x)
     div = sigma * (vjp * probe).reshape(len(z), -1).sum(1)
     return x0.detach(), div.detach()
@@ -282,8 +270,9 @@ def _trapezoid(r: float, r_next: float, div: torch.Tensor, div_next: torch.Tenso
     return math.log(r_next / r) * 0.5 * (r * div + r_next * div_next)
 
 
+@torch.no_grad()
 def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | None = None,
-                       probe: str = "rademacher") -> dict[str, torch.Tensor]:
+                       probe: str = "rademacher", extra_args: dict | None = None) -> dict[str, torch.Tensor]:
     """Song et al. 2021, Eq. 13 and App. D.2: log p(x) per image (nats) of the probability-flow ODE,
     log p_0(x(0)) = log p_T(x(T)) + integral of div f over the trajectory, the divergence by the
     Skilling-Hutchinson estimator E[v^T (df/dx) v] with one probe v per image (Rademacher or Gaussian,
@@ -299,8 +288,8 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | 
                    - D log sigma_data
 
     (the two log sigma terms are the Jacobians of x -> z at either end). ``x`` (B, C, H, W) is the
-    state at ``ts[0]`` (the dequantized data)."""
-    path, draws = denoiser.path, draws or BatchDraws()
+    state at ``ts[0]`` (the dequantized data); ``denoiser(x, t, **extra_args)`` takes per-image times."""
+    path, draws, extra_args = denoiser.path, draws or BatchDraws(), extra_args or {}
     z = x.double()
     B, dims = z.shape[0], z[0].numel()
     if probe == "rademacher":
@@ -313,16 +302,16 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | 
     sigma0 = coef[0][1]
     z = z / sigma0
     integral = z.new_zeros(B)
-    h, div = _field(denoiser, z, ts[0], sigma0, v)
+    h, div = _field(denoiser, z, ts[0], sigma0, v, extra_args)
     for i in range(len(ts) - 1):
         (a, s), (a_next, s_next) = coef[i], coef[i + 1]
         dr = a_next / s_next - a / s
         z_pred = z + dr * h
-        h_next, div_next = _field(denoiser, z_pred, ts[i + 1], s_next, v)
+        h_next, div_next = _field(denoiser, z_pred, ts[i + 1], s_next, v, extra_args)
         z = z + dr * 0.5 * (h + h_next)                                     # Heun
         integral += _trapezoid(a / s, a_next / s_next, div, div_next)
         if i + 2 < len(ts):
-            h, div = _field(denoiser, z, ts[i + 1], s_next, v)
+            h, div = _field(denoiser, z, ts[i + 1], s_next, v, extra_args)
     sigma_T = coef[-1][1]
     x_T = sigma_T * z
     prior = -0.5 * (x_T.reshape(B, -1) ** 2).sum(1) - 0.5 * dims * math.log(2 * math.pi)
@@ -340,7 +329,7 @@ N_IMAGES = 16
 
 def vlb_applies(path) -> bool:
     """The variational bound needs DDPM's discrete Markov chain: a variance-preserving discrete path."""
-    return bool(getattr(path, "variance_preserving", False)) and not getattr(path, "continuous", False)
+    return path.variance_preserving and not path.continuous
 
 
 def methods_for(path, method: str | None) -> list[str]:
@@ -420,21 +409,21 @@ def estimate(model, images: np.ndarray, labels: np.ndarray, method: str, *, step
     y_all, conditioning = _labels(model, labels, unconditional)
     n, dims = len(images), int(np.prod(images.shape[1:]))
     ts = ode_times(path, steps) if method == "ode" else None
+    # The model's one denoiser (guidance scale 1: the labels given, or the null class), x0_hat in float64:
+    # clamped to the data range for the variational bound's decoder means, unclamped for the ODE's field.
+    den = make_denoiser(model, 1.0, clip_x0=method == "vlb", dtype=torch.float64)
     bpd, parts = [], {}
     for i in range(0, n, batch_size):
         k = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).double()
         y = None if y_all is None else y_all[i:i + batch_size].to(device)
         draws = ImageDraws(range(seed + i, seed + i + len(k)))
         if method == "vlb":
-            den = LikelihoodDenoiser(model.net, path, model.cfg.diffusion.prediction, y,
-                                     clip=model.cfg.diffusion.clip_range)
-            nats = vlb(den, (k / 127.5 - 1.0).to(device), terms, variance, draws)
+            nats = vlb(den, (k / 127.5 - 1.0).to(device), terms, variance, draws, {"y": y})
             part_bits = {name: to_bits(v, dims) for name, v in nats.items()}
             bpd.append(sum(part_bits.values()))
         else:
-            den = LikelihoodDenoiser(model.net, path, model.cfg.diffusion.prediction, y)
             x = ((k + draws.rand(k.shape) - 0.5) / 127.5 - 1.0).to(device)          # uniform dequantization
-            logp = ode_log_likelihood(den, x, ts, draws, probe)
+            logp = ode_log_likelihood(den, x, ts, draws, probe, {"y": y})
             part_bits = {"prior": -to_bits(logp["prior"], dims),
                          "volume": -to_bits(logp["divergence"] + logp["jacobian"], dims)}
             bpd.append(part_bits["prior"] + part_bits["volume"] + BIN_OFFSET)

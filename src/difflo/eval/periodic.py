@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 from .. import data as data_mod
 from ..errors import DiffloError
+from ..io import atomic_dir
 from . import evaluate, fid as fid_mod
 from .classifier import classifier_path_for, train_and_save
 
@@ -115,13 +115,8 @@ class PeriodicEval:
     def keep_best(self, ckpt: Path, res: dict, step: int) -> None:
         """Copy the checkpoint directory to RUN/best (via a temporary name, so it is always whole)."""
         self.best = res[self.metric]
-        tmp, final = self.run_dir / ".tmp-best", self.run_dir / "best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(ckpt, tmp)
-        (tmp / "eval.json").write_text(json.dumps({"step": step, **res}, default=str))
-        old = self.run_dir / ".old-best"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        final = self.run_dir / "best"
+        with atomic_dir(final) as tmp:
+            shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+            (tmp / "eval.json").write_text(json.dumps({"step": step, **res}, default=str))
         self.log(f"eval: best {self.metric} so far ({self.best:.3f} at step {step}) -> {final}")

@@ -23,13 +23,17 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .. import checkpoint, config as config_mod
+from .. import checkpoint, config as config_mod, data as data_mod
 from ..errors import DiffloError
+from ..eval import fid as fid_mod
+from ..eval.evaluate import balanced_labels
+from ..eval.periodic import Judge
 from ..images import grid_image, save_image, to_uint8
 from ..io import atomic_path, check_writable, pyplot, write_text_atomic
 from ..model import Model, load_model, pick_device
+from ..noise_paths import PATHS
 from ..generate import generate, settings_for
-from ..train import ema_update, train
+from ..train import ema_update, resolve, train
 
 EMA_DECAYS = (0.99, 0.999, 0.9999)       # extra EMA copies kept by every cached run (plain, no warmup)
 
@@ -187,8 +191,6 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
 
 
 def train_resolved(cfg: config_mod.Config) -> config_mod.Config:
-    from .. import data as data_mod
-    from ..train import resolve
     return resolve(cfg, data_mod.from_config(cfg.data))
 
 
@@ -207,7 +209,6 @@ class CountingNet(torch.nn.Module):
 def measure(model: Model, judge, n: int, seed: int = 0, batch_size: int = 250, **settings) -> dict:
     """Sample n class-balanced images with ``settings`` (sampler, steps, w, eta, ...) and score them:
     {metric, class_accuracy, nfe (network calls per image), seconds, images (uint8), labels}."""
-    from ..eval.evaluate import balanced_labels
     counter = CountingNet(model.net)
     labels = balanced_labels(n, model.num_classes)
     t0 = time.perf_counter()
@@ -265,7 +266,6 @@ def sample_grid(model: Model, classes: int, per_class: int, seed: int = 0, **set
 
 
 def judge_for(opts: Options, cfg: config_mod.Config, log=print):
-    from ..eval.periodic import Judge
     return Judge(train_resolved(cfg), Path(opts.runs), pick_device(opts.device), log)
 
 
@@ -291,8 +291,7 @@ class Report:
                 "data": cfg.data.name, "train_steps": opts.train_steps, "batch_size": cfg.train.batch_size,
                 "model": f"UNet channels={cfg.model.channels} mult={list(cfg.model.channel_mult)} "
                          f"res_blocks={cfg.model.num_res_blocks} attn={list(cfg.model.attn_resolutions)}",
-                "objective": f"{cfg.diffusion.objective}, {cfg.diffusion.schedule}, {cfg.diffusion.prediction}-prediction"
-                             if cfg.diffusion.objective == "diffusion" else "flow, u-prediction",
+                "objective": PATHS[cfg.diffusion.objective].describe(cfg.diffusion),
                 "seed": opts.seed, "n": opts.n, **what}
         self.results["setup"] = info
         lines = [f"- **{k}**: {v}" for k, v in info.items() if v not in (None, [], "")]
@@ -301,8 +300,6 @@ class Report:
     def noise_floor(self, judge, cfg: config_mod.Config, n: int, draws: int = 5, seed: int = 0) -> dict:
         """The distance of n real training images to the reference over ``draws`` random subsets: what a
         perfect model scores at this N, and its spread (differences well below 2 sd are not resolved)."""
-        from .. import data as data_mod
-        from ..eval import fid as fid_mod
         ds = data_mod.from_config(cfg.data)
         rng = np.random.default_rng(seed)
         vals = [fid_mod.distance_to(judge.ref, judge.extractor(ds.images[rng.choice(len(ds), min(n, len(ds)),

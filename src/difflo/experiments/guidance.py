@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from .. import data as data_mod
 from ..io import pyplot
 from .common import (Options, Report, base_config, class_caption, class_variance, judge_for, measure,
                      row_labels, sample_grid, short, shown_classes, trained)
@@ -30,7 +31,6 @@ def run(opts: Options, log=print):
     model = r.model()
     judge = judge_for(opts, cfg, log)
     rep.noise_floor(judge, cfg, opts.n, seed=opts.seed)
-    from .. import data as data_mod
     real = data_mod.load_split(cfg.data, cfg.eval.ref_split)
     real_var = class_variance(real.images, real.labels)
     rows = []

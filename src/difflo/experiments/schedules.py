@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import data as data_mod, schedules
+from ..images import to_uint8
 from ..io import pyplot
 from .common import (Options, Report, base_config, class_caption, judge_for, measure, row_labels, sample_grid,
                      short, shown_classes, trained)
@@ -59,7 +60,6 @@ def run(opts: Options, log=print):
         for k in SHOW_T:
             a = float(abar[s][k])
             strip.append((a ** 0.5 * x0.double() + (1 - a) ** 0.5 * eps).float())
-    from ..images import to_uint8
     rep.text("## 2. The forward process at matched t")
     rep.save_grid("forward.png", to_uint8(torch.cat(strip)), len(SHOW_T), list(names))
     rep.figure("forward.png", "x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps at t = "

@@ -4,9 +4,12 @@
   bar, checks the cancel flag and records the trajectory (``x`` at ``t_prev`` and the predicted x0,
   for the first images, at up to :data:`MAX_FRAMES` steps). It writes the same labelled grid and npz
   as ``difflo sample --grid N``, whose exact command comes with the result.
-* **edit** calls the technique's function in :mod:`difflo.edit.techniques` (the one ``difflo edit`` calls) on
-  the loaded model and writes its files with ``EditResult.write``; the ``difflo edit ...`` command
-  shown with the result reproduces the figure exactly (tests compare the files byte for byte).
+* **edit** reads the technique from :data:`difflo.edit.registry.TECHNIQUES` (the table ``difflo edit``
+  reads): its page fields (checked here), the options they give, its evaluation count (the limit), and
+  its ``run`` on the loaded model (the uploads are written into the job first and read back as files,
+  as the command reads them); ``EditResult.write`` writes its files. The ``difflo edit ...`` command
+  shown with the result is the technique's own command line for those options, and reproduces the
+  figure exactly (tests compare the files byte for byte).
   Progress and cancelling come from a thin wrapper around the network (each network evaluation is
   one tick), because the edit techniques keep their own sampler callbacks.
 
@@ -33,11 +36,11 @@ import torch
 from PIL import Image
 
 from ..checkpoint import WEIGHTS, resolve_weights
-from ..edit import operators, techniques
+from ..edit import techniques
+from ..edit.registry import PAGE_VIEWS, TECHNIQUES, Field, flag_text
 from ..errors import DiffloError
 from ..generate import describe, generate, settings_for
-from ..images import (WHITE, grid_image, image_tensor, mask_image, mask_tensor, model_image, open_image, parse_colour,
-                      save_image, to_uint8)
+from ..images import WHITE, grid_image, mask_image, model_image, open_image, parse_colour, save_image, to_uint8
 from ..io import atomic_path
 from ..model import Model, load_model, pick_device
 from ..samplers import SAMPLERS
@@ -51,16 +54,12 @@ LIMITS = {
     "seed": 2**31 - 1,
     "upload_bytes": 8 << 20,   # an uploaded image file
     "upload_side": 4096,       # its width and height in pixels
-    "jump_n_sample": 10,       # RePaint resampling
-    "jump_length": 50,
-    "kernel_size": 63,
-    "sigma": 20.0,
     "evals": 4000,             # network evaluations in one edit job (steps x resamplings)
-}
+}                              # an edit technique's own fields: its page Fields (difflo.edit.registry)
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 MAX_FRAMES = 40                # trajectory steps recorded per sample job
 TRAJ_IMAGES = 8                # images whose trajectory is recorded
-EDIT_TECHNIQUES = ("sdedit", "inpaint", "anagram", "hybrid")    # of difflo.edit.techniques.TECHNIQUES
+EDIT_TECHNIQUES = tuple(name for name, t in TECHNIQUES.items() if t.page is not None)    # the ones with page fields
 
 
 class RequestError(DiffloError):
@@ -161,12 +160,6 @@ def png_data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _num(v: float) -> str:
-    """The shortest text that parses back to the same float (3.0 -> 3, 0.1 -> 0.1)."""
-    s = repr(float(v))
-    return s[:-2] if s.endswith(".0") else s
-
-
 class _Counted(torch.nn.Module):
     """The network, calling ``tick()`` before each evaluation (progress and the cancel check)."""
 
@@ -221,8 +214,11 @@ class App:
                          "spacing": sc.spacing if sc.spacing in self.spacings else self.spacings[0],
                          "edit_sampler": edit_default if edit_default in self.edit_samplers
                          else self.edit_samplers[0]},
-            "views": [v for v in operators.VIEWS if v != "identity"],
-            "limits": {**LIMITS, "steps": self.max_steps, "upload_mb": LIMITS["upload_bytes"] >> 20},
+            "views": list(PAGE_VIEWS),
+            "edit_techniques": {name: [f.to_json() for f in TECHNIQUES[name].page] for name in EDIT_TECHNIQUES},
+            "limits": {**LIMITS, **{f.name: f.hi for name in EDIT_TECHNIQUES for f in TECHNIQUES[name].page
+                                    if f.hi is not None},
+                       "steps": self.max_steps, "upload_mb": LIMITS["upload_bytes"] >> 20},
         }
 
     # ------------------------------------------------------------------ fields shared by both tabs
@@ -255,8 +251,8 @@ class App:
         spacing = f.choice("spacing", self.spacings, defaults["spacing"])
         settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing)
         argv = ["sample", "--ckpt", self.ckpt_arg, *self.null_flag, "--classes", spec, "--grid", str(n),
-                "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", _num(p["w"]), "--seed", str(p["seed"]),
-                "--spacing", spacing] \
+                "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", flag_text(p["w"]),
+                "--seed", str(p["seed"]), "--spacing", spacing] \
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
         seeds = [p["seed"] + i for i in range(len(labels))]
@@ -291,77 +287,57 @@ class App:
     # ------------------------------------------------------------------ edit
     def submit_edit(self, body) -> Job:
         f = Fields(body)
-        tech = f.choice("technique", EDIT_TECHNIQUES)
+        t = TECHNIQUES[f.choice("technique", EDIT_TECHNIQUES)]
         info = self.info()
-        p = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
-        n = f.int("n", 1, LIMITS["n"], 1)
-        per_step = SAMPLERS[p["sampler"]].evals_per_step
-        opts = techniques.EditOptions([p["seed"] + i for i in range(n)], p["sampler"], p["w"],
-                                precision=self.model.cfg.sample.precision)      # as difflo edit
-        args = ["edit", tech, "--ckpt", self.ckpt_arg, *self.null_flag, "--n", str(n), "--seed", str(p["seed"]),
-                "--w", _num(p["w"]), "--sampler", p["sampler"]] \
-            + ([] if self.ema else ["--no-ema"]) + self._device_flag()
+        values = self._common(f, self.edit_samplers, info["defaults"]["edit_sampler"])
+        values.update(n=f.int("n", 1, LIMITS["n"], 1), device=str(self.device), ema=self.ema)
         files = {}                                                  # name -> PIL image, written into the job
         notes: list[str] = []
-        path = self.model.path
-        ts = techniques.time_grid(self.model, steps=p["steps"])            # as difflo edit --steps
-        if tech in ("sdedit", "inpaint"):
-            files["input.png"] = to_model_image(decode_image(body.get("image"), "image"), self.C, self.S, notes,
-                                                background=self.background)
-            cls = self._cls(f, "class")
-            args += ["--image", "input.png", "--class", str(cls)]
-        if tech == "sdedit":
-            strength = f.float("strength", 0.01, 1.0, 0.5)
-            stride = max(1, path.cli_scale // p["steps"])
-            n_ts = len(path.strided_times(stride)) - 1
-            level = max(1, round(strength * n_ts))
-            args += ["--stride", str(stride), "--levels", str(level)]
-            evals = level * per_step
-            notes.append(f"strength {strength:g}: start {level} of {n_ts} steps (stride {stride}) from the clean end")
-            run = lambda model, x: techniques.sdedit(model, opts, x, cls, stride, [level])
-        elif tech == "inpaint":
-            files["mask.png"] = to_model_mask(decode_image(body.get("mask"), "mask"), self.S)
-            j = f.int("jump_length", 1, LIMITS["jump_length"], 1)
-            r = f.int("jump_n_sample", 1, LIMITS["jump_n_sample"], 1)
-            args += ["--mask", "mask.png", "--steps", str(p["steps"]), "--jump-length", str(j),
-                     "--jump-n-sample", str(r)]
-            evals = p["steps"] * r * per_step
-            mask = mask_tensor(files["mask.png"])
-            run = lambda model, x: techniques.inpaint(model, opts, x, mask.to(x.device), cls, ts, j, r)
-        elif tech == "anagram":
-            view = f.choice("view", info["views"], "rot180")
-            a, b = self._cls(f, "a"), self._cls(f, "b")
-            args += ["--a", str(a), "--b", str(b), "--view", view, "--steps", str(p["steps"])]
-            evals = p["steps"] * per_step
-            run = lambda model, x: techniques.anagram(model, opts, a, b, view, ts)
-        else:
-            size = f.int("kernel_size", 1, LIMITS["kernel_size"], 9)
-            if size % 2 == 0:
-                raise RequestError(f"kernel_size must be odd, got {size}")
-            sigma = f.float("sigma", 0.0, LIMITS["sigma"], 1.5)
-            low, high = self._cls(f, "low"), self._cls(f, "high")
-            args += ["--low", str(low), "--high", str(high), "--kernel-size", str(size), "--sigma", _num(sigma),
-                     "--steps", str(p["steps"])]
-            evals = p["steps"] * per_step
-            run = lambda model, x: techniques.hybrid(model, opts, low, high, size, sigma, ts)
+        for field in t.page:
+            values[field.name] = self._field(f, field, files, notes)
+        options = t.options(**t.from_page(self.model, values, notes))
+        evals = t.evals(self.model, options)
         if evals > LIMITS["evals"]:
             raise RequestError(f"this edit needs {evals} network evaluations; the limit is {LIMITS['evals']}: "
                                f"lower steps or the resampling")
-        x_in = image_tensor(files["input.png"]).to(self.device) if "input.png" in files else None
+        args = ["edit", t.name, "--ckpt", self.ckpt_arg, *self.null_flag, *t.argv(options), "--out", f"edit-{t.name}"]
+        uploads = {field.key: field.file for field in t.page if field.file}
 
         def work(job: Job) -> dict:
             job.total = evals
             for name, img in files.items():
                 img.save(job.dir / name)
-            result = run(Model(_Counted(self.model.net, job.step), self.model.cfg), x_in)
+            here = t.options(**{**vars(options), **{k: str(job.dir / name) for k, name in uploads.items()}})
+            result = t.run(Model(_Counted(self.model.net, job.step), self.model.cfg), here)
             result.write(job.dir)
             result_files = {"png": "figure.png", "npz": "raw.npz", "result": "result_00.png",      # the first try
                             **{k.split(".")[0]: k for k in files}}
-            return {"files": result_files, "command": _cmd(args + ["--out", f"edit-{tech}"]),
+            return {"files": result_files, "command": _cmd(args),
                     "command_note": f"{' and '.join(files)}: the download buttons above" if files else "",
                     "summary": "\n".join(notes + [result.summary])}
 
         return self.queue.submit("edit", work)
+
+    def _field(self, f: Fields, field: Field, files: dict, notes: list):
+        """One page field of a technique, checked: a number, a choice, a class index, or an upload (kept in
+        ``files`` under its file name, which is its value)."""
+        if field.kind == "image":
+            files[field.file] = to_model_image(decode_image(f.body.get(field.name), field.name), self.C, self.S,
+                                               notes, background=self.background)
+            return field.file
+        if field.kind == "mask":
+            files[field.file] = to_model_mask(decode_image(f.body.get(field.name), field.name), self.S)
+            return field.file
+        if field.kind == "class":
+            return self._cls(f, field.name, field.default)
+        if field.kind == "choice":
+            return f.choice(field.name, field.choices, field.default)
+        if field.kind == "float":
+            return f.float(field.name, field.lo, field.hi, field.default)
+        v = f.int(field.name, field.lo, field.hi, field.default)
+        if field.odd and v % 2 == 0:
+            raise RequestError(f"{field.name} must be odd, got {v}")
+        return v
 
     # ------------------------------------------------------------------ upload preview
     def upload(self, body) -> dict:
