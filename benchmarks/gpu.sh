@@ -13,9 +13,9 @@ PY=${PYTHON:-python3}
 $PY - <<'PY' | tee "$OUT/machine.txt"
 import torch; print(torch.__version__, torch.cuda.get_device_name(0), "bf16:", torch.cuda.is_bf16_supported())
 PY
-# 1) the CUDA paths: bf16/fp16 autocast, auto, compile, NCCL through torchrun (tests/test_cuda.py), plus the
+# 1) the CUDA paths: bf16/fp16 autocast, auto, compile, NCCL through torchrun (tests/unit/test_cuda.py), plus the
 #    precision and sampler tests on the GPU's host
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py tests/unit/test_precision.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 # 2) the benchmark on the GPU, larger batches, no RSS / grid (host memory is not the question there)
 timeout 240 $PY benchmarks/run.py --device cuda --batch-sizes 128,256 --repeats 3 --skip-memory --skip-grid \
   --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1; tail -25 "$OUT/bench.txt"

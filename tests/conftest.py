@@ -6,6 +6,11 @@
   a classifier or statistics builds a small one (``clf_file``, ``cached_classifier``).
 * **Precision**: tests that compare numbers pin ``fp32`` (``TINY``); ``auto`` follows the machine, or
   ``DIFFLO_AUTO_PRECISION`` where CI forces it (``.ci/run`` runs the numerical tests both ways).
+* **Layout**: the folders mirror the code's layers: ``unit/`` (numerical core and library), ``cli/``
+  (the command line; ``cli/badinput/`` its bad inputs), ``web/`` (the web page, HTTP and browser),
+  ``faults/`` (kills, signals, full disks), ``peer/`` (against diffusers and torch-fidelity).
+  Tests that take 0.5 s or more are marked ``slow``: ``pytest -m "not slow"`` is a developer's loop
+  (under a minute on 2 cores), ``.ci/run`` runs everything.
 """
 import atexit
 import contextlib
@@ -43,6 +48,7 @@ NUMERICAL = ("peer", "test_samplers_exact.py", "test_samplers.py", "test_sampler
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "numerical: compares numbers; CI runs it with auto precision forced each way")
+    config.addinivalue_line("markers", "slow: 0.5 s or more on 2 CPU cores; `pytest -m 'not slow'` is the quick loop")
 
 
 def pytest_collection_modifyitems(config, items):

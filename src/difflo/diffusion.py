@@ -1,6 +1,6 @@
 """The DDPM forward process, its three parameterizations, and their training losses.
 
-Conventions (pinned by ``tests/test_diffusion.py``):
+Conventions (pinned by ``tests/unit/test_diffusion.py``):
 
 * Discrete time ``t = 0 .. T-1``; **t = 0 is data, t = T-1 is noise**; ``t = -1`` is the clean
   data itself (alpha = 1, sigma = 0). See :mod:`difflo.schedules`. A fractional t (the noise-level

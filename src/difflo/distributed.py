@@ -7,7 +7,7 @@ variables (or with ``WORLD_SIZE=1``) nothing here does anything and training is 
 single-process loop.
 
 How a step is shared (the single-process determinism is kept, so N processes compute the step that
-one process computes on the whole batch, up to float summation order; tests/test_ddp.py):
+one process computes on the whole batch, up to float summation order; tests/unit/test_ddp.py):
 
 * every rank builds the same *global* batch of ``train.batch_size`` images and draws the same
   noise, timesteps and label dropout for all of it from the step's generator, then evaluates the

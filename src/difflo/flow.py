@@ -4,7 +4,7 @@ Liu, Gong & Liu 2022, "Flow Straight and Fast: Learning to Generate and Transfer
 Rectified Flow", Eq. 1; Lipman et al. 2023, "Flow Matching for Generative Modeling", Sec. 4.1
 (the conditional OT path with sigma_min = 0).
 
-Conventions (the same time direction as difflo's diffusion; pinned by ``tests/test_flow.py``):
+Conventions (the same time direction as difflo's diffusion; pinned by ``tests/unit/test_flow.py``):
 
 * Continuous time ``t`` in [0, 1]; **t = 0 is data, t = 1 is noise**:
   ``x_t = (1 - t) x0 + t x1`` with ``x1 ~ N(0, I)``. In the Gaussian-path notation of

@@ -37,7 +37,7 @@ from .samplers import fitting
 
 
 class NoisePath(Protocol):
-    """Every member any difflo code reads from a path (``tests/test_path_protocol.py`` parses the sources
+    """Every member any difflo code reads from a path (``tests/unit/test_path_protocol.py`` parses the sources
     and fails on a ``path.X`` not declared here; :func:`make_path` checks a built path has them all).
     ``ClassVar`` members are answered by the class itself, before any path is built (config validation,
     :func:`samplers_for`, ``difflo export``)."""

@@ -324,7 +324,7 @@ def dpmpp_3m_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor, x0_p
     The step to the clean data (sigma = 0) is first order, as in :func:`dpmpp_2m_step`; where an older point
     is pure noise (lambda = -inf) its terms vanish (1 / r1 = 0), the formula's limit. D2 estimates h^2 x0''/2
     while its coefficient alpha h phi_3(h) belongs to h^2 x0'': the step's local error is O(h^3), as 2M's but
-    smaller (tests/test_samplers.py pins it); kept so that the chain equals diffusers'."""
+    smaller (tests/unit/test_samplers.py pins it); kept so that the chain equals diffusers'."""
     a_p, s_p = path.alpha_sigma(t_prev)
     if s_p == 0.0:
         return dpmpp_2m_step(x, x0, None, path, t, t_prev)

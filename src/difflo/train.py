@@ -3,12 +3,12 @@
 Determinism: batch order comes from a permutation per epoch seeded by (seed, epoch); the noise,
 timesteps and label dropout of step k come from a generator seeded by (seed, k); dropout inside the
 network from the global RNG, also re-seeded at every step. So a run stopped at step k and resumed
-computes exactly the steps an uninterrupted run would (tests/test_train.py pins this).
+computes exactly the steps an uninterrupted run would (tests/unit/test_train.py pins this).
 
 Gradient accumulation (train.grad_accum = K) splits the batch into K micro-batches of rows: each draws
 the noise and timesteps of the whole batch from the same generator state and uses its own rows (as a
 data-parallel rank does), so every image gets the draws it gets with K = 1, and the summed gradients
-of the K losses / K are the whole batch's up to float summation order (tests/test_grad_accum.py).
+of the K losses / K are the whole batch's up to float summation order (tests/unit/test_grad_accum.py).
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ def break_manifest(path):
     (path.parent / "manifest.json").write_text('{"step": 4, "sha2')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, name", [(flip, "model.safetensors"), (truncate, "ema.safetensors"),
                                           (flip, "state.pt"), (break_manifest, "model.safetensors")])
 def test_resume_falls_back_to_the_previous_intact_checkpoint(runs, tmp_path, damage, name):

@@ -34,6 +34,7 @@ def test_estimate_is_not_absurd():
     assert guards.checkpoint_bytes(1_110_000) < 30 * 2**20       # the demo model's checkpoint is ~18 MB
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["save_file", "torch.save"])
 def test_disk_full_during_a_checkpoint_write(tmp_path, capsys, monkeypatch, writer):
     """The second checkpoint's write fails half-way: one clear line, no .tmp left, step 2 intact."""

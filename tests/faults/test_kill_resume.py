@@ -61,6 +61,7 @@ def writing_since(run, t0_ns) -> bool:
                                  for p in root.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc"), reason="needs fork and /proc (Linux)")
 def test_kill_9_twenty_times_then_resume_equals_uninterrupted(server, tmp_path):
     rng = random.Random(9)

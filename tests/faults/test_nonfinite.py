@@ -39,6 +39,7 @@ def poison(monkeypatch, bad_steps: set[int], kind: str) -> None:
     monkeypatch.setattr(DiscreteSchedule, "training_loss", loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, kind):
     poison(monkeypatch, {2, 3}, kind)
@@ -58,6 +59,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, kind):
     assert all(torch.equal(s2[i]["step"], s4[i]["step"]) for i in s2)         # AdamW did not count them
 
 
+@pytest.mark.slow
 def test_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     poison(monkeypatch, set(range(3, 100)), "loss")
     run = tmp_path / "run"

@@ -33,6 +33,7 @@ def signal_at_step(monkeypatch, k: int, signum: int) -> None:
     monkeypatch.setattr(DiscreteSchedule, "training_loss", loss)
 
 
+@pytest.mark.slow
 def test_sigint_writes_a_checkpoint_and_prints_the_resume_command(tmp_path, capfd, monkeypatch):
     run = tmp_path / "run"
     args = [*TINY, "train.steps=8", "train.ckpt_every=4"]
@@ -78,6 +79,7 @@ def server():
     return forkserver.shared()
 
 
+@pytest.mark.slow
 def test_second_sigint_interrupts_a_checkpoint_write_and_leaves_nothing_half_written(server, tmp_path):
     """First SIGINT: finish the step, start the checkpoint; second SIGINT inside that write: quit at
     once (exit 130) and remove the partial .tmp directory; earlier checkpoints stay intact."""
@@ -100,6 +102,7 @@ def test_second_sigint_interrupts_a_checkpoint_write_and_leaves_nothing_half_wri
     checkpoint.verify(checkpoint.list_checkpoints(run)[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_difflo_process(tmp_path):
     """`python -m difflo train` as a user starts it: SIGTERM -> checkpoint, resume hint, exit 143."""
     run = tmp_path / "run"

@@ -123,6 +123,7 @@ def test_class_weights_mix_embeddings(pair):
 
 
 # ----------------------------------------------------------------------------- difflo sample
+@pytest.mark.slow
 def test_sample(pair, tmp_path):
     """Guided samples (w = 2, the run's default) from the export = the run's, with no --null-class; the
     command line takes class names and writes the same images (uint8, at most one level apart)."""
@@ -174,6 +175,7 @@ def run_edit(technique: str, ckpt, extra: list) -> dict[str, torch.Tensor]:
     return edit_cli.run_technique(args, model).raw
 
 
+@pytest.mark.slow
 def test_every_edit_technique(pair):
     """Every technique of `difflo edit`, at its default guidance (w = 3 unless given), from the export (no
     --null-class) = from the run; interpolation mixes the two classes' embeddings and also runs
@@ -218,6 +220,7 @@ def finish(job, timeout=120):
     return job
 
 
+@pytest.mark.slow
 def test_serve(pair, tmp_path):
     """The page's classes are the run's (names, no null class) from the export, and from the plain folder
     with --null-class 3 (indices); a guided sample job gives the run's images, and the command the page
@@ -254,6 +257,7 @@ def test_serve(pair, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_bad_null_class_and_config_give_one_line(pair, tmp_path):
     run, out, plain = pair
     anagram = ["anagram", "--a", "0", "--b", "1", "--steps", "2", "--out", tmp_path / "x"]

@@ -74,6 +74,7 @@ CASES = {"classes-cosine-v": W32 + ["model.attn_resolutions=[14]"],
                                                       "diffusion.timesteps=50", "sample.steps=10"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
 def test_unet2dmodel_equals_difflo_net(tmp_path, overrides):
     """The exported UNet2DModel's output = difflo's UNet's for the same (x, t, y), and difflo reads the
@@ -105,6 +106,7 @@ def test_unet2dmodel_equals_difflo_net(tmp_path, overrides):
                                        make_denoiser(model, w, clip_x0=False)(x, t, y=y), atol=ATOL * 20, rtol=0)
 
 
+@pytest.mark.slow
 def test_pipeline_loads_and_samples_as_difflo(tmp_path):
     """DDPMPipeline.from_pretrained(OUT) of an unconditional model gives difflo's DDPM images from the same
     noise (one generator per image on both sides; leading spacing, where both chains end at t = 0; see
@@ -180,6 +182,7 @@ def card_command(card: str) -> list[str]:
     return line.split()[1:]
 
 
+@pytest.mark.slow
 def test_cli_round_trip(run32, tmp_path, monkeypatch):
     """`difflo export RUN OUT`; `difflo sample` with the card's command on OUT gives the run's own samples
     (uint8, at most one level apart: the two networks differ by float rounding); the card names the classes,

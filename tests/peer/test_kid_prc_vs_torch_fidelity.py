@@ -125,6 +125,7 @@ def test_loading_leaves_sys_modules_as_it_was(tf):
 # subsets and the full metric can be compared, not only the per-subset formula. Its features are passed
 # as float64 tensors: it computes the kernel in the tensors' dtype (float32 features would give a float32
 # kernel), difflo always in float64.
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2020])
 @pytest.mark.parametrize("subset_size, subsets", [(50, 20), (100, 50), (None, 100)])
 @pytest.mark.parametrize("shift", [0.0, 0.1])

@@ -49,6 +49,7 @@ def test_a_folder_samples_in_fp32_whatever_auto_takes(tmp_path, monkeypatch, for
     assert err(generate(model, torch.zeros(2, dtype=torch.long), SEEDS, s), ref) < 5e-5
 
 
+@pytest.mark.slow
 def test_bf16_on_a_folder_stays_within_its_tolerance(tmp_path):
     path, ref = folder(tmp_path)
     model = load_model(path)

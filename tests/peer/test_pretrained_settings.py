@@ -61,6 +61,7 @@ PREDICTIONS = {"eps-clip": (dict(prediction_type="epsilon", clip_sample=True), d
                "x0": (dict(prediction_type="sample", clip_sample=False), {})}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", list(PREDICTIONS))
 @pytest.mark.parametrize("spacing, steps, offset, alpha_one", DDIM_CASES,
                          ids=[f"{c[0]}-{c[1]}-offset{c[2]}-{'one' if c[3] else 'alpha0'}" for c in DDIM_CASES])
@@ -98,6 +99,7 @@ def test_ddim_stride_rule_with_eta(tmp_path, eta):
 DDPM_CASES = [("leading", 17, 1), ("leading", 13, 0), ("trailing", 13, 0), ("linspace", 17, 0), ("linspace", 13, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing, steps, offset", DDPM_CASES, ids=[f"{c[0]}-{c[1]}-offset{c[2]}" for c in DDPM_CASES])
 def test_ddpm_folder_samples_as_ddpm_pipeline(tmp_path, spacing, steps, offset):
     """DDPMScheduler steps to the next listed timestep (its previous_timestep), so its folder keeps difflo's listed

@@ -85,6 +85,7 @@ IDS = ["eps-linear", "v-cosine", "eps-scaled_linear", "x0-noclip"]
 
 
 # ----------------------------------------------------------------------------- equivalence
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction, schedule", SCHEDULES, ids=IDS)
 def test_ddim_equals_ddim_pipeline(tmp_path, prediction, schedule, spacing):
@@ -129,6 +130,7 @@ def test_karras_flag_of_a_folder_is_its_grid(tmp_path):
     assert config_for({"sample_size": 8}, s, "x").sample.spacing == "exponential"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("prediction, schedule", SCHEDULES, ids=IDS)
 def test_ddpm_equals_ddpm_pipeline(tmp_path, prediction, schedule, variance):
@@ -408,6 +410,7 @@ def _bad_folders(root, good):
     return cases
 
 
+@pytest.mark.slow
 def test_bad_folders_give_one_line(folder, tmp_path):
     for bad, needle in _bad_folders(tmp_path, folder):
         code, _, err = run_cli("sample", "--ckpt", bad, "--out", tmp_path / "x.png")

@@ -218,6 +218,7 @@ def _dpm_sigmas_float64(sched, path, ts):
     sched.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spacing,n,lower_order_final", [("trailing", 10, True), ("trailing", 10, False),
                                                          ("trailing", 25, True), ("leading", 10, True),
@@ -339,6 +340,7 @@ def _nsr(path, t):
     return s / a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spacing,n", GRID_CASES)
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -462,7 +464,7 @@ def test_flow_euler_and_heun_match_diffusers(n):
     network predicts u = x1 - x0, diffusers' flow model output). Heun's last step is Euler in both.
     Churn is not compared: diffusers' FlowMatchHeun adds its churn noise after the network call whose output it
     then uses, without the path's alpha scaling; difflo's churn is EDM's Algorithm 2 (the network evaluated at
-    the churned point), which keeps the path's marginals (tests/test_samplers.py::test_churn_keeps_the_marginal)."""
+    the churned point), which keeps the path's marginals (tests/unit/test_samplers.py::test_churn_keeps_the_marginal)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
     from difflo.samplers import sample_euler, sample_heun

@@ -51,6 +51,7 @@ def test_trailing_n61_matches_diffusers_first_61():
     assert torch.equal(ts, ref.timesteps[:61])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing", schedules.SPACINGS)
 def test_timesteps_match_diffusers_for_every_n(spacing):
     """Every n in 1..T, .5 rounding ties included (e.g. trailing n=48, linspace n=27); for trailing, the

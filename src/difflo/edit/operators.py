@@ -15,7 +15,7 @@ Every technique reuses a sampler from :data:`difflo.samplers.SAMPLERS` unchanged
     since ``lowpass + highpass = identity``.
 
   Guidance is applied inside each branch (the wrapped denoiser is a :class:`~difflo.guidance.CFGDenoiser`),
-  then the branches are combined. ``tests/test_editing.py`` checks both identities against an
+  then the branches are combined. ``tests/unit/test_editing.py`` checks both identities against an
   explicit eps computation.
 * **inpaint** (Lugmayr et al. 2022, "RePaint") is a sampler callback that, after every step to
   ``t_prev``, replaces the known region of ``x`` by the forward-noised original at ``t_prev``; the

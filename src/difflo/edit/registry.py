@@ -22,7 +22,7 @@ A technique is a subclass of :class:`Technique` that states, in one place:
 errors), so a bad value is one line naming its flag, from either front end.
 
 **The command line** gives each flag whose value differs from its default (the shortest command that
-parses back to the same options; ``tests/test_edit_registry.py`` checks the round trip): first the
+parses back to the same options; ``tests/unit/test_edit_registry.py`` checks the round trip): first the
 shared options, then the technique's inputs (files and classes), its time grid, and its other flags.
 
 Layers: this module is the library; the argparse validators belong to the front end
@@ -479,6 +479,6 @@ class Interpolate(Technique):
         return n * images + n * self.per_step(model, o)                     # the frames: one batch
 
 
-# Adding a technique: a subclass above, and its entry here (a case in tests/test_edit_registry.py too).
+# Adding a technique: a subclass above, and its entry here (a case in tests/unit/test_edit_registry.py too).
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (Forward(), Denoise(), SDEdit(), Inpaint(), Anagram(),
                                                          Hybrid(), Invert(), Interpolate())}

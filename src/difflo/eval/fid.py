@@ -52,7 +52,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2 (real and >= 0 for
     PSD S1, S2, since S1 S2 is similar to S2^(1/2) S1 S2^(1/2)); tiny negative or imaginary parts
-    from rounding are clipped. tests/test_eval.py checks this against scipy.linalg.sqrtm."""
+    from rounding are clipped. tests/unit/test_eval.py checks this against scipy.linalg.sqrtm."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:

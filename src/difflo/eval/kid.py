@@ -20,7 +20,7 @@ std / sqrt(S) would overstate the precision.
 Unlike FID, the estimate is unbiased at any N, so small-N values are comparable in expectation with
 large-N ones (only noisier). The subset draws follow torch-fidelity's exactly (a
 ``np.random.RandomState(seed)``, generated subset first), so with the same seed the two agree number
-for number (tests/test_kid_prc.py checks this formula against a plain-numpy transcription).
+for number (tests/unit/test_kid_prc.py checks this formula against a plain-numpy transcription).
 """
 from __future__ import annotations
 
