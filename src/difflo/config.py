@@ -20,8 +20,10 @@ import yaml
 
 from .errors import ConfigError, DiffloError
 from .eval import FEATURES
+from . import precision, samplers, schedules
 from .images import parse_colour
 from .nn.unet import UNetConfig
+from .noise_paths import OBJECTIVES, PATHS, samplers_for
 
 
 @dataclass
@@ -57,6 +59,9 @@ class DiffusionConfig:
     t_sampling: str = "uniform"        # flow: uniform | logit_normal (diffusion: uniform)
     logit_mean: float = 0.0            # flow, logit_normal: t = sigmoid(mean + std * n)
     logit_std: float = 1.0
+
+
+LR_SCHEDULES = ("constant", "cosine", "exponential")   # after warmup; difflo.train.lr_at follows them
 
 
 @dataclass
@@ -140,9 +145,6 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
-        from . import precision, samplers, schedules
-        from .noise_paths import OBJECTIVES, PATHS, samplers_for
-
         problems = list(self.model.validate())
         d, t, s = self.diffusion, self.train, self.sample
         # The objective's path class says what it accepts (an unknown objective is reported below, and the
@@ -154,7 +156,7 @@ class Config:
                    ("diffusion.prediction", d.prediction, path.predictions),
                    ("diffusion.loss_weighting", d.loss_weighting, path.loss_weightings),
                    ("diffusion.t_sampling", d.t_sampling, path.t_samplings),
-                   ("train.lr_schedule", t.lr_schedule, ("constant", "cosine", "exponential")),
+                   ("train.lr_schedule", t.lr_schedule, LR_SCHEDULES),
                    ("train.precision", t.precision, precision.PRECISIONS),
                    ("sample.precision", s.precision, precision.PRECISIONS),
                    ("sample.sampler", s.sampler, fitting),

@@ -148,7 +148,7 @@ def add_parser(sub) -> None:
     ll.add_argument("--steps", type=positive_int,
                     help=f"ode: Heun steps, uniform in log-SNR (default {nll_mod.STEPS}; 2 network evaluations "
                          f"with a vector-Jacobian product each)")
-    ll.add_argument("--probe", choices=["rademacher", "gaussian"],
+    ll.add_argument("--probe", choices=list(nll_mod.PROBES),
                     help="ode: Hutchinson probe distribution (default rademacher), one per image")
     ll.add_argument("--split", default="test", help="the data split whose images are scored (default test)")
     ll.add_argument("--unconditional", action="store_true",

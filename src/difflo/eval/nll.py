@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import data as data_mod
 from ..errors import DiffloError
 from ..model import make_denoiser
 from ..samplers import VARIANCES
@@ -91,6 +92,9 @@ class Estimate:
 
 def to_bits(nats: torch.Tensor, dims: int) -> np.ndarray:
     return (nats / (dims * math.log(2))).double().cpu().numpy()
+
+
+PROBES = ("rademacher", "gaussian")         # Hutchinson probe distributions (ode_log_likelihood)
 
 
 # -------------------------------------------------------------------------------- variational bound
@@ -297,7 +301,7 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | 
     elif probe == "gaussian":
         v = draws.randn(z.shape).to(z.device)
     else:
-        raise DiffloError(f"unknown Hutchinson probe {probe!r}; choose rademacher or gaussian")
+        raise DiffloError(f"unknown Hutchinson probe {probe!r}; choose {' or '.join(PROBES)}")
     coef = [tuple(float(c) for c in path.alpha_sigma(t)) for t in ts]
     sigma0 = coef[0][1]
     z = z / sigma0
@@ -368,7 +372,6 @@ def check_terms(path, terms: int | None) -> int | None:
 def held_out(model, n: int, split: str = "test", seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """n images (uint8 (n, H, W, C)) and labels of ``split`` of the model's data set, a seeded random
     choice (the same images for every method and model at one seed), and a description."""
-    from .. import data as data_mod
     if n < 2:
         raise DiffloError(f"--n {n}: the likelihood needs at least 2 images (the standard error is over images)")
     d = model.cfg.data
