@@ -43,7 +43,7 @@ ERROR_LINE = re.compile(r"^difflo( [\w-]+)*: error: \S")
 # `precision: auto` forced to the other choice than the machine's (`pytest -m numerical`).
 NUMERICAL = ("peer", "test_samplers_exact.py", "test_samplers.py", "test_samplers_grids.py", "test_diffusion.py",
              "test_flow.py", "test_inversion.py", "test_nll.py", "test_editing.py", "test_schedules.py",
-             "test_precision.py")          # a folder of tests/ or a test file's name
+             "test_precision.py", "test_edm.py", "test_guidance.py", "test_posthoc_ema.py")  # a folder or a file name
 
 
 def pytest_configure(config):

@@ -8,6 +8,7 @@ import math
 import torch
 
 from difflo.diffusion import DiscreteSchedule
+from difflo.edm import EDMPath
 from difflo.flow import FlowPath
 from difflo.noise_paths import OBJECTIVES, samplers_for
 from difflo.samplers import SAMPLERS
@@ -72,7 +73,14 @@ def case_id(name, opts, objective) -> str:
 
 def objective_path(objective: str):
     """The path the common tests run an objective's samplers on."""
+    if objective == "edm":
+        return EDMPath()                                          # EDM's defaults: sigma from 80 to 0.002, then 0
     return FlowPath() if objective == "flow" else path_for("cosine")   # flow: the straight path, t from 1 to 0
+
+
+def first_spacing(path) -> str:
+    """trailing where the path takes it (diffusion, flow), else its own first grid (EDM's karras)."""
+    return "trailing" if "trailing" in path.spacings else path.spacings[0]
 
 
 # --------------------------------------------------------------------------- exact Gaussian data
@@ -137,7 +145,8 @@ class UnitNoise:
 
 
 def affine_chain_moments(fn, path, ts, mu=MU, s=S, **opts):
-    """Exact per-dimension mean and variance of a sampler's output for the Gaussian data, from x_T ~ N(0, I).
+    """Exact per-dimension mean and variance of a sampler's output for the Gaussian data, from x_T ~ N(0, I)
+    (times the path's ``prior_std``).
 
     With the exact (affine) denoiser every sampler is, per dimension, affine in its start and its noise draws:
     out = A x_T + b + sum_k c_k z_k. One float64 run over a batch recovers the coefficients (row 0 starts at
@@ -145,7 +154,7 @@ def affine_chain_moments(fn, path, ts, mu=MU, s=S, **opts):
     variance = A^2 + sum_k c_k^2, the moments of the discretized chain itself, without sampling error."""
     rows = len(ts) + 2                           # at most one draw per step
     x = torch.zeros(rows, 1, 4, 4, dtype=torch.float64)
-    x[1] = 1.0
+    x[1] = path.prior_std                        # x_T = prior_std z (EDM: sigma_max z): row 1 is z = 1
     out = fn(GaussianDenoiser(path, mu.double(), s.double()), x, ts, noise=UnitNoise(rows), **opts)
     b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
     return b[0], (A**2 + (c**2).sum(0))[0]

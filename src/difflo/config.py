@@ -20,9 +20,10 @@ import yaml
 
 from .errors import ConfigError, DiffloError
 from .eval import FEATURES
-from . import precision, samplers, schedules
+from . import posthoc_ema, precision, samplers, schedules
 from .images import parse_colour
 from .nn.unet import UNetConfig
+from .edm import DEFAULTS as EDM_DEFAULTS, EDMPath
 from .noise_paths import OBJECTIVES, PATHS, samplers_for
 
 
@@ -45,20 +46,28 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "diffusion"       # diffusion (DDPM, discrete t) | flow (rectified flow, t in [0, 1])
+    objective: str = "diffusion"       # diffusion (DDPM, discrete t) | flow (rectified flow, t in [0, 1]) | edm
     schedule: str = "cosine"           # diffusion: linear | cosine | sigmoid | scaled_linear | explicit
     timesteps: int = 1000              # diffusion: T
     beta_start: float = 1e-4           # diffusion, linear / scaled_linear: the first beta
     beta_end: float = 0.02             # diffusion, linear / scaled_linear: the last beta
     betas: tuple[float, ...] = ()      # diffusion, explicit: the T betas themselves (diffusers' trained_betas)
     clip_range: float = 1.0            # sample.clip_x0 clamps x0 to [-clip_range, clip_range] (clip_sample_range)
-    prediction: str = "v"              # diffusion: eps | x0 | v;  flow: u (the velocity)
+    prediction: str = "v"              # diffusion: eps | x0 | v;  flow: u (the velocity);  edm: edm (F in EDM's D)
     zero_terminal_snr: bool = False    # diffusion: rescale the schedule so alpha_bar_{T-1} = 0 (Lin et al. 2024; v or x0)
     loss_weighting: str = "none"       # diffusion: none | min_snr
     min_snr_gamma: float = 5.0
-    t_sampling: str = "uniform"        # flow: uniform | logit_normal (diffusion: uniform)
+    t_sampling: str = "uniform"        # flow: uniform | logit_normal (diffusion: uniform; edm: log_normal)
     logit_mean: float = 0.0            # flow, logit_normal: t = sigmoid(mean + std * n)
     logit_std: float = 1.0
+    # edm (Karras et al. 2022, Table 1 and Eq. 5; difflo.edm): the data's std, ln sigma ~ N(p_mean, p_std^2)
+    # in training, and the sampling grid's sigma_max .. sigma_min with Eq. 5's rho. Read only by objective edm.
+    sigma_data: float = EDM_DEFAULTS["sigma_data"]
+    p_mean: float = EDM_DEFAULTS["p_mean"]
+    p_std: float = EDM_DEFAULTS["p_std"]
+    sigma_min: float = EDM_DEFAULTS["sigma_min"]
+    sigma_max: float = EDM_DEFAULTS["sigma_max"]
+    rho: float = EDM_DEFAULTS["rho"]
 
 
 LR_SCHEDULES = ("constant", "cosine", "exponential")   # after warmup; difflo.train.lr_at follows them
@@ -93,6 +102,9 @@ class TrainConfig:
     grad_accum: int = 1                # split each step's batch into K micro-batches: the same update, less memory
     log: tuple[str, ...] = ("csv",)    # [csv] (RUN/metrics.csv, always) or [csv, tensorboard] (+ RUN/tensorboard/;
                                        # pip install "difflo[tensorboard]")
+    posthoc_ema: tuple[float, ...] = ()   # post-hoc EMA (EDM2): the sigma_rels of the power-function averages tracked,
+                                       # e.g. [0.05, 0.10]; [] off. `difflo ema RUN --sigma-rel S` rebuilds any other
+    posthoc_every: int | None = None   # their snapshots to RUN/posthoc/ every N steps (None: train.ckpt_every)
 
 
 @dataclass
@@ -116,6 +128,9 @@ class SampleConfig:
     s_tmax: float = 1.0
     s_noise: float = 1.0               # ... the std of the added noise, relative
     precision: str = "auto"            # auto | fp32 | bf16 | fp16: the network's autocast (difflo.precision)
+    guidance_interval: tuple[float, ...] = ()  # [lo, hi]: guide only where sigma/alpha lies in [lo, hi] (Kynkaanniemi
+                                       # et al. 2024), w = 1 elsewhere; []: everywhere
+    guidance_rescale: float = 0.0      # phi in [0, 1]: rescaled guidance (Lin et al. 2024, Eq. 15-16); 0: off
 
 
 @dataclass
@@ -223,8 +238,10 @@ class Config:
         if s.s_noise <= 0 or s.s_tmin > s.s_tmax:
             problems.append(f"sample.s_noise={s.s_noise} must be > 0 and sample.s_tmin={s.s_tmin} <= "
                             f"sample.s_tmax={s.s_tmax}")
+        problems += guidance_problems(s.guidance_interval, s.guidance_rescale)
         if d.clip_range <= 0:
             problems.append(f"diffusion.clip_range={d.clip_range} must be > 0")
+        problems += edm_problems(d, s, path)
         if path.max_steps_for(d) is not None and s.steps > path.max_steps_for(d):
             problems.append(f"sample.steps={s.steps} exceeds diffusion.timesteps={d.timesteps}")
         if t.max_minutes is not None and t.max_minutes <= 0:
@@ -241,10 +258,61 @@ class Config:
             problems.append("train.adam_betas must have two values, e.g. [0.9, 0.999]")
         elif not all(0.0 <= b < 1.0 for b in t.adam_betas):
             problems.append(f"train.adam_betas={list(t.adam_betas)} must lie in [0, 1), e.g. [0.9, 0.999]")
+        sigma_rels = t.posthoc_ema
+        if any(not 0 < v <= posthoc_ema.SIGMA_REL_MAX for v in sigma_rels) or len(set(sigma_rels)) < len(sigma_rels):
+            problems.append(f"train.posthoc_ema={list(t.posthoc_ema)} must be distinct sigma_rels in "
+                            f"(0, {posthoc_ema.SIGMA_REL_MAX:.4f}], e.g. [0.05, 0.1]")
+        if t.posthoc_every is not None and (t.posthoc_every <= 0 or not t.posthoc_ema):
+            problems.append(f"train.posthoc_every={t.posthoc_every} must be > 0 and is read only with "
+                            f"train.posthoc_ema")
         if not 0 <= t.seed < 2**32:
             problems.append(f"train.seed={t.seed} must be in 0..2^32-1")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def parse_interval(text: str) -> tuple[float, ...]:
+    """A guidance interval as text, ``LO,HI`` (two finite numbers; their range is checked with the settings:
+    :func:`guidance_problems`) or ``off`` (empty: guidance at every noise level); else ValueError."""
+    if text.strip().lower() in ("off", "none"):
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"expected two finite numbers LO,HI (e.g. 0.3,3) or off, got {text!r}")
+    return values
+
+
+def guidance_problems(interval, rescale, names=("sample.guidance_interval", "sample.guidance_rescale")) -> list[str]:
+    """What is wrong with a guidance interval [lo, hi] (empty: everywhere; 0 <= lo <= hi) and a guidance
+    rescale phi (in [0, 1]); ``names``: the keys (or flags) to name."""
+    problems = []
+    if len(interval) not in (0, 2) or (interval and not 0 <= interval[0] <= interval[1]):
+        problems.append(f"{names[0]}={','.join(f'{v:g}' for v in interval)} must be two noise levels lo,hi "
+                        f"(sigma/alpha) with 0 <= lo <= hi, e.g. 0.3,3")
+    if not 0.0 <= rescale <= 1.0:
+        problems.append(f"{names[1]}={rescale:g} must be in [0, 1]")
+    return problems
+
+
+def edm_problems(d: DiffusionConfig, s: SampleConfig, path) -> list[str]:
+    """EDM's keys (``edm.DEFAULTS``): in range for objective edm, left at their defaults for the others; and an EDM
+    grid is in sigma (sample.spacing karras or exponential)."""
+    if path is not EDMPath:
+        changed = [f"diffusion.{k}={getattr(d, k):g}" for k, v in EDM_DEFAULTS.items() if getattr(d, k) != v]
+        return [f"{', '.join(changed)}: read only with diffusion.objective=edm"] if changed else []
+    problems = []
+    if not (d.sigma_data > 0 and d.p_std > 0 and d.rho > 0):
+        problems.append(f"diffusion.sigma_data={d.sigma_data:g}, p_std={d.p_std:g} and rho={d.rho:g} must be > 0")
+    if not 0 < d.sigma_min < d.sigma_max:
+        problems.append(f"diffusion.sigma_min={d.sigma_min:g} and sigma_max={d.sigma_max:g} must satisfy "
+                        f"0 < sigma_min < sigma_max")
+    if s.spacing not in EDMPath.spacings:
+        problems.append(f"sample.spacing={s.spacing} does not apply to objective edm (its grid is in sigma): "
+                        f"use {' or '.join(EDMPath.spacings)}")
+    return problems
 
 
 def _plain(obj):

@@ -31,8 +31,22 @@ PREDICTIONS = ("eps", "x0", "v", "u")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
+class UnscaledNetwork:
+    """The network's side of a path whose x_t has about unit scale (DDPM's and the flow path): the network
+    sees x_t as it is, its output is read by :func:`to_x0`, and sampling starts from N(0, I). (EDM's
+    preconditioning, :class:`difflo.edm.EDMPath`, scales all three.)"""
+
+    prior_std = 1.0               # the noise x at the grid's noise end is z ~ N(0, I)
+
+    def network_input(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        return x
+
+    def x0_hat(self, output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+        return to_x0(output, x, alpha, sigma, prediction)
+
+
 @dataclass(frozen=True, eq=False)
-class DiscreteSchedule:
+class DiscreteSchedule(UnscaledNetwork):
     """alpha_bar_t for t = 0 .. T-1 (float64), and the path coefficients alpha_t, sigma_t.
     Implements :class:`difflo.noise_paths.NoisePath`."""
 

@@ -111,9 +111,9 @@ def scheduler_config(cfg: config_mod.Config) -> dict:
 
 
 def flow_refusal(objective: str, what: str = "this model") -> str:
-    return (f"{what} is a flow-matching model (diffusion.objective={objective}): diffusers' DDPM schedulers cannot "
-            f"express its path (x_t = (1 - t) x0 + t eps, velocity prediction), so there is nothing to export it "
-            f"to; difflo export writes diffusion models (use the run itself as difflo's --ckpt)")
+    return (f"{what} has no DDPM beta schedule (diffusion.objective={objective}: a flow-matching model or EDM's "
+            f"variance-exploding path): diffusers' DDPM schedulers cannot express its path, so there is nothing to "
+            f"export it to; difflo export writes diffusion models (use the run itself as difflo's --ckpt)")
 
 
 # ----------------------------------------------------------------------------- the network

@@ -21,13 +21,13 @@ import torch
 
 import math
 
-from .diffusion import q_sample, target, training_noise
+from .diffusion import UnscaledNetwork, q_sample, target, training_noise
 from .samplers import fitting
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 
 
-class FlowPath:
+class FlowPath(UnscaledNetwork):
     """alpha_t = 1 - t, sigma_t = t for t in [0, 1]; ``t_clean = 0`` is the data end.
     Implements :class:`difflo.noise_paths.NoisePath`."""
 

@@ -24,15 +24,17 @@ import sys
 import torch
 
 from . import allocator
-from .config import SampleConfig as SampleSettings
+from .config import SampleConfig as SampleSettings, guidance_problems
 from .errors import DiffloError
 from .model import Model, make_denoiser
 from .precision import PRECISIONS
 from .samplers import NEEDS_ON, OPTIONS, SAMPLERS, VARIANCES, SeededNoise, as_flag, check_options, unused_option
 from .schedules import SPACING_CHOICES
 
-__all__ = ["SampleSettings", "VARIANCES", "settings_for", "check_settings", "check_sampler", "check_steps",
-           "sampler_options", "unused_options", "record", "time_grid", "describe", "generate"]
+GUIDANCE_FLAGS = ("--guidance-interval", "--guidance-rescale")   # the guidance options as flags, for errors
+
+__all__ = ["SampleSettings", "VARIANCES", "settings_for", "check_settings", "check_guidance", "check_sampler",
+           "check_steps", "sampler_options", "unused_options", "record", "time_grid", "describe", "generate"]
 
 
 def check_sampler(sampler: str, model: Model) -> str:
@@ -50,6 +52,13 @@ def check_steps(steps: int, model: Model) -> int:
     if model.path.max_steps is not None and steps > model.path.max_steps:
         raise DiffloError(f"--steps {steps} exceeds the model's {model.path.max_steps} training timesteps")
     return steps
+
+
+def check_guidance(interval: tuple[float, ...], rescale: float) -> None:
+    """A one-line DiffloError, naming the flags, unless the guidance interval and rescale are valid."""
+    problems = guidance_problems(interval, rescale, GUIDANCE_FLAGS)
+    if problems:
+        raise DiffloError("; ".join(problems))
 
 
 def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
@@ -72,6 +81,7 @@ def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
         raise DiffloError(f"unknown precision {s.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not (s.w >= 0 and s.eta >= 0):
         raise DiffloError(f"guidance w and eta must be >= 0, got w={s.w}, eta={s.eta}")
+    check_guidance(s.guidance_interval, s.guidance_rescale)   # not sampler options: every sampler reads them
     for option in unused_options(s):
         value = getattr(s, option)
         if value != getattr(model.cfg.sample, option):     # set by the caller, not carried from the run's config
@@ -138,11 +148,12 @@ def describe(s: SampleSettings) -> str:
 
 @torch.no_grad()
 def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings | None = None,
-             batch_size: int = 250, callback=None, progress=None) -> torch.Tensor:
+             batch_size: int = 250, callback=None, progress=None, guide: Model | None = None) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for the given labels and per-image seeds.
 
     ``settings``: checked :class:`SampleSettings` (default: the model's own, ``settings_for(model)``).
-    ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index)."""
+    ``callback`` receives the sampler's per-step dict plus ``"batch"`` (the batch index); ``guide``: the
+    autoguidance guide (``--guide``; :func:`difflo.model.make_denoiser`)."""
     s = settings_for(model) if settings is None else check_settings(settings, model)
     allocator.tune_malloc()
     n_cls = model.num_classes
@@ -150,14 +161,15 @@ def generate(model: Model, labels: torch.Tensor, seeds, settings: SampleSettings
         raise DiffloError(f"class index out of range: this model has classes 0..{n_cls - 1}")
     device = model.device
     c, size = model.cfg.model.in_channels, model.cfg.model.image_size
-    den = make_denoiser(model, s.w, s.clip_x0, model.precision(s.precision).dtype)
+    den = make_denoiser(model, s.w, s.clip_x0, model.precision(s.precision).dtype, interval=s.guidance_interval,
+                        rescale=s.guidance_rescale, guide=guide)
     ts = time_grid(model.path, s)
     sampler, options = SAMPLERS[s.sampler], sampler_options(s)
     seeds = [int(x) for x in seeds]
     out = []
     for b, start in enumerate(range(0, len(seeds), batch_size)):
         noise = SeededNoise(seeds[start:start + batch_size], (c, size, size), device)
-        x = noise()                                   # (B, C, H, W): x_T ~ N(0, I)
+        x = noise() * model.path.prior_std            # (B, C, H, W): x_T ~ N(0, I) (EDM: N(0, sigma_max^2 I))
         y = labels[start:start + batch_size].to(device)
         cb = None if callback is None else (lambda d, b=b: callback({**d, "batch": b}))
         out.append(sampler(den, x, ts, extra_args={"y": y}, callback=cb, noise=noise, **options).cpu())

@@ -21,7 +21,7 @@ from . import config as config_mod, precision as precision_mod, pretrained
 from .checkpoint import is_diffusers_folder, load_weights, resolve_weights, verify_file
 from .data.idx import FASHION_CLASSES
 from .errors import CheckpointError, DiffloError
-from .guidance import CFGDenoiser, ClampDenoiser, ModelDenoiser
+from .guidance import AutoguidanceDenoiser, CFGDenoiser, ClampDenoiser, IntervalDenoiser, ModelDenoiser
 from .nn import UNet
 from .noise_paths import NoisePath, make_path
 
@@ -176,6 +176,19 @@ def load_model(path, ema: bool = True, device="cpu", null_class: int | None = No
     return model
 
 
+def load_guide(path, model: Model, ema: bool = True, device="cpu") -> Model | None:
+    """``--guide CKPT`` (any ``--ckpt`` form): the autoguidance guide of ``model``, checked to be of the same
+    kind (:func:`check_guide`); None where ``path`` is None. It is evaluated with the model's condition,
+    never with a null class, so it takes no ``--null-class``."""
+    if path is None:
+        return None
+    try:
+        guide = load_model(path, ema=ema, device=device)
+    except DiffloError as e:
+        raise type(e)(f"--guide: {e}") from None
+    return check_guide(model, guide)
+
+
 def load_difflo_net(weights) -> tuple[UNet, config_mod.Config]:
     """difflo's UNet and its config from a difflo weights file (its checksum checked when it has one)."""
     verify_file(weights)                      # a checkpoint directory's checksum, when it has a manifest
@@ -199,18 +212,61 @@ def load_difflo_net(weights) -> tuple[UNet, config_mod.Config]:
 
 
 def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.dtype | None = None,
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, interval: tuple[float, ...] = (), rescale: float = 0.0,
+                  guide: Model | None = None):
     """The network as a denoiser (x0 prediction), guided with scale w, optionally clamped to
     [-diffusion.clip_range, clip_range]; the network runs under autocast to ``autocast`` (None: float32;
     see difflo.precision) and x0_hat comes in ``dtype``. It takes one time or per-sample times and leaves
     autograd on (callers that need no gradients run it under ``torch.no_grad()``; see
-    :mod:`difflo.guidance`). An unconditional model ignores w (a note says so when w would guide)."""
+    :mod:`difflo.guidance`). An unconditional model ignores w (a note says so when w would guide).
+
+    Guidance is classifier-free, or autoguidance where a ``guide`` model is given (its conditional
+    prediction in place of the unconditional one; it needs no null class and guides unconditional models
+    too; :func:`check_guide`); ``rescale`` (phi) rescales either (Lin et al. 2024), and ``interval`` = (lo, hi)
+    guides only where sigma/alpha lies in [lo, hi] (Kynkaanniemi et al. 2024), the conditional denoiser
+    elsewhere. The defaults (no interval, rescale 0, no guide) are the plain CFG wrapper itself."""
     den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast, dtype)
-    if model.num_classes > 0:
+    guided = den
+    if guide is not None:
+        check_guide(model, guide)
+        bad = ModelDenoiser(guide.net, guide.path, guide.cfg.diffusion.prediction, autocast, dtype)
+        guided = AutoguidanceDenoiser(den, bad, w, rescale)
+    elif model.num_classes > 0:
         if w != 1.0 and not model.has_null_class:
             raise DiffloError(pretrained.null_class_needed(w))
-        den = CFGDenoiser(den, w, null_class=model.num_classes)
+        guided = CFGDenoiser(den, w, null_class=model.num_classes, rescale=rescale)
     elif w not in (0.0, 1.0, model.cfg.sample.w):
         _warn_once(f"note: this model is unconditional (no class labels): guidance w={w:g} has no effect")
+    if (interval or rescale) and (guided is den or w == 1.0):
+        _warn_once("note: the guidance interval and rescale have no effect without guidance ("
+                   + ("w = 1" if guided is not den else "an unconditional model without --guide") + ")")
+    elif interval:
+        guided = IntervalDenoiser(guided, den, *interval)
     r = model.cfg.diffusion.clip_range
-    return ClampDenoiser(den, -r, r) if clip_x0 else den
+    return ClampDenoiser(guided, -r, r) if clip_x0 else guided
+
+
+def check_guide(model: Model, guide: Model) -> Model:
+    """The autoguidance guide (``--guide``) must be a model of the same kind: the same objective and noise path
+    (the same alpha_t, sigma_t at every time the model samples; the prediction may differ), image shape and
+    classes. Else a one-line DiffloError naming the difference; returns the guide."""
+    def kind(m: Model) -> str:
+        return f"{m.objective} objective, {type(m.path).__name__}, max steps {m.path.max_steps}"
+    if kind(guide) != kind(model):
+        raise DiffloError(f"--guide: the guide has {kind(guide)}; the model has {kind(model)} (autoguidance needs "
+                          f"a model of the same kind, e.g. an earlier checkpoint of the same run)")
+    times = torch.tensor(model.path.sampling_times(model.path.max_steps or 100, model.path.spacings[0]),
+                         dtype=torch.float64)
+    if not all(torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+               for a, b in zip(model.path.alpha_sigma(times), guide.path.alpha_sigma(times))):
+        raise DiffloError("--guide: the guide's noise schedule differs from the model's (autoguidance evaluates both "
+                          "at the same times); use a checkpoint trained with the same diffusion settings")
+    shape = [(m.cfg.model.in_channels, m.cfg.model.image_size) for m in (model, guide)]
+    if shape[0] != shape[1]:
+        raise DiffloError(f"--guide: the guide makes {shape[1][0]}-channel {shape[1][1]}px images; the model "
+                          f"{shape[0][0]}-channel {shape[0][1]}px")
+    if guide.num_classes != model.num_classes or (guide.class_names and model.class_names
+                                                  and list(guide.class_names) != list(model.class_names)):
+        raise DiffloError(f"--guide: the guide has {guide.num_classes} classes, the model {model.num_classes} "
+                          f"(or other class names); autoguidance conditions both on the same class")
+    return guide

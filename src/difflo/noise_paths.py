@@ -4,19 +4,22 @@ A *path* is a family ``x_t = alpha_t x0 + sigma_t eps`` with its own time axis. 
 differs between training objectives is carried by the path object, never by a string checked at
 the call site:
 
-==================  =============================================  ===================================
-                    :class:`~difflo.diffusion.DiscreteSchedule`    :class:`~difflo.flow.FlowPath`
-==================  =============================================  ===================================
-time                integer timesteps 0..T-1, clean end -1         t in [0, 1], clean end 0
-``sampling_times``  ``schedules.timesteps(T, n, spacing)`` + [-1]  n + 1 uniform times 1 .. 0
-``max_steps``       T                                              None (any)
-``cli_scale``       T (``--t 500`` is timestep 500)                1000 (``--t 500`` is t = 0.5)
-``samplers``        ddpm, ddim, dpmpp                              euler, heun, ddim, dpmpp
-``training_loss``   DDPM denoising loss (eps / x0 / v)             flow matching (u)
-``beta_schedule``   True (zero_terminal_snr, ``difflo export``)    False
-``timestep_grids``  True (steps_offset, step_rule, grid_end)       False
-``describe(d)``     "diffusion, cosine, v-prediction"              "flow, u-prediction"
-==================  =============================================  ===================================
+==================  =============================================  ==============================  ==========================
+                    :class:`~difflo.diffusion.DiscreteSchedule`    :class:`~difflo.flow.FlowPath`  :class:`~.edm.EDMPath`
+==================  =============================================  ==============================  ==========================
+time                integer timesteps 0..T-1, clean end -1         t in [0, 1], clean end 0        t = sigma, clean end 0
+``sampling_times``  ``schedules.timesteps(T, n, spacing)`` + [-1]  n + 1 uniform times 1 .. 0      Eq. 5's 80 .. 0.002, 0
+``max_steps``       T                                              None (any)                      None (any)
+``cli_scale``       T (``--t 500`` is timestep 500)                1000 (``--t 500`` is t = 0.5)   1000 (the rho-ramp)
+``samplers``        ddpm, ddim, dpmpp                              euler, heun, ddim, dpmpp        the same as flow's
+``training_loss``   DDPM denoising loss (eps / x0 / v)             flow matching (u)               EDM's (Table 1)
+``beta_schedule``   True (zero_terminal_snr, ``difflo export``)    False                           False
+``timestep_grids``  True (steps_offset, step_rule, grid_end)       False                           False
+``prior_std``       1                                              1                               sigma_max
+``network_input``   x                                              x                               c_in x
+``x0_hat``          ``to_x0`` (eps / x0 / v)                       ``to_x0`` (u)                   c_skip x + c_out F
+``describe(d)``     "diffusion, cosine, v-prediction"              "flow, u-prediction"            "edm, sigma_data 0.5, ..."
+==================  =============================================  ==============================  ==========================
 
 **Time grids contain their clean end** (k-diffusion's ``append_zero``): a sampler walks
 ``zip(ts[:-1], ts[1:])``, so a part of a trajectory (SDEdit from level k, RePaint's chunks) is a
@@ -32,6 +35,7 @@ from typing import ClassVar, Protocol, Sequence
 import torch
 
 from .diffusion import DiscreteSchedule
+from .edm import EDMPath
 from .flow import FlowPath
 from .samplers import fitting
 
@@ -58,6 +62,17 @@ class NoisePath(Protocol):
     """The diffusion.loss_weighting choices."""
     t_samplings: ClassVar[tuple[str, ...]]
     """The diffusion.t_sampling choices (how training draws its times)."""
+
+    @property
+    def prior_std(self) -> float:
+        """The standard deviation of the noise x that sampling from the grid's noise end starts from
+        (x = prior_std z: 1 on DDPM's and the flow path, sigma_max on EDM's variance-exploding path)."""
+
+    def network_input(self, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+        """What the network sees for the state x at (alpha, sigma): x itself, or EDM's c_in x."""
+
+    def x0_hat(self, output: torch.Tensor, x: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
+        """The x0 estimate from the network's output for x (:func:`difflo.diffusion.to_x0`, or EDM's D)."""
 
     @property
     def max_steps(self) -> int | None:
@@ -117,7 +132,7 @@ class NoisePath(Protocol):
 # The declared members, read from the protocol itself (its annotations and its methods and properties).
 MEMBERS: tuple[str, ...] = tuple(n for n in {**NoisePath.__annotations__, **vars(NoisePath)} if not n.startswith("_"))
 
-PATHS = {"diffusion": DiscreteSchedule, "flow": FlowPath}      # diffusion.objective -> its path class
+PATHS = {"diffusion": DiscreteSchedule, "flow": FlowPath, "edm": EDMPath}      # diffusion.objective -> its path class
 OBJECTIVES = tuple(PATHS)
 
 
@@ -127,7 +142,7 @@ def missing_members(path) -> list[str]:
 
 
 def make_path(d) -> NoisePath:
-    """The path of a DiffusionConfig: DDPM's discrete schedule, or the straight flow path (checked to have
+    """The path of a DiffusionConfig: DDPM's discrete schedule, the straight flow path or EDM's (checked to have
     every member of :class:`NoisePath`)."""
     path = PATHS[d.objective].from_config(d)
     missing = missing_members(path)

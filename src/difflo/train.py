@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, config as config_mod, data as data_mod
-from . import distributed, guards, allocator, precision
+from . import distributed, guards, allocator, posthoc_ema, precision
 from .errors import DiffloError
 from .eval.periodic import EVAL_METRICS, PeriodicEval, csv_value
 from .images import grid_image, plot_loss, save_image, to_uint8
@@ -137,11 +137,13 @@ def append_metrics(metrics_path: Path, row: list, tb=None) -> None:
                 tb.add_scalar(name, float(value), int(row[0]))
 
 
-def save(run_dir: Path, step: int, cfg_dict: dict, net, ema, opt, scaler, keep: int) -> Path:
-    """A checkpoint of step (weights, EMA, optimizer, grad scaler), then the loss plot."""
+def save(run_dir: Path, step: int, cfg_dict: dict, net, ema, opt, scaler, keep: int, posthoc=None) -> Path:
+    """A checkpoint of step (weights, EMA, optimizer, grad scaler, post-hoc EMA averages), then the loss plot."""
     state = {"optimizer": opt.state_dict(), "step": step}
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if posthoc is not None:
+        state["posthoc"] = posthoc.state_dict()
     path = checkpoint.save_checkpoint(run_dir, step, cfg_dict, net.state_dict(), ema.state_dict(), state, keep=keep)
     plot_loss(run_dir / "metrics.csv", run_dir / "loss.png")
     return path
@@ -227,6 +229,12 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         step = int(ts["step"])
         log(f"resuming {run_dir} from step {step} ({ckpt.name})")
     cfg_dict = cfg.to_dict()
+    posthoc = None                                         # train.posthoc_ema: power-function EMAs (rank 0)
+    if t.posthoc_ema and ddp.main:
+        posthoc = posthoc_ema.PowerEMA(net, t.posthoc_ema, t.posthoc_every or t.ckpt_every,
+                                       run_dir / posthoc_ema.SNAPSHOT_DIR, cfg_dict)
+        if step:                                           # resumed: continue the checkpoint's averages
+            posthoc.load_state_dict(ts.get("posthoc"), step, ckpt)
     metrics_path = run_dir / "metrics.csv"
     if ddp.main:
         write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
@@ -238,7 +246,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
 
     def checkpoint_now(step: int) -> None:                 # rank 0 writes; the others only keep count
         if ddp.main:
-            save(run_dir, step, cfg_dict, net, ema, opt, scaler, t.keep_checkpoints)
+            save(run_dir, step, cfg_dict, net, ema, opt, scaler, t.keep_checkpoints, posthoc)
             if tb is not None:
                 tb.flush()
 
@@ -290,6 +298,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         if ddp.main:                                    # decay 1.0: a skipped step leaves the EMA as is
             ema_update(ema, net, ema_decay_at(step, t) if finite else 1.0)
         step += 1
+        if posthoc is not None:
+            posthoc.update(step)
         if on_step is not None and ddp.main:
             on_step(step, net)
         window_loss, window_n = window_loss + loss.detach().double(), window_n + 1   # no host sync per step
@@ -310,6 +320,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
         out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
         if t.max_minutes is not None:
             out_of_time = ddp.any(out_of_time)              # every rank stops at the same step
+        if posthoc is not None and (step % posthoc.every == 0 or step == t.steps or out_of_time):
+            posthoc.snapshot(step)
         if step % t.ckpt_every == 0 or step == t.steps or out_of_time:
             checkpoint_now(step)
             last_saved = step

@@ -107,8 +107,8 @@ def private_imports(known: dict[str, Path]) -> list[str]:
     return bad
 
 
-CORE = {"difflo.schedules", "difflo.diffusion", "difflo.flow", "difflo.noise_paths", "difflo.guidance", "difflo.samplers",
-        "difflo.edit.operators", "difflo.nn", "difflo.errors", "difflo.io", "difflo.images"}
+CORE = {"difflo.schedules", "difflo.diffusion", "difflo.flow", "difflo.edm", "difflo.noise_paths", "difflo.guidance",
+        "difflo.samplers", "difflo.edit.operators", "difflo.nn", "difflo.errors", "difflo.io", "difflo.images"}
 STUDIES = {"difflo.experiments"}
 FRONT_ENDS = {"difflo.cli", "difflo.serve", "difflo.__main__"}
 LAYERS = ("numerical core", "library", "studies", "front ends")

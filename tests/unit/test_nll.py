@@ -13,6 +13,7 @@ from conftest import assert_clean_error, run_cli, tiny_config
 from difflo.diffusion import DiscreteSchedule
 from difflo.errors import DiffloError
 from difflo.eval import nll
+from difflo.edm import EDMPath
 from difflo.flow import FlowPath
 
 D = 16
@@ -20,7 +21,7 @@ MU = torch.linspace(-0.8, 0.8, D, dtype=torch.float64)
 EIG = torch.linspace(0.05, 1.2, D, dtype=torch.float64) ** 2        # data variances: sd 0.05 .. 1.2
 ROT, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
 PATHS = {"cosine": DiscreteSchedule.from_name("cosine"), "linear": DiscreteSchedule.from_name("linear"),
-         "flow": FlowPath()}
+         "flow": FlowPath(), "edm": EDMPath()}
 
 
 class GaussianDenoiser:
@@ -48,13 +49,15 @@ def marginal(path, t, n, rotate, seed):
 def exact_log_likelihood(path, x, ts, rotate):
     """The ODE's model density at the data end, in closed form: the exact probability flow maps
     N(a0 MU, V0) at ts[0] to N(aT MU, VT) at ts[-1] by x_T = aT MU + Q (VT / V0)^(1/2) Q^T (x - a0 MU)
-    (V = a^2 EIG + s^2 in the eigenbasis), and the prior there is N(0, I): log p(x) = log N(x_T; 0, I)
-    + (1/2) sum log(VT / V0)."""
+    (V = a^2 EIG + s^2 in the eigenbasis), and the prior there is N(0, p^2 I) (p = the path's prior_std: 1, or
+    EDM's sigma_max): log p(x) = log N(x_T / p; 0, I) - D log p + (1/2) sum log(VT / V0)."""
     (a0, s0), (aT, sT) = ((float(c) for c in path.alpha_sigma(t)) for t in (ts[0], ts[-1]))
     v0, vT = a0 ** 2 * EIG + s0 ** 2, aT ** 2 * EIG + sT ** 2
     q = ROT if rotate else torch.eye(D, dtype=torch.float64)
     x_T = aT * MU + (((x.reshape(len(x), -1) - a0 * MU) @ q) * (vT / v0).sqrt()) @ q.T
-    return -0.5 * (x_T ** 2).sum(1) - 0.5 * D * math.log(2 * math.pi) + 0.5 * torch.log(vT / v0).sum()
+    p = path.prior_std
+    return (-0.5 * ((x_T / p) ** 2).sum(1) - 0.5 * D * math.log(2 * math.pi) - D * math.log(p)
+            + 0.5 * torch.log(vT / v0).sum())
 
 
 def ode_error(name, steps, n=200, rotate=False, probe="rademacher", seed=0):

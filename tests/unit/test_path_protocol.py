@@ -154,7 +154,7 @@ class Net(torch.nn.Module):
 
 
 def prediction_for(path) -> str:
-    return "u" if path.continuous else "v"
+    return path.predictions[0] if path.continuous else "v"        # flow: u, edm: edm
 
 
 @pytest.mark.parametrize("name, opts, objective", SAMPLER_CASES, ids=[case_id(*c) for c in SAMPLER_CASES])

@@ -14,7 +14,7 @@ from difflo.noise_paths import OBJECTIVES, samplers_for
 from difflo.samplers import (SAMPLERS, Sampler, SeededNoise, ddim_step, ddpm_step, fitting, sample_ddim, sample_ddpm,
                              sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m, sample_euler,
                              sample_euler_ancestral, sample_heun)
-from samplers_common import (MU, S, SAMPLER_CASES, SAMPLER_OPTIONS, SHAPE, T, GaussianDenoiser, case_id,
+from samplers_common import (MU, S, SAMPLER_CASES, SAMPLER_OPTIONS, SHAPE, T, GaussianDenoiser, case_id, first_spacing,
                              ddim_closed_form, exact_chain_moments, noise_fn, objective_path, path_for, step_inputs)
 
 
@@ -93,14 +93,14 @@ def sampler(request):
     name, opts, objective = request.param
     fn = SAMPLERS[name]
     path = objective_path(objective)
-    ts = path.sampling_times(N_STEPS, "trailing")       # N_STEPS + 1 times, from pure noise to the clean end
+    ts = path.sampling_times(N_STEPS, first_spacing(path))   # N_STEPS + 1 times, from pure noise to the clean end
 
     def run(seeds, callback=None, denoiser=None, y=None, n_steps=N_STEPS):
         noise = SeededNoise(seeds, SAMPLE_SHAPE)
-        x = noise()     # t = T-1: start from standard normal noise (first draw of each sample's generator)
+        x = noise() * path.prior_std   # t = T-1: start from standard normal noise (first draw of each generator)
         den = denoiser or ToyDenoiser(path)
         extra = None if y is None else {"y": y}
-        grid = ts if n_steps == N_STEPS else path.sampling_times(n_steps, "trailing")
+        grid = ts if n_steps == N_STEPS else path.sampling_times(n_steps, first_spacing(path))
         return fn(den, x, grid, extra_args=extra, callback=callback, noise=noise, **opts)
 
     run.ts, run.path, run.name, run.opts = ts, path, name, opts
@@ -153,11 +153,13 @@ def test_sampler_calls_denoiser_once_per_step_with_extra_args(sampler):
     out_y = sampler([0, 1], denoiser=den, y=y)
     ts = sampler.ts
     called = [c[0] for c in den.calls]
-    if sampler.opts.get("s_churn"):   # churn evaluates at t_hat, noisier than t (not at pure noise, t = 1)
+    if sampler.opts.get("s_churn"):   # churn evaluates at t_hat, noisier than t (not at pure noise, flow's t = 1)
         per_step = 2 if sampler.name == "heun" else 1
         t_hats = called[::per_step]
-        assert len(called) == SAMPLERS[sampler.name].evals(N_STEPS) and t_hats[0] == ts[0]
-        assert all(ts[i] < t_hat < 1.0 for i, t_hat in enumerate(t_hats) if i > 0)
+        pure = sampler.path.alpha_sigma(ts[0])[0] == 0          # EDM's sigma_max is not pure noise: it churns
+        assert len(called) == SAMPLERS[sampler.name].evals(N_STEPS) and (t_hats[0] == ts[0]) == pure
+        assert all(ts[i] < t_hat for i, t_hat in enumerate(t_hats) if i > 0 or not pure)
+        assert not pure or all(t_hat < 1.0 for t_hat in t_hats[1:])
     elif sampler.name == "heun":     # predictor at t, corrector at t_prev; the last step (to t_clean) is Euler
         pairs = zip(ts[:-2], ts[1:-1])
         assert called == [u for t, t_prev in pairs for u in (t, t_prev)] + ts[-2:-1]

@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, env.
+"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, env.
 
 One module per subcommand (``cli/train.py``, ``cli/sample.py``, ...), each with ``add_parser(sub)``
 that sets ``func=run`` (``main`` calls ``args.func(args)``; a command with subcommands of its own
@@ -18,9 +18,9 @@ import sys
 
 from .. import __version__, allocator
 from ..errors import DiffloError
-from . import data, demo, edit, env, eval, experiment, export, sample, serve, study, train
+from . import data, demo, edit, ema, env, eval, experiment, export, sample, serve, study, train
 
-SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export, env)   # in --help order
+SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, env)   # in --help order
 
 
 class Parser(argparse.ArgumentParser):

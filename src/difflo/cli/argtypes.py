@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..config import parse_interval
+
 
 def _number(s: str, kind, what: str):
     try:
@@ -31,6 +33,31 @@ def positive_float(s: str) -> float:
     if not v > 0 or math.isinf(v):
         raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {s}")
     return v
+
+
+def interval(s: str) -> tuple[float, ...]:
+    """``--guidance-interval LO,HI``: two finite numbers (their range is checked with the settings), or
+    ``off`` (guidance at every noise level, over a run's sample.guidance_interval)."""
+    try:
+        return parse_interval(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_guidance_flags(p, guide: bool = False) -> None:
+    """The guidance options beside ``--w`` (the config's sample.guidance_*; ``--guide`` where ``guide``)."""
+    p.add_argument("--guidance-interval", type=interval, metavar="LO,HI",
+                   help="guide only where the noise level sigma/alpha lies in [LO, HI] (Kynkaanniemi et al. 2024), "
+                        "unguided (w = 1, one network call) elsewhere; off: everywhere (default: the run's "
+                        "sample.guidance_interval, off)")
+    p.add_argument("--guidance-rescale", type=nonneg_float, metavar="PHI",
+                   help="rescaled guidance phi in [0, 1] (Lin et al. 2024, Eq. 15-16): match the guided v's std to "
+                        "the conditional one's; 0: off (default: the run's sample.guidance_rescale)")
+    if guide:
+        p.add_argument("--guide", metavar="CKPT",
+                       help="autoguidance (Karras et al. 2024): guide with this weaker model of the same kind (an "
+                            "earlier checkpoint: any --ckpt form) instead of the unconditional prediction; --w is "
+                            "its scale")
 
 
 MAX_SEED = 2**62

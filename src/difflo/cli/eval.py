@@ -31,10 +31,11 @@ from ..eval.classifier import (class_categories, classifier_classes, classifier_
 from ..generate import settings_for
 from ..images import save_image
 from ..io import check_out_file, write_text_atomic
-from ..model import load_model, pick_device
+from ..model import load_guide, load_model, pick_device
 from ..samplers import VARIANCES
 from ..schedules import SPACING_CHOICES
-from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_float, positive_int, seed as seed_arg
+from .argtypes import (CKPT_HELP, add_guidance_flags, add_null_class, nonneg_float, positive_float, positive_int,
+                       seed as seed_arg)
 
 
 def add_parser(sub) -> None:
@@ -97,7 +98,7 @@ def add_parser(sub) -> None:
     _classifier_flags(m)
     m.add_argument("--no-accuracy", action="store_true", help="skip class accuracy")
     _kid_flags(m)
-    _sampling_flags(m)
+    _sampling_flags(m, guide=True)
     m.add_argument("--save-samples", help="also write the samples as .npz")
     m.add_argument("--json", help="also write the result as JSON")
     m.add_argument("--device", default="auto")
@@ -175,15 +176,21 @@ def _kid_flags(p) -> None:
                    help=f"KID: random subsets averaged (default {kid_mod.SUBSETS})")
 
 
-def _sampling_flags(p) -> None:
-    """How `eval model` and `eval nearest` sample: the run's settings unless given."""
+def _sampling_flags(p, guide: bool = False) -> None:
+    """How `eval model` and `eval nearest` sample: the run's settings unless given (``guide``: --guide too)."""
     p.add_argument("--sampler", help="default: the run's sample.sampler")
     p.add_argument("--steps", type=positive_int, help="default: the run's sample.steps")
     p.add_argument("--spacing", choices=list(SPACING_CHOICES), help="the time grid (default: the run's sample.spacing)")
     p.add_argument("--w", type=nonneg_float, help="guidance scale (default: the run's sample.w)")
+    add_guidance_flags(p, guide)
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--batch-size", type=positive_int, default=250)
+
+
+def _guidance(args) -> dict:
+    """The sample.guidance_* overrides of --guidance-interval / --guidance-rescale (None: the run's)."""
+    return {"guidance_interval": args.guidance_interval, "guidance_rescale": args.guidance_rescale}
 
 
 def _data_option_flags(p) -> None:
@@ -334,10 +341,13 @@ def run_model(args) -> int:
         raise DiffloError("nothing to measure: give --ref (FID) and/or a classifier (class accuracy)")
     if ref is not None:
         _check_kid(args, args.n, ref)
+    guide = load_guide(args.guide, model, ema=not args.raw, device=device)
     t0 = time.time()
     images, labels, settings = evaluate.generate_samples(model, args.n, args.seed, args.sampler, args.steps,
                                                          args.w, args.batch_size, progress=_progress(),
-                                                         spacing=args.spacing)
+                                                         spacing=args.spacing, guide=guide, **_guidance(args))
+    if guide is not None:
+        settings["guide"] = str(args.guide)
     t_sample = time.time() - t0
     if args.save_samples:
         np.savez_compressed(args.save_samples, images=images, labels=labels)
@@ -397,7 +407,8 @@ def run_nearest(args) -> int:
     device = pick_device(args.device)
     out = check_out_file(args.out, (".png",)) if args.out else None
     model = load_model(args.ckpt, ema=not args.raw, device=device, null_class=args.null_class)
-    settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w, spacing=args.spacing)
+    settings = settings_for(model, sampler=args.sampler, steps=args.steps, w=args.w, spacing=args.spacing,
+                            **_guidance(args))
     classes = model.parse_classes(args.classes) if args.classes else None
     t0 = time.time()
     rep = memorization.nearest_report(model, classes, args.n_per_class, args.max_train_images, args.seed, settings,

@@ -11,12 +11,12 @@ import torch
 from ..errors import DiffloError
 from ..images import grid_image, save_gif, save_image, to_uint8
 from ..io import atomic_path, check_out_file
-from ..model import load_model, pick_device
+from ..model import load_guide, load_model, pick_device
 from ..generate import VARIANCES, SampleSettings, describe, generate, settings_for
 from ..precision import PRECISIONS, compile_net
 from ..samplers import SAMPLERS, users
 from ..schedules import GRID_ENDS, SPACING_CHOICES, STEP_RULES
-from .argtypes import CKPT_HELP, add_null_class, nonneg_float, positive_int, seed
+from .argtypes import CKPT_HELP, add_guidance_flags, add_null_class, nonneg_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
                    help=f"{_used_by('eta')}: noise scale eta, 0 deterministic, 1 DDPM-like (default 0)")
     s.add_argument("--w", type=nonneg_float,
                    help="classifier-free guidance scale (0 uncond., 1 cond.; default: the run's sample.w)")
+    add_guidance_flags(s, guide=True)
     s.add_argument("--spacing", choices=list(SPACING_CHOICES),
                    help="the time grid: timestep spacing (leading, trailing, linspace) or noise-level spacing "
                         "(karras: Karras et al. 2022 Eq. 5, exponential), which gives fractional timesteps; "
@@ -75,7 +76,8 @@ def _used_by(option: str) -> str:
     return "/".join(users(option))
 
 
-def run_sampling(model, labels, seeds, settings: SampleSettings, batch_size: int, gif: Path | None = None):
+def run_sampling(model, labels, seeds, settings: SampleSettings, batch_size: int, gif: Path | None = None,
+                 guide=None):
     """Generate with a progress bar; optionally record the trajectory of the first batch as a GIF."""
     from tqdm import tqdm
 
@@ -89,7 +91,7 @@ def run_sampling(model, labels, seeds, settings: SampleSettings, batch_size: int
 
     with tqdm(total=len(labels), unit="img", disable=not sys.stderr.isatty()) as bar:
         images = generate(model, labels, seeds, settings, batch_size=batch_size,
-                          callback=record if gif else None, progress=bar)
+                          callback=record if gif else None, progress=bar, guide=guide)
     if gif:
         save_gif(frames, gif)
     return images
@@ -106,7 +108,9 @@ def run(args) -> int:
                             spacing=args.spacing, steps_offset=args.steps_offset, step_rule=args.step_rule,
                             grid_end=args.grid_end, variance=args.variance, clip_x0=False if args.no_clip else None,
                             precision=args.precision, s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax,
-                            s_noise=args.s_noise)
+                            s_noise=args.s_noise, guidance_interval=args.guidance_interval,
+                            guidance_rescale=args.guidance_rescale)
+    guide = load_guide(args.guide, model, ema=args.ema, device=device)
     classes = model.parse_classes(args.classes)
     if args.n:
         labels = torch.tensor(classes).repeat(-(-args.n // len(classes)))[:args.n]
@@ -115,7 +119,7 @@ def run(args) -> int:
         labels = torch.tensor(classes).repeat_interleave(per_class)
     seeds = [args.seed + i for i in range(len(labels))]
     t0 = time.time()
-    images = run_sampling(model, labels, seeds, settings, args.batch_size, gif)
+    images = run_sampling(model, labels, seeds, settings, args.batch_size, gif, guide)
     dt = time.time() - t0
     u8 = to_uint8(images)
     if out.suffix.lower() == ".npz":
@@ -126,6 +130,6 @@ def run(args) -> int:
         rows = [model.class_label(c) for c in classes] if not args.n and model.num_classes else None
         save_image(grid_image(u8, ncol, rows), out)
     print(f"wrote {out}: {len(labels)} images in {dt:.1f}s ({describe(settings)}; "
-          f"precision {model.precision(settings.precision)})"
+          f"precision {model.precision(settings.precision)}" + (f"; guide {args.guide}" if guide else "") + ")"
           + (f"; trajectory {gif}" if gif else ""))
     return 0

@@ -157,7 +157,7 @@ def sdedit(denoiser, x_in: torch.Tensor, y, ts, k: int, seeds, sampler: str = "d
     if k == 0:
         return x_in.clone()
     if k == n:
-        x = z                                                  # x_T ~ N(0, I), as difflo.generate.generate
+        x = z * denoiser.path.prior_std                        # x_T ~ N(0, I) (EDM: sigma_max z), as generate
     else:
         a, s = denoiser.path.alpha_sigma(ts[-k - 1])
         x = q_sample(x_in, z, a, s)
@@ -200,7 +200,7 @@ def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, s
     ts = _ts_list(ts)
     path = denoiser.path
     noise = SeededNoise(seeds, x_known.shape[1:], x_known.device)
-    x = noise()
+    x = noise() * path.prior_std
     mask = mask.to(x)
     cb = RePaintCallback(x_known, mask, path, noise, callback)
     if jump_n_sample == 1:
@@ -216,7 +216,8 @@ def inpaint(denoiser, x_known: torch.Tensor, mask: torch.Tensor, y, ts, seeds, s
 def sample_plain(denoiser, y, ts, seeds, shape, sampler: str = "ddim", callback=None, **kw):
     """Sampling from pure noise with per-sample seeds (for the anagram and hybrid wrappers)."""
     noise = SeededNoise(seeds, shape)
-    return run_sampler(sampler, denoiser, noise(), _ts_list(ts), {"y": y}, callback, noise, **kw)
+    return run_sampler(sampler, denoiser, noise() * denoiser.path.prior_std, _ts_list(ts), {"y": y}, callback, noise,
+                       **kw)
 
 
 # ----------------------------------------------------------------------------- metrics, baselines

@@ -5,7 +5,7 @@ A technique is a subclass of :class:`Technique` that states, in one place:
 
 - ``flags``: its own arguments of ``difflo edit NAME`` (:class:`Flag`; :class:`OneOf` for a mutually
   exclusive group), after the shared ones its attributes ask for (``tries``: --seed/--n; the model's
-  --device/--precision/--no-ema; ``w``: --w/--sampler/--no-clip; ``times``: the time grid).
+  --device/--precision/--no-ema; ``w``: --w/--sampler/--no-clip/--guidance-*; ``times``: the time grid).
   :meth:`Technique.all_flags` is the whole list in the order ``difflo edit NAME --help`` shows it;
   ``cli/edit.py`` adds them in a loop after the front end's own --ckpt, --null-class, --out, --figure;
 - ``page``: the fields the web page sends for it (:class:`Field`: JSON name, kind, bounds, default), or
@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import parse_interval
 from ..errors import DiffloError
 from ..generate import check_steps
 from ..images import load_image, load_mask, parse_colour
@@ -158,6 +159,10 @@ MODEL_FLAGS = (Flag("--device", default="cpu"),
                Flag("--no-ema", "use the raw weights", True, action="store_false", dest="ema"))
 SAMPLER = Flag("--sampler", "default ddpm for diffusion, euler for flow", choices=tuple(SAMPLERS))
 NO_CLIP = Flag("--no-clip", "do not clamp the predicted x0 to [-1, 1]", False, action="store_true")
+GUIDANCE = (Flag("--guidance-interval", "LO,HI: guide only where sigma/alpha lies in [LO, HI], w = 1 elsewhere "
+                                        "(Kynkaanniemi et al. 2024; default: everywhere)"),
+            Flag("--guidance-rescale", "rescaled guidance phi in [0, 1] (Lin et al. 2024; default 0: off)", 0.0,
+                 "nonneg_float"))
 STEPS_OR_STRIDE = OneOf((Flag("--steps", "sampling steps (default 50)", 50, "positive_int"),
                          Flag("--stride", "instead of --steps: timesteps T' , T'-S, ..., 0", type="positive_int")))
 STRIDE = Flag("--stride", "timestep stride: 990, 960, ..., 0 for 30 (default 30)", 30, "positive_int")
@@ -189,7 +194,7 @@ class Technique:
         out = [*(TRIES if self.tries else ()), *MODEL_FLAGS]
         if self.w is not None:
             out += [Flag("--w", f"CFG scale in each branch (default {self.w:g})", self.w, "nonneg_float"),
-                    *(() if self.ode else (SAMPLER,)), NO_CLIP]
+                    *(() if self.ode else (SAMPLER,)), NO_CLIP, *GUIDANCE]
         return tuple(out)
 
     def all_flags(self) -> tuple:
@@ -260,8 +265,12 @@ class Technique:
         return techniques.ode_sampler(model) if self.ode else techniques.default_sampler(model)
 
     def edit_options(self, model: Model, o) -> EditOptions:
-        return EditOptions(self.seeds(o), self.sampler(model, o), o.w, not o.no_clip,
-                           self.precision(model, o)).check(model)
+        try:
+            interval = parse_interval(o.guidance_interval) if o.guidance_interval else ()
+        except ValueError as e:
+            raise DiffloError(f"--guidance-interval: {e}") from None
+        return EditOptions(self.seeds(o), self.sampler(model, o), o.w, not o.no_clip, self.precision(model, o),
+                           interval, o.guidance_rescale).check(model)
 
     @staticmethod
     def load(model: Model, path, notes: list) -> torch.Tensor:

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from ..errors import DiffloError
-from ..generate import SampleSettings, check_sampler, check_steps, generate, time_grid as sample_grid
+from ..generate import (SampleSettings, check_guidance, check_sampler, check_steps, generate,
+                        time_grid as sample_grid)
 from ..images import grid_image, save_image, to_uint8
 from ..io import atomic_path
 from ..model import Model, make_denoiser
@@ -56,15 +57,19 @@ class EditOptions:
     w: float = 3.0
     clip_x0: bool = True
     precision: str = "auto"
+    guidance_interval: tuple[float, ...] = ()    # the guidance options of difflo sample (difflo.guidance)
+    guidance_rescale: float = 0.0
 
     def check(self, model: Model) -> "EditOptions":
         check_sampler(self.sampler, model)
         model.precision(self.precision)
+        check_guidance(self.guidance_interval, self.guidance_rescale)
         return self
 
     def denoiser(self, model: Model):
         """The model as a guided (and clamped) denoiser at these options."""
-        return make_denoiser(model, self.w, self.clip_x0, model.precision(self.precision).dtype)
+        return make_denoiser(model, self.w, self.clip_x0, model.precision(self.precision).dtype,
+                             interval=self.guidance_interval, rescale=self.guidance_rescale)
 
 
 @dataclass

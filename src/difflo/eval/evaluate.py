@@ -34,13 +34,15 @@ def progress_bar(total: int, desc: str, progress: bool):
 
 def generate_samples(model, n: int, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                      w: float | None = None, batch_size: int = 250, progress: bool = False,
-                     spacing: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     spacing: str | None = None, guide=None, **guidance) -> tuple[np.ndarray, np.ndarray, dict]:
     """n class-balanced samples as uint8 (N, H, W, C), their labels, and the settings used (None: the
-    model's own sample settings; the sampler options it does not read are left out)."""
-    settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing)
+    model's own sample settings; the sampler options it does not read are left out). ``guidance``: the
+    sample.guidance_* overrides; ``guide``: an autoguidance guide model (``--guide``)."""
+    settings = settings_for(model, sampler=sampler, steps=steps, w=w, spacing=spacing, **guidance)
     labels = balanced_labels(n, model.num_classes)
     with progress_bar(n, "sampling", progress) as bar:
-        images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar)
+        images = generate(model, labels, [seed + i for i in range(n)], settings, batch_size=batch_size, progress=bar,
+                          guide=guide)
     return to_uint8(images), labels.numpy(), {**record(settings), "seed": seed}
 
 

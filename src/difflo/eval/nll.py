@@ -316,10 +316,10 @@ def ode_log_likelihood(denoiser, x: torch.Tensor, ts: list, draws: BatchDraws | 
         integral += _trapezoid(a / s, a_next / s_next, div, div_next)
         if i + 2 < len(ts):
             h, div = _field(denoiser, z, ts[i + 1], s_next, v, extra_args)
-    sigma_T = coef[-1][1]
+    sigma_T, prior_std = coef[-1][1], path.prior_std           # the prior N(0, prior_std^2 I): EDM's sigma_max
     x_T = sigma_T * z
-    prior = -0.5 * (x_T.reshape(B, -1) ** 2).sum(1) - 0.5 * dims * math.log(2 * math.pi)
-    jacobian = dims * (math.log(sigma_T) - math.log(sigma0))
+    prior = -0.5 * ((x_T / prior_std).reshape(B, -1) ** 2).sum(1) - 0.5 * dims * math.log(2 * math.pi)
+    jacobian = dims * (math.log(sigma_T) - math.log(sigma0) - math.log(prior_std))
     return {"prior": prior, "divergence": integral, "jacobian": jacobian + integral.new_zeros(B)}
 
 

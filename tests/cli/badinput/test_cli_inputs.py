@@ -39,8 +39,8 @@ LEAVES = dict(commands())
 
 def test_every_command_is_covered():
     assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment",
-                                      "export", "env"}
-    assert len(LEAVES) == 3 + 3 + 8 + 7 + 1 + 1 + 1 + 1 + 1   # data: download/info/clean; edit: 8; eval: 7 (nll); study; serve; experiment; export; env
+                                      "export", "ema", "env"}
+    assert len(LEAVES) == 3 + 3 + 8 + 7 + 1 + 1 + 1 + 1 + 1 + 1   # data: download/info/clean; edit: 8; eval: 7 (nll); study; serve; experiment; export; ema; env
 
 
 @pytest.mark.slow
@@ -184,6 +184,7 @@ def cases(ckpt, png, tmp):
         (["experiment", "guidance", str(tmp / "none"), "--out", str(tmp / "x")], "only for `experiment report`"),
         (["export", str(tmp / "none"), str(tmp / "out")], "not found"),
         (["export", ckpt], "the following arguments are required: OUT"),
+        (["ema", ckpt, "--sigma-rel", "0.08", "--out", str(tmp / "ema")], "no post-hoc EMA snapshots"),
         (["env", "--remeasure=1"], "ignored explicit argument"),
     ]
 
