@@ -199,21 +199,22 @@ class DiscreteSchedule(UnscaledNetwork):
                              offset_noise)
 
 
-def _bcast(c, x: torch.Tensor):
-    """Broadcast a per-sample coefficient (B,) to x's shape (B, 1, 1, 1), in x's dtype."""
-    if isinstance(c, float):
+def per_sample(c, x: torch.Tensor):
+    """A per-sample coefficient (B,) broadcast to x's shape (B, 1, 1, 1), in x's dtype and device; a Python
+    number (one value for the whole batch) as it is."""
+    if not isinstance(c, torch.Tensor):
         return c
     return c.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """Forward process q(x_t | x0): x_t = alpha_t x0 + sigma_t eps (Ho et al. 2020, Eq. 4)."""
-    return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * eps
 
 
 def to_x0(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
     """The x0 estimate implied by a network output of the given parameterization."""
-    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    a, s = per_sample(alpha, x_t), per_sample(sigma, x_t)
     if prediction == "eps":
         return (x_t - s * output) / a       # x0 = (x_t - sigma eps) / alpha
     if prediction == "x0":
@@ -227,7 +228,7 @@ def to_x0(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str
 
 def to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha, sigma, prediction: str) -> torch.Tensor:
     """The eps estimate implied by a network output of the given parameterization."""
-    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    a, s = per_sample(alpha, x_t), per_sample(sigma, x_t)
     if prediction == "eps":
         return output
     if prediction == "x0":
@@ -246,7 +247,7 @@ def target(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction: str) -
     if prediction == "x0":
         return x0
     if prediction == "v":
-        return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+        return per_sample(alpha, x0) * eps - per_sample(sigma, x0) * x0
     if prediction == "u":
         return eps - x0
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")

@@ -31,18 +31,11 @@ import math
 
 import torch
 
-from .diffusion import training_noise
+from .diffusion import per_sample, training_noise
 from .samplers import fitting
 from .schedules import SIGMA_SPACINGS, exponential_sigmas, karras_sigmas
 
 C_NOISE_SCALE = 1000.0         # the network's time is 1000 c_noise (the flow path's 1000 t)
-
-
-def per_sample(c, x: torch.Tensor):
-    """A Python float as it is, a (B,) coefficient as (B, 1, 1, 1) in x's dtype and device."""
-    if isinstance(c, (int, float)):
-        return float(c)
-    return c.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 class EDMPath:

@@ -19,14 +19,13 @@ value the config's own sampler does not read gets a one-line note (once) when th
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 
 from . import allocator
 from .config import SampleConfig as SampleSettings, guidance_problems
 from .errors import DiffloError
-from .model import Model, make_denoiser
+from .model import Model, make_denoiser, note_once
 from .precision import PRECISIONS
 from .samplers import NEEDS_ON, OPTIONS, SAMPLERS, VARIANCES, SeededNoise, as_flag, check_options, unused_option
 from .schedules import SPACING_CHOICES
@@ -87,7 +86,7 @@ def check_settings(s: SampleSettings, model: Model) -> SampleSettings:
         if value != getattr(model.cfg.sample, option):     # set by the caller, not carried from the run's config
             raise DiffloError(unused_option(s.sampler, option, lambda o: f"{o}={value}", path.samplers))
         if s.sampler == model.cfg.sample.sampler:         # the config's own sampler ignores its own value
-            _note_once("note: the run's " + unused_option(s.sampler, option, lambda o: f"sample.{o}={value}",
+            note_once("note: the run's " + unused_option(s.sampler, option, lambda o: f"sample.{o}={value}",
                                                           path.samplers))
     return s
 
@@ -104,7 +103,7 @@ def settings_for(model: Model, **overrides) -> SampleSettings:
     s = check_settings(s, model)
     for option, switch in NEEDS_ON.items():         # a warning, not an error: churn 0 vs 3 with the same flags
         if option in given and not getattr(s, switch):
-            _note_once(f"warning: {as_flag(option)} has no effect while {as_flag(switch)} is 0 (no churn); "
+            note_once(f"warning: {as_flag(option)} has no effect while {as_flag(switch)} is 0 (no churn); "
                        f"give {as_flag(switch)} > 0 to use it")
     return s
 
@@ -113,15 +112,6 @@ def unused_options(s: SampleSettings) -> list[str]:
     """The sampler options that hold a value other than their default and that ``s.sampler`` does not read."""
     default = SampleSettings()
     return [o for o in OPTIONS if o not in SAMPLERS[s.sampler].options and getattr(s, o) != getattr(default, o)]
-
-
-_noted: set[str] = set()
-
-
-def _note_once(message: str) -> None:
-    if message not in _noted:
-        _noted.add(message)
-        print(message, file=sys.stderr)
 
 
 def sampler_options(s: SampleSettings) -> dict:

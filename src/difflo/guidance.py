@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .diffusion import per_sample
 
 
 class ModelDenoiser:
@@ -52,13 +53,6 @@ class ModelDenoiser:
         return self.path.x0_hat(out.to(self.dtype), x.to(self.dtype), alpha, sigma, self.prediction)
 
 
-def _per_sample(value, x: torch.Tensor):
-    """alpha or sigma (a Python float, or a (B,) tensor) shaped to broadcast over x (B, C, H, W)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
-    return value
-
-
 def noise_to_signal(path, t) -> float | torch.Tensor:
     """sigma_t / alpha_t of ``path`` at ``t`` (a float, or a (B,) float64 tensor for per-sample times); inf
     where alpha = 0 (the flow path's t = 1, a zero-terminal-SNR schedule's last step). On a variance-
@@ -88,7 +82,7 @@ def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, w: float, rescale
     out = uncond + w * (cond - uncond)
     if not rescale:
         return out
-    alpha, sigma = (_per_sample(v, out) for v in path.alpha_sigma(t))
+    alpha, sigma = (per_sample(v, out) for v in path.alpha_sigma(t))
     n = alpha * alpha + sigma * sigma
     xs = x.to(out.dtype)
     std_cond = (alpha * xs - n * cond).std(dim=tuple(range(1, out.ndim)), keepdim=True)

@@ -129,7 +129,7 @@ class Model:
         with a note when ``spec`` names classes)."""
         if self.num_classes == 0:
             if spec.strip() != "all":
-                _warn_once(f"note: this model is unconditional (no class labels): {flag} {spec} is ignored")
+                note_once(f"note: this model is unconditional (no class labels): {flag} {spec} is ignored")
             return [0]
         if spec.strip() == "all":
             return list(range(self.num_classes))
@@ -140,15 +140,17 @@ class Model:
 
     def precision(self, asked: str) -> precision_mod.Precision:
         """The precision that runs for ``asked`` on this model's device (a warning printed once to stderr)."""
-        return precision_mod.resolve(asked, self.device, log=_warn_once)
+        return precision_mod.resolve(asked, self.device, log=note_once)
 
 
-_warned: set[str] = set()
+_noted: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+def note_once(message: str) -> None:
+    """Print a note or warning line to stderr once per process (a model sampled batch after batch, or
+    one setting checked by several front ends, says it once)."""
+    if message not in _noted:
+        _noted.add(message)
         print(message, file=sys.stderr)
 
 
@@ -236,9 +238,9 @@ def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.
             raise DiffloError(pretrained.null_class_needed(w))
         guided = CFGDenoiser(den, w, null_class=model.num_classes, rescale=rescale)
     elif w not in (0.0, 1.0, model.cfg.sample.w):
-        _warn_once(f"note: this model is unconditional (no class labels): guidance w={w:g} has no effect")
+        note_once(f"note: this model is unconditional (no class labels): guidance w={w:g} has no effect")
     if (interval or rescale) and (guided is den or w == 1.0):
-        _warn_once("note: the guidance interval and rescale have no effect without guidance ("
+        note_once("note: the guidance interval and rescale have no effect without guidance ("
                    + ("w = 1" if guided is not den else "an unconditional model without --guide") + ")")
     elif interval:
         guided = IntervalDenoiser(guided, den, *interval)

@@ -84,8 +84,8 @@ def test_stochastic_samplers_are_seeded(tiny_run):
 @pytest.mark.slow
 def test_flow_churn_from_the_cli(flow_run, tmp_path, monkeypatch):
     """--s-churn makes Euler/Heun stochastic (seeded); 0 is the ODE solver."""
-    from difflo import generate as generate_module
-    monkeypatch.setattr(generate_module, "_noted", set())                   # notes print once per process: a fresh one
+    from difflo import model as model_module
+    monkeypatch.setattr(model_module, "_noted", set())                   # notes print once per process: a fresh one
     outs, errs = {}, {}
     for churn in ("0", "3"):
         for rep in (1, 2):

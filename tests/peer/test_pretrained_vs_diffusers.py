@@ -281,7 +281,7 @@ def test_unconditional_ignores_guidance_and_classes_with_a_note(folder, tmp_path
     """An unconditional model has nothing to guide: --w and --classes are ignored, each with one note
     line (the same images as without them), and --null-class is an error."""
     from difflo import model as model_mod
-    monkeypatch.setattr(model_mod, "_warned", set())                # notes are printed once per process
+    monkeypatch.setattr(model_mod, "_noted", set())                # notes are printed once per process
     plain, noted = tmp_path / "a.npz", tmp_path / "b.npz"
     assert run_cli("sample", "--ckpt", folder, "--n", "2", "--steps", "3", "--out", plain)[0] == 0
     code, _, err = run_cli("sample", "--ckpt", folder, "--n", "2", "--steps", "3", "--w", "3", "--classes", "2",
