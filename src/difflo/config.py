@@ -146,6 +146,20 @@ class EvalConfig:
     seed: int = 0
 
 
+DISTILL_METHODS = ("progressive", "reflow")   # difflo.distill's methods (`difflo distill --method`)
+
+
+@dataclass
+class DistillConfig:
+    """What ``difflo distill`` made this model from (:mod:`difflo.distill`): all None for a trained model, and then
+    left out of the written config, so an ordinary run's config.yaml and checkpoints are what they were."""
+    teacher: str | None = None         # the teacher's --ckpt: its absolute path, or demo
+    method: str | None = None          # progressive (Salimans & Ho 2022) | reflow (Liu et al. 2023)
+    steps: int | None = None           # the sampling steps it was distilled for (sample.steps is set to it)
+    teacher_steps: int | None = None   # progressive: the teacher's DDIM steps of the first round; reflow: its ODE steps
+    w: float | None = None             # the guidance scale distilled in (the student samples with w = 1)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,9 +168,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        d = _plain(dataclasses.asdict(self))
+        if self.distill == DistillConfig():      # a trained model: no distill section
+            d.pop("distill")
+        return d
 
     def validate(self) -> None:
         """Raise ConfigError listing every out-of-range value."""
@@ -267,6 +285,10 @@ class Config:
                             f"train.posthoc_ema")
         if not 0 <= t.seed < 2**32:
             problems.append(f"train.seed={t.seed} must be in 0..2^32-1")
+        ds = self.distill
+        if ds != DistillConfig() and (ds.method not in DISTILL_METHODS or ds.steps is None or ds.steps < 1):
+            problems.append(f"distill.method={ds.method} and distill.steps={ds.steps}: a distilled model records one "
+                            f"of {', '.join(DISTILL_METHODS)} and its steps (>= 1)")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -129,7 +129,7 @@ def measure_bf16() -> dict:
     return out
 
 
-def _machine_key() -> str:
+def machine_key() -> str:
     return f"{cpu_model()}|{','.join(speed_flags())}|{torch.get_num_threads()} threads|torch {torch.__version__}"
 
 
@@ -138,7 +138,7 @@ def bf16_ratios(remeasure: bool = False) -> dict:
     (``remeasure``: measure again and replace the stored answer)."""
     if "ratios" in _cache and not remeasure:
         return _cache["ratios"]
-    path, key = precision_file(), _machine_key()
+    path, key = precision_file(), machine_key()
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -90,6 +90,9 @@ def test_page_and_info(server):
     assert info["samplers"] == info["edit_samplers"] == list(samplers_for("diffusion"))
     assert info["num_classes"] == 10 and info["class_names"][3] == "3"
     assert info["image_size"] == 28 and info["channels"] == 1
+    assert info["defaults"]["guidance_interval"] == "" and info["defaults"]["guidance_rescale"] == 0.0
+    assert "Kynkaanniemi" in info["help"]["guidance_interval"] and "Lin et al." in info["help"]["guidance_rescale"]
+    assert 'id="s-interval"' in html and 'id="s-rescale"' in html
 
 
 def test_binds_localhost_by_default():
@@ -127,12 +130,18 @@ def test_port_in_use_is_an_error(server, tiny_run, capsys):
     ({"sampler": "euler"}, "sampler must be one of ddpm, ddim"),
     ({"classes": 10}, "classes must be a whole number from 0 to 9"),
     ({"seed": -1}, "seed must be a whole number from 0"),
+    ({"guidance_interval": "3,1"}, "guidance_interval=3,1 must be two noise levels lo,hi (sigma/alpha) with 0 <= lo"),
+    ({"guidance_interval": "abc"}, "guidance_interval: expected two finite numbers LO,HI"),
+    ({"guidance_interval": "-1,2"}, "guidance_interval=-1,2 must be two noise levels"),
+    ({"guidance_interval": [0.5, 2]}, "guidance_interval must be text LO,HI"),
+    ({"guidance_rescale": 2}, "guidance_rescale must be a number from 0 to 1, got 2"),
+    ({"guidance_rescale": ""}, "guidance_rescale must be a number from 0 to 1"),
 ])
 def test_sample_validation(server, body, words):
     url, _ = server
     code, out = call(url + "/api/sample", "POST", {"steps": 2, **body})
     assert code == 400, out
-    assert words in out["error"]
+    assert words in out["error"] and "\n" not in out["error"]
 
 
 def test_bad_json(server):
@@ -182,6 +191,7 @@ def test_sample_reproduced_by_its_command(server, tmp_path):
     assert [f["i"] for f in job["frames"]] == [0, 1, 2, 3]
     png_cmd, npz_cmd = job["result"]["command"].splitlines()
     assert "--classes 3 --grid 2 --sampler ddpm --steps 4 --w 2.5 --seed 7" in png_cmd
+    assert "--guidance" not in png_cmd                                   # at the model's defaults: not shown
     base = f"{url}/api/jobs/{job['id']}/files/"
     _, png = call(base + "grid.png")
     _, npz = call(base + "samples.npz")
@@ -193,6 +203,62 @@ def test_sample_reproduced_by_its_command(server, tmp_path):
     assert served["labels"].tolist() == cli_npz["labels"].tolist() == [3, 3]
     _, frame = call(f"{url}/api/jobs/{job['id']}/frames/3.png")
     assert Image.open(io.BytesIO(frame)).size[0] > 2 * 28            # x_t and x0 of both images
+
+
+def test_sample_guidance_reproduced(server, tiny_run, tmp_path):
+    """A guidance interval and rescale: the same images as generate with those settings, and as the command shown."""
+    url, _ = server
+    body = {"classes": 5, "n": 2, "w": 4, "steps": 4, "seed": 11, "guidance_interval": " 0.5,5 ",
+            "guidance_rescale": 0.7}
+    code, job = call(url + "/api/sample", "POST", body)
+    assert code == 202, job
+    job = wait(url, job["id"])
+    assert job["status"] == "done", job.get("error")
+    png_cmd, npz_cmd = job["result"]["command"].splitlines()
+    assert "--w 4 --guidance-interval 0.5,5 --guidance-rescale 0.7 --seed 11" in png_cmd
+    summary = job["result"]["summary"]                                   # the settings generate ran with
+    assert "guidance_interval=(0.5, 5.0)" in summary and "guidance_rescale=0.7" in summary
+    _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
+    got = np.load(io.BytesIO(npz))
+    model = load_model(tiny_run)
+    labels = torch.full((2,), 5)
+
+    want = generate(model, labels, [11, 12],
+                    settings_for(model, steps=4, w=4.0, guidance_interval=(0.5, 5.0), guidance_rescale=0.7))
+    assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                          .permute(0, 2, 3, 1).numpy())
+    run_shown(npz_cmd, tmp_path / "samples.npz")
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], got["images"])
+    _, png = call(f"{url}/api/jobs/{job['id']}/files/grid.png")
+    run_shown(png_cmd, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes() == png
+
+
+def test_sample_guidance_off_over_a_run_default(tiny_run, tmp_path):
+    """A model whose config guides in an interval: the page defaults to it; an empty interval is off,
+    shown as --guidance-interval off (and a rescale back to 0 as --guidance-rescale 0)."""
+    from difflo.serve.app import App
+
+    app = App(tiny_run, device="cpu", jobs_root=tmp_path / "jobs")
+    try:
+        sc = app.model.cfg.sample
+        sc.guidance_interval, sc.guidance_rescale = (0.25, 3.0), 0.5
+        defaults = app.info()["defaults"]
+        assert defaults["guidance_interval"] == "0.25,3" and defaults["guidance_rescale"] == 0.5
+        jobs = [app.submit_sample({"classes": 0, "n": 1, "steps": 1, **body}) for body in
+                ({}, {"guidance_interval": "", "guidance_rescale": 0}, {"guidance_interval": "off"})]
+        t0 = time.time()
+        while any(j.status in ("queued", "running") for j in jobs):
+            assert time.time() - t0 < 60
+            time.sleep(0.02)
+        assert [j.status for j in jobs] == ["done"] * 3, [j.error for j in jobs]
+        (cmd, _), (off, _), (off2, _) = (j.result["command"].splitlines() for j in jobs)
+        assert "--guidance" not in cmd
+        assert "guidance_interval=(0.25, 3.0), guidance_rescale=0.5" in jobs[0].result["summary"]
+        assert "--guidance-interval off --guidance-rescale 0 " in off and "--guidance-interval off --seed" in off2
+        assert "guidance_interval=(), guidance_rescale=0.0" in jobs[1].result["summary"]
+    finally:
+        app.close()
 
 
 @pytest.mark.slow

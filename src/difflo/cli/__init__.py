@@ -1,4 +1,4 @@
-"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, env.
+"""``difflo`` command line: train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, distill, env.
 
 One module per subcommand (``cli/train.py``, ``cli/sample.py``, ...), each with ``add_parser(sub)``
 that sets ``func=run`` (``main`` calls ``args.func(args)``; a command with subcommands of its own
@@ -18,9 +18,10 @@ import sys
 
 from .. import __version__, allocator
 from ..errors import DiffloError
-from . import data, demo, edit, ema, env, eval, experiment, export, sample, serve, study, train
+from . import data, demo, distill, edit, ema, env, eval, experiment, export, sample, serve, study, train
 
-SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, env)   # in --help order
+SUBCOMMANDS = (train, sample, demo, data, edit, eval, experiment, study, serve, export, ema, distill,
+               env)   # in --help order
 
 
 class Parser(argparse.ArgumentParser):

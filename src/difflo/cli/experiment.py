@@ -16,11 +16,11 @@ from pathlib import Path
 
 from ..errors import DiffloError
 from ..io import write_text_atomic
-from ..experiments import ema, failure, guidance, scarcity, schedules, steps
+from ..experiments import ema, failure, guidance, recipe, scarcity, schedules, steps
 from ..experiments.common import Options
 from ..samplers import SAMPLERS
 from ..schedules import SCHEDULES, SIGMA_SPACINGS, SPACINGS
-from .argtypes import positive_int, seed
+from .argtypes import positive_float, positive_int, seed
 
 EXPERIMENTS = {"schedules": "linear vs cosine vs sigmoid: curves, forward process, the same model trained with each",
                "ema": "raw vs EMA weights at several decays, evaluated along training",
@@ -28,6 +28,8 @@ EXPERIMENTS = {"schedules": "linear vs cosine vs sigmoid: curves, forward proces
                "guidance": "CFG scale w: class accuracy vs diversity, a grid per w",
                "failure-modes": "too few steps, w too high, no EMA early, tiny data per class",
                "scarcity": "the data set's own scarce classes: accuracy, mode collapse and copies by class size"}
+HARNESS = {"recipe": "candidate configs trained for the same budget (--candidate, --minutes), scored with the same "
+                     "seeds: distance with its floor, KID, class/category accuracy, precision/recall, curves vs minutes"}
 DEFAULTS = Options(out=Path("."))
 
 
@@ -39,6 +41,13 @@ def _floats(s: str) -> tuple[float, ...]:
     if not v or not all(math.isfinite(x) and x >= 0 for x in v):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0 like 0,1,3, got {s!r}")
     return v
+
+
+def _candidate(s: str):
+    try:
+        return recipe.parse_candidate(s)
+    except DiffloError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--candidate {s!r}: ")) from None
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -54,10 +63,10 @@ def add_parser(sub):
                                    "them with fixed seeds, scores the samples (Frechet distance in the data set "
                                    "classifier's features, or Inception FID with --set eval.features=inception; "
                                    "class accuracy) and writes DIR/report.md, results.json and one CSV per table. "
-                                   "Experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()) + ".")
-    p.add_argument("name", choices=[*EXPERIMENTS, "all", "report"], metavar="NAME",
-                   help=f"{', '.join(EXPERIMENTS)}, all (every experiment into DIR/<name>), or report "
-                        f"(combine existing experiment folders)")
+                                   "Experiments: " + "; ".join(f"{k}: {v}" for k, v in {**EXPERIMENTS, **HARNESS}.items()) + ".")
+    p.add_argument("name", choices=[*EXPERIMENTS, *HARNESS, "all", "report"], metavar="NAME",
+                   help=f"{', '.join(EXPERIMENTS)}, all (those into DIR/<name>), recipe (the recipe harness), or "
+                        f"report (combine existing experiment folders)")
     p.add_argument("dirs", nargs="*", metavar="DIR", help="report: the experiment folders to combine")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (report: the combined markdown file)")
@@ -74,8 +83,9 @@ def add_parser(sub):
                    help=f"checkpoints kept along each training run, for the EMA curves (default {DEFAULTS.snapshots})")
     p.add_argument("--n", type=positive_int, default=DEFAULTS.n,
                    help=f"samples per measured setting, class-balanced (default {DEFAULTS.n})")
-    p.add_argument("--eval-steps", type=positive_int, default=DEFAULTS.eval_steps,
-                   help=f"sampler steps where steps are not varied (default {DEFAULTS.eval_steps})")
+    p.add_argument("--eval-steps", type=positive_int,
+                   help=f"sampler steps where steps are not varied (default {DEFAULTS.eval_steps}; recipe: each "
+                        f"candidate's sample.steps)")
     p.add_argument("--seed", type=seed, default=0, help="sample i uses seed + i (default 0)")
     p.add_argument("--device", default="auto")
     g = p.add_argument_group("experiment-specific lists (comma-separated)")
@@ -95,6 +105,15 @@ def add_parser(sub):
                                                    "(default 1,10)")
     g.add_argument("--few-steps", type=_ints, help="failure-modes: the too-few step counts (default 1,2,3,5)")
     g.add_argument("--high-ws", type=_floats, help="failure-modes: the guidance scales (default 3,10,20,40)")
+    r = p.add_argument_group("recipe (the harness)")
+    r.add_argument("--candidate", dest="candidates", action="append", type=_candidate, metavar="'NAME: K=V ...'",
+                   help="a candidate: the base config with these overrides (repeatable; the base is candidate 'base')")
+    r.add_argument("--minutes", type=positive_float, help="budget: each candidate trains the steps it reaches in this "
+                                                          "many minutes on this machine (probed idle speed); without "
+                                                          "it, --train-steps for all")
+    r.add_argument("--evals", type=positive_int, help="evaluated checkpoints per candidate, evenly spaced (default 3)")
+    r.add_argument("--sigma-rels", type=_floats, help="post-hoc EMA lengths scored for candidates trained with "
+                                                      "train.posthoc_ema (default 0.05,0.1,0.2)")
     p.set_defaults(func=run)
     return p
 
@@ -105,10 +124,19 @@ def options(args, out: Path) -> Options:
                                "other_steps": args.other_steps, "spacing": args.spacing,
                                "ddpm_steps": args.ddpm_steps, "no_flow": args.no_flow or None,
                                "tiny_k": args.per_class, "few_steps": args.few_steps, "high_ws": args.high_ws,
-                               "schedules": _schedules(args.schedules)}.items() if v is not None}
+                               "schedules": _schedules(args.schedules),
+                               "candidates": args.candidates, "minutes": args.minutes, "evals": args.evals,
+                               "sigma_rels": args.sigma_rels}.items() if v is not None}
+    given = [f for f, v in (("--candidate", args.candidates), ("--minutes", args.minutes), ("--evals", args.evals),
+                            ("--sigma-rels", args.sigma_rels)) if v is not None]
+    if given and args.name != "recipe":
+        raise DiffloError(f"{given[0]} is an option of `difflo experiment recipe`, not of {args.name}")
+    if args.name == "recipe":
+        extra["own_steps"] = args.eval_steps is None
     return Options(out=out, config=args.config, overrides=tuple(args.overrides),
                    runs=Path(args.runs) if args.runs else DEFAULTS.runs, train_steps=args.train_steps,
-                   snapshots=args.snapshots, n=args.n, eval_steps=args.eval_steps, seed=args.seed,
+                   snapshots=args.snapshots, n=args.n, eval_steps=args.eval_steps or DEFAULTS.eval_steps,
+                   seed=args.seed,
                    device=args.device, progress=os.isatty(2), extra=extra)
 
 
@@ -129,7 +157,7 @@ def _schedules(s: str | None):
 
 def run_one(name: str, opts: Options) -> Path:
     module = {"schedules": schedules, "ema": ema, "steps": steps, "guidance": guidance, "failure-modes": failure,
-              "scarcity": scarcity}
+              "scarcity": scarcity, "recipe": recipe}
     return module[name].run(opts)
 
 

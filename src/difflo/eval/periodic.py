@@ -40,6 +40,7 @@ class Judge:
         e, d = cfg.eval, cfg.data
         self.cfg, self.ref_dir, self.log = cfg, Path(ref_dir), log
         self.classifier = None
+        self.categories = None            # each class's category (emoji subcategories): adds category accuracy
         if cfg.model.num_classes > 0:
             self.classifier = Path(e.classifier) if e.classifier else classifier_path_for(d)
             if not self.classifier.is_file():
@@ -77,7 +78,8 @@ class Judge:
 
     def score(self, images, labels) -> dict:
         """{metric, KID, precision, recall, class_accuracy, per_class, n, ...} of uint8 (N, H, W, C) samples."""
-        return evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier)
+        return evaluate.score(images, labels, ref=self.ref, extractor=self.extractor, classifier=self.classifier,
+                              categories=self.categories)
 
 
 class PeriodicEval:

@@ -17,6 +17,12 @@ Classes: the page lists the model's classes (``Model.class_names``), never its n
 class-conditional diffusers folder that is the null class the folder names itself (a ``difflo export``)
 or that ``--null-class K`` names (then passed on in every command shown).
 
+The sample tab's guidance interval and rescale are ``difflo sample``'s ``--guidance-interval`` and
+``--guidance-rescale`` (their help texts are the registry's :data:`~difflo.edit.registry.GUIDANCE` flags,
+sent to the page in ``help``): the interval as text ``LO,HI`` (empty or ``off``: guidance everywhere),
+read by :func:`difflo.config.parse_interval` and checked by :func:`difflo.config.guidance_problems`; both
+default to the model's ``sample.guidance_*`` and appear in the command shown only where they differ.
+
 Every request field is checked here (type and bounds; uploaded images by Pillow: format, pixel
 size, bytes) and a bad one raises :class:`RequestError` with a message naming the field and the
 allowed range; the server answers it as HTTP 400 ``{"error": ...}``.
@@ -36,8 +42,9 @@ import torch
 from PIL import Image
 
 from ..checkpoint import WEIGHTS, resolve_weights
+from ..config import guidance_problems, parse_interval
 from ..edit import techniques
-from ..edit.registry import PAGE_VIEWS, TECHNIQUES, Field, flag_text
+from ..edit.registry import GUIDANCE, PAGE_VIEWS, TECHNIQUES, Field, flag_text
 from ..errors import DiffloError
 from ..generate import describe, generate, settings_for
 from ..images import WHITE, grid_image, mask_image, model_image, open_image, parse_colour, save_image, to_uint8
@@ -99,6 +106,21 @@ class Fields:
         if isinstance(v, bool) or not lo <= f <= hi:           # also refuses nan
             raise RequestError(f"{name} must be a number from {lo:g} to {hi:g}, got {v!r}")
         return f
+
+    def interval(self, name: str, default=()) -> tuple[float, ...]:
+        """A guidance interval as text ``LO,HI`` (:func:`difflo.config.parse_interval`; empty or ``off``:
+        none, guidance everywhere); its range is checked with the rescale (:meth:`App._guidance`)."""
+        v = self.body.get(name)
+        if v is None:
+            return tuple(float(x) for x in default)
+        if not isinstance(v, str):
+            raise RequestError(f"{name} must be text LO,HI (e.g. 0.3,3), or empty for off; got {v!r}")
+        if not v.strip():
+            return ()
+        try:
+            return parse_interval(v)
+        except ValueError as e:
+            raise RequestError(f"{name}: {e}") from None
 
     def choice(self, name: str, options, default=None) -> str:
         v = self._get(name, default)
@@ -213,7 +235,10 @@ class App:
             "defaults": {"sampler": default, "steps": min(sc.steps, self.max_steps), "w": sc.w,
                          "spacing": sc.spacing if sc.spacing in self.spacings else self.spacings[0],
                          "edit_sampler": edit_default if edit_default in self.edit_samplers
-                         else self.edit_samplers[0]},
+                         else self.edit_samplers[0],
+                         "guidance_interval": interval_text(sc.guidance_interval),
+                         "guidance_rescale": sc.guidance_rescale},
+            "help": {f.key: f.help for f in GUIDANCE},      # the sample tab's guidance fields, as difflo edit's
             "views": list(PAGE_VIEWS),
             "edit_techniques": {name: [f.to_json() for f in TECHNIQUES[name].page] for name in EDIT_TECHNIQUES},
             "limits": {**LIMITS, **{f.name: f.hi for name in EDIT_TECHNIQUES for f in TECHNIQUES[name].page
@@ -227,6 +252,21 @@ class App:
                 "w": f.float("w", 0.0, LIMITS["w"], self.model.cfg.sample.w),
                 "seed": f.int("seed", 0, LIMITS["seed"], 0),
                 "sampler": f.choice("sampler", samplers, sampler_default)}
+
+    def _guidance(self, f: Fields) -> tuple[tuple[float, ...], float, list[str]]:
+        """The sample tab's guidance interval and rescale (default: the model's), checked, and their flags
+        for the command shown (only those not at the model's default)."""
+        sc = self.model.cfg.sample
+        default = tuple(float(v) for v in sc.guidance_interval)
+        interval = f.interval("guidance_interval", default)
+        rescale = f.float("guidance_rescale", 0.0, 1.0, sc.guidance_rescale)
+        problems = guidance_problems(interval, rescale, ("guidance_interval", "guidance_rescale"))
+        if problems:
+            raise RequestError("; ".join(problems))
+        flags = [] if interval == default else ["--guidance-interval", interval_text(interval) or "off"]
+        if rescale != sc.guidance_rescale:
+            flags += ["--guidance-rescale", flag_text(rescale)]
+        return interval, rescale, flags
 
     def _cls(self, f: Fields, name: str, default=0) -> int:
         k = self.model.num_classes
@@ -249,10 +289,12 @@ class App:
             raise RequestError(f"n x classes = {n * len(classes)} images; the limit is {LIMITS['images']} "
                                f"per request: lower n or pick one class")
         spacing = f.choice("spacing", self.spacings, defaults["spacing"])
-        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing)
+        interval, rescale, guidance_flags = self._guidance(f)
+        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing,
+                                guidance_interval=interval, guidance_rescale=rescale)
         argv = ["sample", "--ckpt", self.ckpt_arg, *self.null_flag, "--classes", spec, "--grid", str(n),
                 "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", flag_text(p["w"]),
-                "--seed", str(p["seed"]), "--spacing", spacing] \
+                *guidance_flags, "--seed", str(p["seed"]), "--spacing", spacing] \
             + ([] if self.ema else ["--no-ema"]) + self._device_flag()
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
         seeds = [p["seed"] + i for i in range(len(labels))]
@@ -372,6 +414,12 @@ def trajectory_strip(frames, columns: int = 10) -> Image.Image:
     xs = np.stack([frames[i]["x"][0] for i in idx])
     x0s = np.stack([frames[i]["x0"][0] for i in idx])
     return grid_image(np.concatenate([xs, x0s]), len(idx), ["x_t", "x0"])
+
+
+def interval_text(interval) -> str:
+    """A guidance interval as ``LO,HI`` text that :func:`difflo.config.parse_interval` reads back to the same
+    floats; empty for none."""
+    return ",".join(flag_text(float(v)) for v in interval)
 
 
 def _display_path(p: Path) -> str:

@@ -40,7 +40,7 @@ LEAVES = dict(commands())
 def test_every_command_is_covered():
     assert {p[0] for p in LEAVES} >= {"train", "sample", "demo", "data", "edit", "eval", "study", "serve", "experiment",
                                       "export", "ema", "env"}
-    assert len(LEAVES) == 3 + 3 + 8 + 7 + 1 + 1 + 1 + 1 + 1 + 1   # data: download/info/clean; edit: 8; eval: 7 (nll); study; serve; experiment; export; ema; env
+    assert len(LEAVES) == 3 + 3 + 8 + 7 + 1 + 1 + 1 + 1 + 1 + 1 + 1   # data: download/info/clean; edit: 8; eval: 7 (nll); study; serve; experiment; export; ema; env; distill
 
 
 @pytest.mark.slow
@@ -185,6 +185,8 @@ def cases(ckpt, png, tmp):
         (["export", str(tmp / "none"), str(tmp / "out")], "not found"),
         (["export", ckpt], "the following arguments are required: OUT"),
         (["ema", ckpt, "--sigma-rel", "0.08", "--out", str(tmp / "ema")], "no post-hoc EMA snapshots"),
+        (["distill", "--ckpt", ckpt, "--out", str(tmp / "d")], "--method"),
+        (["distill", "--ckpt", ckpt, "--method", "reflow", "--out", str(tmp / "d")], "use --method progressive"),
         (["env", "--remeasure=1"], "ignored explicit argument"),
     ]
 

@@ -178,6 +178,10 @@ function setupSample() {
   $("s-steps").max = INFO.limits.steps;
   $("s-n").max = INFO.limits.n;
   $("s-w").value = INFO.defaults.w;
+  $("s-interval").value = INFO.defaults.guidance_interval;       // "" = off: guidance at every noise level
+  $("s-rescale").value = INFO.defaults.guidance_rescale;
+  $("s-interval").title = INFO.help.guidance_interval;            // the --guidance-* help texts (difflo.edit.registry)
+  $("s-rescale").title = INFO.help.guidance_rescale;
   bindOutput($("s-w"), $("s-w-out"));
   if (!INFO.num_classes) $("s-class").closest("label").hidden = true;
   placeholder($("s-grid"), "samples appear here");
@@ -212,6 +216,8 @@ function setupSample() {
       sampler: $("s-sampler").value,
       steps: Number($("s-steps").value),
       spacing: $("s-spacing").value,
+      guidance_interval: $("s-interval").value.trim(),
+      guidance_rescale: $("s-rescale").value,        // as typed: the server names a bad or empty one
       seed: Number($("s-seed").value),
       n: Number($("s-n").value),
     });
