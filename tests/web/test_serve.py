@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -381,3 +382,121 @@ def test_flow_checkpoint(tmp_path):
         assert (tmp_path / "out" / "figure.png").read_bytes() == (edit.dir / "figure.png").read_bytes()
     finally:
         app.close()
+
+
+# ----------------------------------------------------------------------------- fast preview (--fast STUDENT)
+@pytest.fixture(scope="module")
+def student(tiny_run, tmp_path_factory):
+    """A 2-step progressive student of the tiny run (one round from 4 teacher steps)."""
+    from difflo.distill import DistillOptions, distill
+
+    out = tmp_path_factory.mktemp("student") / "student"
+    distill(DistillOptions(teacher=str(tiny_run), method="progressive", teacher_steps=4, rounds=1, steps_per_round=2,
+                           batch_size=4), out, device="cpu", log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast_server(tiny_run, student, tmp_path_factory):
+    url, app, httpd = serve_in_thread(tiny_run, device="cpu", jobs_root=tmp_path_factory.mktemp("jobs"),
+                                      fast=student)
+    yield url, app
+    httpd.shutdown()
+    httpd.server_close()
+    app.close()
+
+
+def test_fast_info(server, fast_server, tiny_run, student):
+    _, info = call(server[0] + "/api/info")
+    assert info["fast"] is None                                          # without --fast: nothing
+    code, info = call(fast_server[0] + "/api/info")
+    assert code == 200
+    fast = info["fast"]
+    assert fast["method"] == "progressive" and fast["steps"] == fast["sample_steps"] == 2
+    assert fast["sampler"] == "ddim" and fast["evals"] == 2 and fast["w"] == load_model(tiny_run).cfg.sample.w
+    assert fast["ckpt"] == fast_server[1].fast_arg                       # the exact checkpoint, as in the commands
+    assert Path(fast["ckpt"]).resolve().parent == (student / "checkpoints").resolve()
+    assert Path(fast["teacher"]).resolve() == tiny_run.resolve()
+    with urllib.request.urlopen(fast_server[0] + "/static/app.js", timeout=30) as r:
+        assert "Fast preview (" in r.read().decode()
+
+
+def test_fast_job_is_the_students_and_reproduced(fast_server, student, tmp_path):
+    url, app = fast_server
+    code, job = call(url + "/api/sample", "POST", {"classes": 4, "n": 3, "seed": 5, "fast": True})
+    assert code == 202, job
+    job = wait(url, job["id"])
+    assert job["status"] == "done", job.get("error")
+    assert job["done"] == job["total"] == 2                              # the student's steps
+    png_cmd, npz_cmd = job["result"]["command"].splitlines()
+    assert png_cmd.startswith(f"difflo sample --ckpt {shlex.quote(app.fast_arg)} --classes 4 --grid 3 ")
+    assert "--w" not in png_cmd and "--null-class" not in png_cmd
+    summary = job["result"]["summary"]
+    assert f"3 images by the progressive student {app.fast_arg} (2 steps" in summary
+    assert summary.endswith("; 2 network evaluations each") and "sampler=ddim" in summary
+    _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
+    got = np.load(io.BytesIO(npz))
+    model = load_model(student)
+    want = generate(model, torch.full((3,), 4), [5, 6, 7], settings_for(model))     # its own settings
+    assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                          .permute(0, 2, 3, 1).numpy())
+    run_shown(npz_cmd, tmp_path / "samples.npz")
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], got["images"])
+    _, png = call(f"{url}/api/jobs/{job['id']}/files/grid.png")
+    run_shown(png_cmd, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes() == png
+    code, full = call(url + "/api/sample", "POST", {"classes": 4, "n": 1, "steps": 3, "fast": False})
+    full = wait(url, full["id"])                                         # the full sampler names its model too
+    assert full["result"]["summary"].startswith(f"1 images by {app.ckpt_arg}: ")
+    assert full["result"]["command"].startswith(f"difflo sample --ckpt {shlex.quote(app.ckpt_arg)} ")
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"sampler": "ddim"}, "also sets sampler='ddim': drop it, or sample without fast"),
+    ({"steps": 7, "w": 0}, "also sets steps=7, w=0: drop them"),
+    ({"guidance_interval": "0.5,2"}, "also sets guidance_interval='0.5,2'"),
+    ({"steps": 0}, "steps must be a whole number from 1 to 1000"),        # a bad value: its usual message
+    ({"fast": "yes"}, "fast must be true or false"),
+])
+def test_fast_conflicts_are_one_line_400(fast_server, body, words):
+    url, app = fast_server
+    code, out = call(url + "/api/sample", "POST", {"fast": True, "classes": 1, "n": 1, **body})
+    assert code == 400, out
+    assert words in out["error"] and "\n" not in out["error"]
+    if "also sets" in words:
+        assert "the student's own settings (ddim, 2 steps, w=1)" in out["error"]
+
+
+def test_fast_defaults_are_not_a_conflict(fast_server):
+    """The page's untouched full-sampler fields (its defaults) are no conflict."""
+    url, _ = fast_server
+    _, info = call(url + "/api/info")
+    d = info["defaults"]
+    body = {k: d[k] for k in ("sampler", "steps", "w", "spacing", "guidance_interval", "guidance_rescale")}
+    code, job = call(url + "/api/sample", "POST", {**body, "fast": True, "classes": 2, "n": 1})
+    assert code == 202, job
+    assert wait(url, job["id"])["status"] == "done"
+
+
+def test_fast_without_a_student_is_a_400(server):
+    code, out = call(server[0] + "/api/sample", "POST", {"fast": True, "classes": 1, "n": 1})
+    assert code == 400 and "start difflo serve with --fast STUDENT" in out["error"]
+
+
+def test_fast_not_a_student_is_one_line(tiny_run, tmp_path):
+    from difflo import checkpoint
+    from difflo.config import DistillConfig
+    from difflo.model import build_net
+
+    code, _, err = run_cli("serve", "--ckpt", tiny_run, "--fast", tiny_run, "--port", 0)
+    assert_clean_error(code, err, f"--fast {tiny_run} is not a distilled student", "difflo distill")
+    code, _, err = run_cli("serve", "--ckpt", tiny_run, "--fast", tmp_path / "missing", "--port", 0)
+    assert_clean_error(code, err, "--fast: checkpoint")
+    cfg = load_model(tiny_run).cfg                                       # a "student" of another model: unconditional
+    cfg.model.num_classes = 0
+    cfg.distill = DistillConfig(teacher=str(tiny_run), method="progressive", steps=2, teacher_steps=4, w=1.0)
+    torch.manual_seed(0)
+    sd = build_net(cfg).state_dict()
+    checkpoint.save_checkpoint(tmp_path / "other", 1, cfg.to_dict(), sd, sd, {"step": 1})
+    code, _, err = run_cli("serve", "--ckpt", tiny_run, "--fast", tmp_path / "other", "--port", 0)
+    assert_clean_error(code, err, "does not fit --ckpt: classes 0 vs 10")

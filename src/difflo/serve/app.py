@@ -13,6 +13,14 @@
   Progress and cancelling come from a thin wrapper around the network (each network evaluation is
   one tick), because the edit techniques keep their own sampler callbacks.
 
+**Fast preview** (``difflo serve --fast STUDENT``): a distilled student of the model (:mod:`difflo.distill`;
+``cfg.distill.method`` set, the same image shape, classes and objective, else a one-line DiffloError) samples the
+same classes, seeds and n at its own sample settings (its ``sample`` section: sampler, steps, w = 1) when a sample
+request has ``fast: true``. The full sampler's fields (:data:`FULL_ONLY`) are not read then, so a request that sets
+one to other than the page's default is refused (400) rather than ignored; the command shown is ``difflo sample
+--ckpt STUDENT ...``. Every sample job's summary names the model that made the images and the network calls per
+image (the sampler's ``evals(steps)`` in :data:`difflo.samplers.SAMPLERS`).
+
 Classes: the page lists the model's classes (``Model.class_names``), never its null class; for a
 class-conditional diffusers folder that is the null class the folder names itself (a ``difflo export``)
 or that ``--null-class K`` names (then passed on in every command shown).
@@ -41,7 +49,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import WEIGHTS, resolve_weights
+from ..checkpoint import DEMO, WEIGHTS, resolve_weights
 from ..config import guidance_problems, parse_interval
 from ..edit import techniques
 from ..edit.registry import GUIDANCE, PAGE_VIEWS, TECHNIQUES, Field, flag_text
@@ -66,6 +74,7 @@ LIMITS = {
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 MAX_FRAMES = 40                # trajectory steps recorded per sample job
 TRAJ_IMAGES = 8                # images whose trajectory is recorded
+FULL_ONLY = ("sampler", "steps", "w", "spacing", "guidance_interval", "guidance_rescale")   # not read by fast=true
 EDIT_TECHNIQUES = tuple(name for name, t in TECHNIQUES.items() if t.page is not None)    # the ones with page fields
 
 
@@ -121,6 +130,12 @@ class Fields:
             return parse_interval(v)
         except ValueError as e:
             raise RequestError(f"{name}: {e}") from None
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        v = self.body.get(name, default)
+        if not isinstance(v, bool):
+            raise RequestError(f"{name} must be true or false, got {v!r}")
+        return v
 
     def choice(self, name: str, options, default=None) -> str:
         v = self._get(name, default)
@@ -198,18 +213,22 @@ class _Counted(torch.nn.Module):
 class App:
     """A loaded model, its job queue, and the request handlers (dict in, dict out)."""
 
-    def __init__(self, ckpt, ema: bool = True, device: str = "auto", jobs_root=None, null_class: int | None = None):
+    def __init__(self, ckpt, ema: bool = True, device: str = "auto", jobs_root=None, null_class: int | None = None,
+                 fast=None):
         self.device = pick_device(device)
         self.model: Model = load_model(ckpt, ema=ema, device=self.device, null_class=null_class)
         self.ema = ema
         self.null_flag = [] if null_class is None else ["--null-class", str(null_class)]    # in the commands shown
-        weights = resolve_weights(ckpt, ema)
-        # The command line names the exact checkpoint that is loaded (a run directory's "latest"
-        # may change while the server runs).
-        ckpt_path = weights.parent if weights.name in WEIGHTS and (weights.parent / "manifest.json").exists() \
-            else weights
-        self.ckpt_arg = _display_path(ckpt_path)
-        self.weights = weights
+        self.weights, self.ckpt_arg = _exact_checkpoint(ckpt, ema)
+        self.fast: Model | None = None                  # --fast: a distilled student (fast previews)
+        self.fast_arg = None
+        if fast is not None:
+            try:
+                student = load_model(fast, ema=ema, device=self.device)
+                self.fast_arg = _exact_checkpoint(fast, ema)[1]
+            except DiffloError as e:
+                raise type(e)(f"--fast: {e}") from None
+            self.fast = check_student(self.model, student, fast)
         self.queue = JobQueue(jobs_root)
         m = self.model
         self.C, self.S = m.cfg.model.in_channels, m.cfg.model.image_size
@@ -239,12 +258,22 @@ class App:
                          "guidance_interval": interval_text(sc.guidance_interval),
                          "guidance_rescale": sc.guidance_rescale},
             "help": {f.key: f.help for f in GUIDANCE},      # the sample tab's guidance fields, as difflo edit's
-            "views": list(PAGE_VIEWS),
+            "views": list(PAGE_VIEWS), "fast": self._fast_info(),
             "edit_techniques": {name: [f.to_json() for f in TECHNIQUES[name].page] for name in EDIT_TECHNIQUES},
             "limits": {**LIMITS, **{f.name: f.hi for name in EDIT_TECHNIQUES for f in TECHNIQUES[name].page
                                     if f.hi is not None},
                        "steps": self.max_steps, "upload_mb": LIMITS["upload_bytes"] >> 20},
         }
+
+    def _fast_info(self) -> dict | None:
+        """The --fast student as the page shows it: its path (as in the commands), how it was distilled, and
+        the sampler, steps and network calls per image it samples with."""
+        if self.fast is None:
+            return None
+        d, s = self.fast.cfg.distill, settings_for(self.fast)
+        return {"ckpt": self.fast_arg, "method": d.method, "steps": d.steps, "w": d.w,
+                "teacher": d.teacher if d.teacher == DEMO else _display_path(Path(d.teacher)),
+                "sampler": s.sampler, "sample_steps": s.steps, "evals": SAMPLERS[s.sampler].evals(s.steps)}
 
     # ------------------------------------------------------------------ fields shared by both tabs
     def _common(self, f: Fields, samplers, sampler_default: str) -> dict:
@@ -276,10 +305,34 @@ class App:
         return [] if self.device.type == "cpu" else ["--device", str(self.device)]
 
     # ------------------------------------------------------------------ sample
+    def _full_settings(self, f: Fields, defaults: dict) -> tuple[dict, list[str]]:
+        """The full sampler's fields (:data:`FULL_ONLY`) and the seed, checked, and the guidance flags for the
+        command shown."""
+        p = self._common(f, self.samplers, defaults["sampler"])
+        p["spacing"] = f.choice("spacing", self.spacings, defaults["spacing"])
+        p["guidance_interval"], p["guidance_rescale"], guidance_flags = self._guidance(f)
+        return p, guidance_flags
+
+    def _refuse_full_fields(self, body: dict, defaults: dict) -> None:
+        """fast=true: a full-sampler field (:data:`FULL_ONLY`) set to other than the page's default is a 400 naming
+        it (it would be ignored: the student samples at its own settings). Each is checked as for the full
+        sampler first, so a bad value gets its usual message."""
+        page = {k: defaults[k] for k in FULL_ONLY}
+        given = {k: body[k] for k in FULL_ONLY if k in body}
+        asked, default = (self._full_settings(Fields(b), defaults)[0] for b in ({**page, **given}, page))
+        clash = [f"{k}={body[k]!r}" for k in given if asked[k] != default[k]]
+        if clash:
+            s = settings_for(self.fast)
+            raise RequestError(f"fast=true samples with the student's own settings ({s.sampler}, {s.steps} steps, "
+                               f"w={flag_text(s.w)}), but the request also sets {', '.join(clash)}: drop "
+                               f"{'it' if len(clash) == 1 else 'them'}, or sample without fast")
+
     def submit_sample(self, body) -> Job:
         f = Fields(body)
         defaults = self.info()["defaults"]
-        p = self._common(f, self.samplers, defaults["sampler"])
+        fast = f.flag("fast")
+        if fast and self.fast is None:
+            raise RequestError("fast=true needs a distilled student: start difflo serve with --fast STUDENT")
         k = self.model.num_classes
         spec = body.get("classes", "all")
         spec = "all" if spec in ("all", "", None) or not k else str(self._cls(f, "classes"))
@@ -288,21 +341,33 @@ class App:
         if n * len(classes) > LIMITS["images"]:
             raise RequestError(f"n x classes = {n * len(classes)} images; the limit is {LIMITS['images']} "
                                f"per request: lower n or pick one class")
-        spacing = f.choice("spacing", self.spacings, defaults["spacing"])
-        interval, rescale, guidance_flags = self._guidance(f)
-        settings = settings_for(self.model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing,
-                                guidance_interval=interval, guidance_rescale=rescale)
-        argv = ["sample", "--ckpt", self.ckpt_arg, *self.null_flag, "--classes", spec, "--grid", str(n),
-                "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", flag_text(p["w"]),
-                *guidance_flags, "--seed", str(p["seed"]), "--spacing", spacing] \
-            + ([] if self.ema else ["--no-ema"]) + self._device_flag()
+        if fast:
+            self._refuse_full_fields(body, defaults)
+            seed = f.int("seed", 0, LIMITS["seed"], 0)
+            model, settings = self.fast, settings_for(self.fast)          # the student's own sample settings
+            argv = ["sample", "--ckpt", self.fast_arg, "--classes", spec, "--grid", str(n),
+                    "--sampler", settings.sampler, "--steps", str(settings.steps), "--seed", str(seed)]
+            d = model.cfg.distill
+            made_by = f"the {d.method} student {self.fast_arg} ({d.steps} steps, w={flag_text(d.w)} distilled in)"
+        else:
+            p, guidance_flags = self._full_settings(f, defaults)
+            seed, spacing = p["seed"], p["spacing"]
+            model = self.model
+            settings = settings_for(model, sampler=p["sampler"], steps=p["steps"], w=p["w"], spacing=spacing,
+                                    guidance_interval=p["guidance_interval"], guidance_rescale=p["guidance_rescale"])
+            argv = ["sample", "--ckpt", self.ckpt_arg, *self.null_flag, "--classes", spec, "--grid", str(n),
+                    "--sampler", p["sampler"], "--steps", str(p["steps"]), "--w", flag_text(p["w"]),
+                    *guidance_flags, "--seed", str(seed), "--spacing", spacing]
+            made_by = self.ckpt_arg
+        argv += ([] if self.ema else ["--no-ema"]) + self._device_flag()
+        steps = settings.steps
         labels = torch.tensor(classes).repeat_interleave(n)         # as `difflo sample --grid n`
-        seeds = [p["seed"] + i for i in range(len(labels))]
+        seeds = [seed + i for i in range(len(labels))]
         row_labels = [self.model.class_label(c) for c in classes] if k else None
 
         def work(job: Job) -> dict:
-            job.total = p["steps"]
-            keep = set(np.linspace(0, p["steps"] - 1, min(p["steps"], MAX_FRAMES)).round().astype(int).tolist())
+            job.total = steps
+            keep = set(np.linspace(0, steps - 1, min(steps, MAX_FRAMES)).round().astype(int).tolist())
             show = min(len(labels), TRAJ_IMAGES)
 
             def callback(d):                                        # the sampler's per-step dict
@@ -312,7 +377,7 @@ class App:
                                        "x0": to_uint8(d["denoised"][:show])})
                 job.step()
 
-            images = generate(self.model, labels, seeds, settings, batch_size=len(labels), callback=callback)
+            images = generate(model, labels, seeds, settings, batch_size=len(labels), callback=callback)
             u8 = to_uint8(images)
             save_image(grid_image(u8, n, row_labels), job.dir / "grid.png")
             with atomic_path(job.dir / "samples.npz") as tmp:
@@ -321,7 +386,7 @@ class App:
             cmd = _cmd(argv)
             return {"files": {"png": "grid.png", "npz": "samples.npz", "trajectory": "trajectory.png"},
                     "command": f"{cmd} --out grid.png\n{cmd} --out samples.npz",
-                    "summary": f"{len(labels)} images: {describe(settings)}; "
+                    "summary": f"{len(labels)} images by {made_by}: {describe(settings)}; "
                                f"{SAMPLERS[settings.sampler].evals(settings.steps)} network evaluations each"}
 
         return self.queue.submit("sample", work)
@@ -406,6 +471,21 @@ class App:
         return buf.getvalue()
 
 
+def check_student(model: Model, student: Model, given) -> Model:
+    """``--fast STUDENT``: a distilled student (``cfg.distill.method`` set) that makes the same images as ``model``
+    (image shape, classes, objective), else a one-line DiffloError."""
+    if student.cfg.distill.method is None:
+        raise DiffloError(f"--fast {given} is not a distilled student (its config has no distill section); give a "
+                          f"student written by difflo distill (its OUT folder or OUT/students/steps_N)")
+    what = {"image shape": lambda m: (m.cfg.model.in_channels, m.cfg.model.image_size),
+            "classes": lambda m: m.num_classes, "objective": lambda m: m.objective}
+    differ = [f"{name} {get(student)} vs {get(model)}" for name, get in what.items() if get(student) != get(model)]
+    if differ:
+        raise DiffloError(f"--fast {given} does not fit --ckpt: {'; '.join(differ)} (student vs model); give a "
+                          f"student distilled from this model")
+    return student
+
+
 def trajectory_strip(frames, columns: int = 10) -> Image.Image:
     """The first image's trajectory: row 1 x_t, row 2 the predicted x0, at up to ``columns`` steps."""
     if not frames:
@@ -420,6 +500,14 @@ def interval_text(interval) -> str:
     """A guidance interval as ``LO,HI`` text that :func:`difflo.config.parse_interval` reads back to the same
     floats; empty for none."""
     return ",".join(flag_text(float(v)) for v in interval)
+
+
+def _exact_checkpoint(ckpt, ema: bool) -> tuple[Path, str]:
+    """(the weights file ``ckpt`` loads, the checkpoint as the commands shown name it). The command line names the
+    exact checkpoint that is loaded (a run directory's "latest" may change while the server runs)."""
+    weights = resolve_weights(ckpt, ema)
+    path = weights.parent if weights.name in WEIGHTS and (weights.parent / "manifest.json").exists() else weights
+    return weights, _display_path(path)
 
 
 def _display_path(p: Path) -> str:

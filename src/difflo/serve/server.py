@@ -4,7 +4,7 @@ Routes (JSON unless noted)::
 
     GET  /                           the page (static/index.html, app.js, style.css; no external URL)
     GET  /api/info                   model, classes, samplers that fit it, defaults, limits
-    POST /api/sample                 {classes, n, w, sampler, steps, seed}          -> {id, ...}
+    POST /api/sample                 {classes, n, w, sampler, steps, seed, fast}    -> {id, ...}
     POST /api/edit                   {technique, image, mask, class, strength, ...} -> {id, ...}
     POST /api/upload                 {image: data URL} -> the image as the model sees it, or 400
     GET  /api/jobs/ID                status, progress, trajectory steps, result (files, command)

@@ -207,21 +207,38 @@ function setupSample() {
     showFrame(frames.n - 1);
   });
 
+  // The fields a fast preview reads too: the student samples these classes, seeds and n at its own settings.
+  const shared = () => ({
+    classes: $("s-class").value || "all",
+    seed: Number($("s-seed").value),
+    n: Number($("s-n").value),
+  });
   $("sample-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     stopPlay();
     runner.start("/api/sample", {
-      classes: $("s-class").value || "all",
+      ...shared(),
       w: Number($("s-w").value),
       sampler: $("s-sampler").value,
       steps: Number($("s-steps").value),
       spacing: $("s-spacing").value,
       guidance_interval: $("s-interval").value.trim(),
       guidance_rescale: $("s-rescale").value,        // as typed: the server names a bad or empty one
-      seed: Number($("s-seed").value),
-      n: Number($("s-n").value),
     });
   });
+  if (INFO.fast) {
+    // A distilled student (difflo serve --fast): the same classes, seeds and n, at the student's own sampler and
+    // steps (the sampler, steps, w and guidance fields are the full sampler's and are not sent).
+    const f = INFO.fast;
+    $("s-fast").textContent = `Fast preview (${f.sample_steps} steps, student of ${f.teacher})`;
+    $("s-fast").title = `${f.ckpt}: ${f.method} distillation, ${f.sampler}, ` +
+      `${f.evals} network evaluation${f.evals === 1 ? "" : "s"} per image, guidance w=${f.w} distilled in`;
+    $("s-fast").hidden = false;
+    $("s-fast").addEventListener("click", () => {
+      stopPlay();
+      runner.start("/api/sample", { ...shared(), fast: true });
+    });
+  }
   $("s-frame").addEventListener("input", () => { stopPlay(); showFrame(Number($("s-frame").value)); });
   $("s-play").addEventListener("click", () => {
     if (frames.timer) return stopPlay();
@@ -460,7 +477,7 @@ async function main() {
   const names = INFO.num_classes ? `${INFO.num_classes} classes` : "unconditional";
   $("model-info").textContent =
     `${INFO.ckpt} · ${INFO.objective} · ${INFO.data} · ${names} · ${INFO.image_size}×${INFO.image_size}` +
-    ` · ${INFO.weights} weights`;
+    ` · ${INFO.weights} weights` + (INFO.fast ? ` · fast: ${INFO.fast.ckpt}` : "");
   setupSample();
   setupCanvas();
   setupEdit();
