@@ -74,6 +74,24 @@ def run_shown(command: str, out, **replace) -> None:
     assert cli.main(argv) == 0
 
 
+def as_uint8(images: torch.Tensor) -> np.ndarray:
+    """Samples in [-1, 1] as the page stores them: uint8 (N, H, W, C)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def assert_job_files(url, job, want: torch.Tensor, tmp_path) -> None:
+    """The job's samples.npz holds ``want`` and its two shown commands rebuild grid.png and samples.npz."""
+    png_cmd, npz_cmd = job["result"]["command"].splitlines()
+    _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
+    got = np.load(io.BytesIO(npz))
+    assert np.array_equal(got["images"], as_uint8(want))
+    run_shown(npz_cmd, tmp_path / "samples.npz")
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], got["images"])
+    _, png = call(f"{url}/api/jobs/{job['id']}/files/grid.png")
+    run_shown(png_cmd, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes() == png
+
+
 # ----------------------------------------------------------------------------- page and info
 def test_page_and_info(server):
     url, _ = server
@@ -215,24 +233,14 @@ def test_sample_guidance_reproduced(server, tiny_run, tmp_path):
     assert code == 202, job
     job = wait(url, job["id"])
     assert job["status"] == "done", job.get("error")
-    png_cmd, npz_cmd = job["result"]["command"].splitlines()
+    png_cmd = job["result"]["command"].splitlines()[0]
     assert "--w 4 --guidance-interval 0.5,5 --guidance-rescale 0.7 --seed 11" in png_cmd
     summary = job["result"]["summary"]                                   # the settings generate ran with
     assert "guidance_interval=(0.5, 5.0)" in summary and "guidance_rescale=0.7" in summary
-    _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
-    got = np.load(io.BytesIO(npz))
     model = load_model(tiny_run)
-    labels = torch.full((2,), 5)
-
-    want = generate(model, labels, [11, 12],
+    want = generate(model, torch.full((2,), 5), [11, 12],
                     settings_for(model, steps=4, w=4.0, guidance_interval=(0.5, 5.0), guidance_rescale=0.7))
-    assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                          .permute(0, 2, 3, 1).numpy())
-    run_shown(npz_cmd, tmp_path / "samples.npz")
-    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], got["images"])
-    _, png = call(f"{url}/api/jobs/{job['id']}/files/grid.png")
-    run_shown(png_cmd, tmp_path / "grid.png")
-    assert (tmp_path / "grid.png").read_bytes() == png
+    assert_job_files(url, job, want, tmp_path)
 
 
 def test_sample_guidance_off_over_a_run_default(tiny_run, tmp_path):
@@ -349,8 +357,7 @@ def test_two_clients_at_once(server, tiny_run):
         want = generate(model, labels, [body["seed"] + i for i in range(body["n"])],
                         settings_for(model, steps=body["steps"], w=body["w"]))   # the run's own sampler, as the page
         assert got["labels"].tolist() == labels.tolist()
-        assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                              .permute(0, 2, 3, 1).numpy())
+        assert np.array_equal(got["images"], as_uint8(want))
 
 
 @pytest.mark.slow
@@ -428,23 +435,15 @@ def test_fast_job_is_the_students_and_reproduced(fast_server, student, tmp_path)
     job = wait(url, job["id"])
     assert job["status"] == "done", job.get("error")
     assert job["done"] == job["total"] == 2                              # the student's steps
-    png_cmd, npz_cmd = job["result"]["command"].splitlines()
+    png_cmd = job["result"]["command"].splitlines()[0]
     assert png_cmd.startswith(f"difflo sample --ckpt {shlex.quote(app.fast_arg)} --classes 4 --grid 3 ")
     assert "--w" not in png_cmd and "--null-class" not in png_cmd
     summary = job["result"]["summary"]
     assert f"3 images by the progressive student {app.fast_arg} (2 steps" in summary
     assert summary.endswith("; 2 network evaluations each") and "sampler=ddim" in summary
-    _, npz = call(f"{url}/api/jobs/{job['id']}/files/samples.npz")
-    got = np.load(io.BytesIO(npz))
     model = load_model(student)
     want = generate(model, torch.full((3,), 4), [5, 6, 7], settings_for(model))     # its own settings
-    assert np.array_equal(got["images"], ((want.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                          .permute(0, 2, 3, 1).numpy())
-    run_shown(npz_cmd, tmp_path / "samples.npz")
-    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], got["images"])
-    _, png = call(f"{url}/api/jobs/{job['id']}/files/grid.png")
-    run_shown(png_cmd, tmp_path / "grid.png")
-    assert (tmp_path / "grid.png").read_bytes() == png
+    assert_job_files(url, job, want, tmp_path)
     code, full = call(url + "/api/sample", "POST", {"classes": 4, "n": 1, "steps": 3, "fast": False})
     full = wait(url, full["id"])                                         # the full sampler names its model too
     assert full["result"]["summary"].startswith(f"1 images by {app.ckpt_arg}: ")
