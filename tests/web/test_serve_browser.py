@@ -181,3 +181,40 @@ def test_draw_paint_mask_and_inpaint(page, url, artifacts):
     assert mask[:15].max() == 0 and mask[18:22, 3:25].min() == 255 and mask[24:27, 3:25].min() == 255
     assert "difflo edit inpaint" in page.text_content("#e-command")
     page.screenshot(path=artifacts / "inpaint.png", full_page=True)
+
+
+@pytest.mark.slow
+def test_fast_preview_button(browser, tiny_run, tmp_path_factory, artifacts):
+    """With --fast STUDENT the page offers the student's preview; its grid is the student's, and the page
+    says which model made it and how many network calls each image cost."""
+    from difflo.distill import DistillOptions, distill
+
+    student = tmp_path_factory.mktemp("student") / "student"
+    distill(DistillOptions(teacher=str(tiny_run), method="progressive", teacher_steps=4, rounds=1, steps_per_round=2,
+                           batch_size=4), student, device="cpu", log=lambda *a: None)
+    url, app, httpd = serve_in_thread(tiny_run, device="cpu", jobs_root=tmp_path_factory.mktemp("jobs"), fast=student)
+    p = br.new_page(browser)
+    try:
+        p.goto(url + "/")
+        p.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert p.is_visible("#s-fast")
+        assert p.text_content("#s-fast").startswith("Fast preview (2 steps, student of ")
+        assert "2 network evaluations per image" in p.get_attribute("#s-fast", "title")
+        p.select_option("#s-class", "4")
+        p.fill("#s-n", "3")
+        p.click("#s-fast")
+        assert finish(p, "s-status") == "done", p.text_content("#error")
+        summary = p.text_content("#s-summary")
+        assert "by the progressive student" in summary and summary.endswith("2 network evaluations each")
+        assert "difflo sample --ckpt" in p.text_content("#s-command") and "--w" not in p.text_content("#s-command")
+        grid = canvas(p, "s-grid")
+        png = np.asarray(Image.open(io.BytesIO(fetch(url + p.get_attribute("#s-png", "href")))).convert("RGBA"))
+        k = grid.shape[1] // png.shape[1]
+        assert np.array_equal(grid[::k, ::k], png)
+        p.screenshot(path=artifacts / "fast.png", full_page=True)
+        assert p.js_errors == []
+    finally:
+        p.context.close()
+        httpd.shutdown()
+        httpd.server_close()
+        app.close()
