@@ -11,7 +11,7 @@ The training loop calls three small hooks from here (tests/faults/ exercises eac
   then skips the optimizer and EMA update of that step. Each skipped step is logged with a count;
   ``train.max_nonfinite_steps`` in a row stop the run with a message naming the step, the last
   good checkpoint and the likely causes.
-- ``check_free_space(run_dir, n_params, keep)``: before training, refuse to start when the disk
+- ``check_free_space(run_dir, n_params, keep, snapshot_bytes)``: before training, refuse to start when the disk
   cannot hold the run's checkpoints (estimated from the parameter count).
 """
 from __future__ import annotations
@@ -134,16 +134,18 @@ def checkpoint_bytes(n_params: int) -> int:
     return 16 * n_params + (1 << 20)
 
 
-def check_free_space(run_dir: Path, n_params: int, keep: int) -> None:
-    """Refuse to start when the disk cannot hold `keep` checkpoints plus the one being written."""
+def check_free_space(run_dir: Path, n_params: int, keep: int, snapshot_bytes: int = 0) -> None:
+    """Refuse to start when the disk cannot hold `keep` checkpoints plus the one being written, plus the
+    next post-hoc EMA snapshot (``snapshot_bytes``: they are all kept, so later ones are the user's to plan)."""
     run_dir = Path(run_dir)
     size = checkpoint_bytes(n_params)
     on_disk = len(list_checkpoints(run_dir))
-    need = size * max(1, keep + 1 - on_disk)
+    need = size * max(1, keep + 1 - on_disk) + snapshot_bytes
     free = shutil.disk_usage(run_dir).free
     if free < need:
         mb = 1 << 20
+        snap = f", plus {snapshot_bytes / mb:.1f} MB for a post-hoc EMA snapshot" if snapshot_bytes else ""
         raise DiffloError(f"not enough free disk space in {run_dir}: {free / mb:.1f} MB free, but a checkpoint "
                           f"takes about {size / mb:.1f} MB and the run keeps up to {keep + 1} at once "
-                          f"(train.keep_checkpoints={keep}, plus the one being written); free "
+                          f"(train.keep_checkpoints={keep}, plus the one being written){snap}; free "
                           f"{(need - free) / mb:.1f} MB or choose another --out")

@@ -182,9 +182,10 @@ def read_meta(path: Path) -> dict:
         raise DiffloError(f"{path} is not a readable post-hoc EMA snapshot ({e})") from None
 
 
-def reconstruct(run_dir: Path, sigma_rel: float, max_error: float = MAX_ERROR) -> dict:
-    """The weights of the power-function EMA with ``sigma_rel`` at the run's last snapshot, rebuilt from all
-    of its snapshots: {"state", "config", "step", "snapshots", "coefficients", "error"}."""
+def reconstruct(run_dir: Path, sigma_rel: float, max_error: float = MAX_ERROR, step: int | None = None) -> dict:
+    """The weights of the power-function EMA with ``sigma_rel`` at the run's last snapshot (or at the snapshot
+    of ``step``), rebuilt from the snapshots up to it: {"state", "config", "step", "snapshots", "coefficients",
+    "error"}."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DiffloError(f"run directory {run_dir} not found")
@@ -193,8 +194,15 @@ def reconstruct(run_dir: Path, sigma_rel: float, max_error: float = MAX_ERROR) -
         raise DiffloError(f"{run_dir} has no post-hoc EMA snapshots ({run_dir / SNAPSHOT_DIR}/step_*.safetensors): "
                           f"train with train.posthoc_ema=[0.05,0.1] to write them")
     metas = [read_meta(p) for p in files]
+    if step is not None:                                            # an earlier point: only what was known then
+        steps = [m["step"] for m in metas]
+        if step not in steps:
+            shown = ", ".join(map(str, steps[:12])) + (", ..." if len(steps) > 12 else "")
+            raise DiffloError(f"--step {step}: {run_dir} has post-hoc EMA snapshots at steps {shown}; choose one "
+                              f"of them")
+        files, metas = files[:steps.index(step) + 1], metas[:steps.index(step) + 1]
     basis = [(m["step"], s) for m in metas for s in m["sigma_rels"]]
-    step = metas[-1]["step"]
+    step = metas[-1]["step"]   # list_snapshots sorts by step
     coefficients, error = solve(basis, step, sigma_rel)             # a sigma_rel no power function has: an error
     tracked = sorted({s for _, s in basis})
     if error > max_error:

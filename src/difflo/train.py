@@ -210,7 +210,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if t.compile:
         model = precision.compile_net(model, device)
     scaler = precision.grad_scaler(prec, device)
-    guards.check_free_space(run_dir, n_params, t.keep_checkpoints)
+    guards.check_free_space(run_dir, n_params, t.keep_checkpoints, 4 * n_params * len(t.posthoc_ema))
 
     # 3) Resume: weights, EMA, optimizer and step from the last complete checkpoint.
     step = 0

@@ -30,6 +30,17 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, monk
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_posthoc_snapshots_count_in_the_free_space(tmp_path, monkeypatch):
+    """Room for the checkpoints alone is not enough when the run also writes post-hoc EMA snapshots."""
+    usage = namedtuple("usage", "total used free")
+    n = 1_000_000
+    room = guards.checkpoint_bytes(n) * 3                       # keep 2 + the one being written
+    monkeypatch.setattr(guards.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - room, room))
+    guards.check_free_space(tmp_path, n, keep=2)
+    with pytest.raises(guards.DiffloError, match="plus 7.6 MB for a post-hoc EMA snapshot"):
+        guards.check_free_space(tmp_path, n, keep=2, snapshot_bytes=2 * 4 * n)
+
+
 def test_estimate_is_not_absurd():
     assert guards.checkpoint_bytes(1_110_000) < 30 * 2**20       # the demo model's checkpoint is ~18 MB
 

@@ -95,6 +95,14 @@ def test_reconstruction_matches_the_direct_average(tmp_path):
     for s, avg in zip((0.05, 0.1), last):
         res = ph.reconstruct(tmp_path, s)
         assert res["error"] == 0 and torch.equal(res["state"]["w"], avg)
+    early = dict(zip((0.06, 0.08), tracked(xs[:100], (0.06, 0.08), tmp_path / "early")))
+    for s in (0.06, 0.08):                                       # at an earlier snapshot: from those up to it
+        res = ph.reconstruct(tmp_path, s, step=100)
+        assert res["step"] == 100 and res["snapshots"] == 10 and res["error"] < 0.02
+        assert (res["state"]["w"] - early[s]).abs().max() < 1e-3              # 10 snapshots, not 20
+        assert (res["state"]["w"] - direct[s]).abs().max() > 1e-2                  # not the last step's
+    with pytest.raises(DiffloError, match="--step 105: .* snapshots at steps 10, 20, 30"):
+        ph.reconstruct(tmp_path, 0.08, step=105)
     with pytest.raises(DiffloError, match="outside what the 20 snapshots"):
         ph.reconstruct(tmp_path, 0.01)
     with pytest.raises(DiffloError, match="must be in"):
@@ -153,6 +161,11 @@ def test_cli_writes_a_checkpoint_that_sample_loads(posthoc_run, tmp_path):
     snap = load_file(str(posthoc_run / "posthoc" / "step_0000006.safetensors"))
     assert all(torch.equal(v, snap[f"0.1/{k}"]) for k, v in ema.items() if f"0.1/{k}" in snap)
     assert ema.keys() == load_file(str(checkpoint.resolve_weights(posthoc_run))).keys()
+    code, stdout, err = run_cli("ema", posthoc_run, "--sigma-rel", "0.1", "--step", "4", "--out", tmp_path / "at4")
+    assert code == 0 and "sigma_rel 0.1 at step 4 from 2 snapshots" in stdout, err
+    snap = load_file(str(posthoc_run / "posthoc" / "step_0000004.safetensors"))
+    ema = load_file(str(checkpoint.resolve_weights(tmp_path / "at4")))
+    assert all(torch.equal(v, snap[f"0.1/{k}"]) for k, v in ema.items() if f"0.1/{k}" in snap)
     code, _, err = run_cli("ema", posthoc_run, "--sigma-rel", "0.08", "--out", tmp_path / "ema-0.080")
     assert code == 0, err
     code, _, err = run_cli("sample", "--ckpt", tmp_path / "ema-0.080", "--out", tmp_path / "g.png", "--grid", "1",
@@ -170,5 +183,7 @@ def test_cli_bad_inputs_are_one_line(posthoc_run, tiny_run, tmp_path):
         (["ema", posthoc_run, "--sigma-rel", "-1", "--out", tmp_path / "a"], "must be > 0"),
         (["ema", posthoc_run, "--sigma-rel", "0.08", "--out", posthoc_run], "is a training run"),
         (["ema", posthoc_run, "--sigma-rel", "0.08"], "--out"),
+        (["ema", posthoc_run, "--sigma-rel", "0.08", "--step", "3", "--out", tmp_path / "a"], "steps 2, 4, 6"),
+        (["ema", posthoc_run, "--sigma-rel", "0.08", "--step", "0", "--out", tmp_path / "a"], "--step"),
     ]:
         assert_clean_error(*run_cli(*argv)[::2], needle)

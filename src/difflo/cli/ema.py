@@ -6,7 +6,7 @@ from pathlib import Path
 from .. import checkpoint, posthoc_ema
 from ..errors import DiffloError
 from ..io import check_writable
-from .argtypes import positive_float
+from .argtypes import positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-error", type=positive_float, default=posthoc_ema.MAX_ERROR, metavar="E",
                    help="refuse a sigma_rel whose fitted averaging profile has a larger relative L2 error "
                         "(default %(default)s)")
+    s.add_argument("--step", type=positive_int, metavar="N",
+                   help="rebuild the average at the snapshot of step N, from the snapshots up to it (default: the "
+                        "last snapshot)")
     s.set_defaults(func=run)
 
 
@@ -33,7 +36,7 @@ def run(args) -> int:
     if out.resolve() == Path(args.run).resolve() or (out / "metrics.csv").exists():
         raise DiffloError(f"--out {out} is a training run; give a folder of its own (e.g. {args.run}/ema-"
                           f"{args.sigma_rel:.3f})")
-    res = posthoc_ema.reconstruct(args.run, args.sigma_rel, args.max_error)
+    res = posthoc_ema.reconstruct(args.run, args.sigma_rel, args.max_error, args.step)
     check_writable(out, "--out folder", "choose another --out")
     info = {"sigma_rel": args.sigma_rel, "snapshots": res["snapshots"], "profile_error": res["error"],
             "coefficients": [float(c) for c in res["coefficients"]]}
