@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of each variant")
+    p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds of each variant (the order rotates)")
     p.add_argument("--variants", default="channels_last,fused", help="comma list of channels_last, fused, compile")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
@@ -211,9 +211,10 @@ def main(argv=None) -> int:
     for s in steps.values():
         s(), s()                                           # warm up (compile happens here)
     times = defaultdict(list)
-    for _ in range(a.rounds):                              # alternate, so load that comes and goes hits all
-        for name, s in steps.items():
-            times[name].append(min(_timed(s) for _ in range(3)))
+    names = list(steps)
+    for r in range(a.rounds):                              # alternate, so load that comes and goes hits all,
+        for name in names[r % len(names):] + names[:r % len(names)]:   # and rotate who goes first
+            times[name].append(min(_timed(steps[name]) for _ in range(3)))
     lines.append("\n## 3. What pays (best of 3 steps, median over alternating rounds)\n")
     lines.append("| variant | s/step | images/s | vs baseline | share of conv limit |\n|---|---|---|---|---|")
     b = statistics.median(times[next(iter(steps))])
