@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/emoji32}; OUT=${OUT:-runs/emoji-eval}; PY=${PYTHON:-.venv/bin/python}; N=${N:-490}
 mkdir -p "$OUT"
 $PY -m difflo sample --ckpt "$RUN" --grid 8 --out "$OUT/grid.png" \
-  --classes "face-smiling,face-affection,cat-face,animal-mammal,animal-marine,plant-flower,food-fruit,heart,country-flag,keycap,transport-ground,sky & weather"
+  --classes "$($PY -c 'from difflo.data import emoji; print(",".join(emoji.SHOWN_SUBCATEGORIES))')"
 [ -f "$OUT/ref.npz" ] || $PY -m difflo eval fid-ref --data emoji --image-size 32 --split test --out "$OUT/ref.npz"
 $PY - "$OUT/train-$N.npz" "$N" <<'PY'
 import sys, numpy as np

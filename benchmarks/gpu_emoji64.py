@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))          # difflo from this checkout, as benchmarks/gpu.sh runs it
 
 from pack_emoji64 import CONFIG, load_packed  # noqa: E402  (benchmarks/pack_emoji64.py)
+from difflo.data import emoji  # noqa: E402
 
 # the grid's rows: a few named subcategories across the emoji categories (common and scarce ones)
-GRID_CLASSES = ("face-smiling,face-affection,cat-face,animal-mammal,animal-marine,plant-flower,food-fruit,heart,"
-                "country-flag,keycap,transport-ground,sky & weather")
+GRID_CLASSES = ",".join(emoji.SHOWN_SUBCATEGORIES)
 N_SAMPLES = 490                                 # 5 per subcategory: the N of the README's FID and its floor
 
 

@@ -88,7 +88,7 @@ class DistillOptions:
     teacher: str
     method: str
     w: float | None = None                # guidance distilled in (default: the teacher's sample.w)
-    lr: float = 1e-4
+    lr: float = 1e-3                      # measured on the demo: README "Few-step students"
     batch_size: int | None = None         # default: the teacher's train.batch_size
     seed: int = 0
     ckpt_every: int = 500

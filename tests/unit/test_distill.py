@@ -227,6 +227,6 @@ def test_bad_inputs_are_one_line(teachers, tmp_path):
     argv = ["distill", "--ckpt", d, "--method", "progressive", "--out", run, "--teacher-steps", 8, "--rounds", 1,
             "--steps-per-round", 1, "--batch-size", 4]
     assert_clean_error(*run_cli(*argv)[::2], "already holds a run", "--resume")
-    assert_clean_error(*run_cli(*argv, "--resume", "--lr", 1e-3)[::2], "other options (--lr)")
+    assert_clean_error(*run_cli(*argv, "--resume", "--lr", 2e-4)[::2], "other options (--lr)")
     assert_clean_error(*run_cli("distill", "--ckpt", d, "--method", "progressive", "--out", teachers / "flow")[::2],
                        "already holds a run")

@@ -70,6 +70,10 @@ FILE_LIST = f"{TARBALLS['google']} and {TARBALLS['twitter']} (the npm packages, 
 LEFT_OUT = ("Component",)          # the bare skin-tone swatches, not pictures
 NATIVE_SIZE = 64
 SPLIT_SEED = 2024
+# One subcategory per group the README's emoji grids show, one named row each (benchmarks/emoji_quality.sh,
+# benchmarks/gpu_emoji64.py): faces, animals, plants, food, symbols, flags, objects, travel.
+SHOWN_SUBCATEGORIES = ("face-smiling", "face-affection", "cat-face", "animal-mammal", "animal-marine", "plant-flower",
+                       "food-fruit", "heart", "country-flag", "keycap", "transport-ground", "sky & weather")
 SPLITS = ("train", "test")
 
 LICENCE = """\
