@@ -5,7 +5,8 @@
 Calls per image: the sampler's network evaluations for its steps (``Sampler.evals``), twice where classifier-free
 guidance runs (w != 1: the conditional and unconditional branches are two calls of the network, one batch).
 
-    python benchmarks/distill_plot.py runs/distill-demo --floor 8.93 --out docs/distill-demo/fid_vs_nfe.png
+    python benchmarks/distill_plot.py runs/distill-demo --floor 8.93 --teacher TEACHER_RUN \
+        --out docs/distill-demo/fid_vs_nfe.png
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="the folder of eval JSON files")
     p.add_argument("--floor", type=float, required=True, help="the real-vs-real FID at the same N")
-    p.add_argument("--teacher", help="the teacher's --ckpt as the JSONs record it (its rows say teacher)")
+    p.add_argument("--teacher", required=True,
+                   help="the teacher's --ckpt as the JSONs record it (its rows say teacher, every other row student)")
     p.add_argument("--out", help="the plot (PNG)")
     a = p.parse_args()
     rows = []
@@ -40,8 +42,10 @@ def main() -> None:
         r = json.loads(f.read_text())
         if "fid" not in r:
             continue
-        teacher = a.teacher is not None and r["ckpt"] == a.teacher
-        rows.append({**r, "name": f.stem, "calls": calls(r), "who": "teacher" if teacher else "student"})
+        rows.append({**r, "name": f.stem, "calls": calls(r), "who": "teacher" if r["ckpt"] == a.teacher else "student"})
+    if not rows or len({r["n"] for r in rows}) > 1 or not any(r["who"] == "teacher" for r in rows):
+        raise SystemExit(f"{a.folder}: needs eval JSONs of one N with at least one of --teacher {a.teacher} "
+                         f"(found N = {sorted({r['n'] for r in rows})}, {len(rows)} rows)")
     rows.sort(key=lambda r: (r["who"] != "teacher", r["calls"], r["fid"]))
     print(f"| run | model and sampler | calls per image | Inception FID (N = {rows[0]['n']}) | x floor | class acc "
           f"| KID | precision / recall |")
@@ -57,7 +61,8 @@ def main() -> None:
             pts = sorted((r["calls"], r["fid"]) for r in rows if series(r) == key)
             ax.plot(*zip(*pts), marker="o" if key.startswith("teacher") else "s", label=key)
         ax.axhline(a.floor, color="gray", ls=":", label=f"floor (real vs real) {a.floor:.2f}")
-        ax.set(xscale="log", yscale="log", xlabel="network calls per image", ylabel=f"Inception FID (N = {rows[0]['n']})")
+        ax.set(xscale="log", yscale="log", xlabel="network calls per image",
+               ylabel=f"Inception FID (N = {rows[0]['n']})")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(a.out, dpi=110)
