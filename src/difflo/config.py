@@ -157,7 +157,9 @@ class DistillConfig:
     method: str | None = None          # progressive (Salimans & Ho 2022) | reflow (Liu et al. 2023)
     steps: int | None = None           # the sampling steps it was distilled for (sample.steps is set to it)
     teacher_steps: int | None = None   # progressive: the teacher's DDIM steps of the first round; reflow: its ODE steps
-    w: float | None = None             # the guidance scale distilled in (the student samples with w = 1)
+    w: float | None = None             # the guidance scale distilled in (the student samples with w = 1), or with
+                                       # w_range the default w of a student that takes w as an input
+    w_range: tuple[float, ...] = ()    # [lo, hi]: the student takes w in this range as an input (model.guidance_input)
 
 
 @dataclass
@@ -289,6 +291,12 @@ class Config:
         if ds != DistillConfig() and (ds.method not in DISTILL_METHODS or ds.steps is None or ds.steps < 1):
             problems.append(f"distill.method={ds.method} and distill.steps={ds.steps}: a distilled model records one "
                             f"of {', '.join(DISTILL_METHODS)} and its steps (>= 1)")
+        if ds.w_range and not (len(ds.w_range) == 2 and 0 <= ds.w_range[0] < ds.w_range[1]):
+            problems.append(f"distill.w_range={list(ds.w_range)} must be [lo, hi] with 0 <= lo < hi")
+        if bool(ds.w_range) != self.model.guidance_input:
+            problems.append(f"model.guidance_input={self.model.guidance_input} and distill.w_range="
+                            f"{list(ds.w_range)}: a network takes w as an input exactly when it was distilled "
+                            f"for a range of w")
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 

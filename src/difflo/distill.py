@@ -28,8 +28,15 @@ student of a student continues halving from the steps its config records (``dist
 **Guidance is distilled in with a fixed w** (the teacher's ``sample.w`` by default): the targets come from the
 guided teacher (plain classifier-free guidance; a teacher's ``sample.guidance_interval``/``guidance_rescale`` are
 not distilled, and a note says so) and the student is trained on the data's labels, so it samples with w = 1 (one
-network call per step) and its null class is not trained (guiding the student again means nothing; a distilled
-teacher takes w 1). Taking w as a student input (Meng et al. 2023) is left for later.
+network call per step) and its null class is not trained (guiding the student again means nothing and is refused;
+a distilled teacher takes w 1).
+
+**Or with w as an input** (``--w-range LO,HI``; Meng et al. 2023, "On Distillation of Guided Diffusion Models",
+Sec. 3.1-3.2): each training sample draws its own w ~ U[LO, HI]; the teacher's target is guided at that w and the
+student gets w as an input (``model.guidance_input``: an embedding of w added to the time embedding, its last layer
+zero at the start, so the new student equals its teacher's conditional prediction at every w). The student then
+samples at any w in the range with one network call per step (``--w`` at sampling time; its default is ``--w``
+here, or the teacher's ``sample.w``). A student of such a student keeps the range.
 
 **Reflow** (Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified
 Flow", Sec. 2.2-3), for flow models (:class:`~difflo.flow.FlowPath`, u-prediction): pairs (z, x) of noise z and the
@@ -67,9 +74,9 @@ from .diffusion import DiscreteSchedule, per_sample, q_sample, target
 from .errors import DiffloError
 from .flow import FlowPath, sample_t
 from .generate import generate, settings_for
-from .guidance import ModelDenoiser
+from .guidance import CFGDenoiser, GuidanceInput, ModelDenoiser
 from .io import atomic_path, check_writable, write_text_atomic
-from .model import Model, load_model, make_denoiser, pick_device
+from .model import Model, build_net, load_model, make_denoiser, pick_device
 from .samplers import SeededNoise
 from .train import batch_indices
 
@@ -88,6 +95,7 @@ class DistillOptions:
     teacher: str
     method: str
     w: float | None = None                # guidance distilled in (default: the teacher's sample.w)
+    w_range: tuple[float, float] | None = None   # progressive: w as a student input, drawn in [lo, hi]
     lr: float = 1e-3                      # measured on the demo: README "Few-step students"
     batch_size: int | None = None         # default: the teacher's train.batch_size
     seed: int = 0
@@ -106,9 +114,9 @@ class DistillOptions:
     train_steps: int | None = None        # default 2000
 
 
-PROGRESSIVE_DEFAULTS = {"teacher_steps": 32, "rounds": 3, "steps_per_round": 1000}
+PROGRESSIVE_DEFAULTS = {"teacher_steps": 32, "rounds": 3, "steps_per_round": 1000, "w_range": None}
 REFLOW_DEFAULTS = {"pairs": 1024, "pair_steps": 20, "pair_sampler": "heun", "student_steps": 2, "train_steps": 2000}
-DECIDED_LATER = ("teacher_steps", "rounds")    # their defaults depend on the teacher (see progressive())
+DECIDED_LATER = ("teacher_steps", "rounds", "w_range")    # their defaults depend on the teacher (progressive())
 OWN = {"progressive": PROGRESSIVE_DEFAULTS, "reflow": REFLOW_DEFAULTS}    # the options only that method reads
 
 
@@ -132,6 +140,9 @@ def check_options(o: DistillOptions) -> DistillOptions:
     o = dataclasses.replace(o, **filled)
     if o.method == "reflow" and o.pair_sampler not in PAIR_SAMPLERS:
         raise DiffloError(f"--pair-sampler {o.pair_sampler}: choose one of {', '.join(PAIR_SAMPLERS)}")
+    if o.w_range is not None and not (len(o.w_range) == 2 and 0 <= o.w_range[0] < o.w_range[1]):
+        raise DiffloError(f"--w-range {','.join(f'{v:g}' for v in o.w_range)}: give LO,HI with 0 <= LO < HI, "
+                          f"e.g. 1,4")
     if o.method == "reflow" and o.student_steps not in STUDENT_STEPS:
         raise DiffloError(f"--student-steps {o.student_steps}: choose one of {', '.join(map(str, STUDENT_STEPS))}")
     return o
@@ -140,8 +151,15 @@ def check_options(o: DistillOptions) -> DistillOptions:
 # ----------------------------------------------------------------------------- the teacher
 def distilled_w(teacher: Model, w: float | None) -> float:
     """The guidance scale the teacher's targets use: ``w`` (default its sample.w; a distilled teacher has its guidance
-    in already and takes w 1; an unguided teacher takes none), as one-line DiffloErrors."""
+    in already and takes w 1; an unguided teacher takes none), as one-line DiffloErrors. For a teacher that takes w
+    as an input, the student's default w (in the teacher's range)."""
     done = teacher.cfg.distill
+    if teacher.cfg.model.guidance_input:
+        w = done.w if w is None else float(w)
+        if not done.w_range[0] <= w <= done.w_range[1]:
+            raise DiffloError(f"--w {w:g}: the teacher takes w in [{done.w_range[0]:g}, {done.w_range[1]:g}]; choose a "
+                              f"w in that range")
+        return w
     if done.method is not None:
         if w is not None and w != 1.0:
             raise DiffloError(f"--w {w:g}: the teacher is a distilled student with guidance w={done.w:g} distilled "
@@ -158,8 +176,33 @@ def distilled_w(teacher: Model, w: float | None) -> float:
 
 
 def recorded_w(teacher: Model, w: float) -> float:
-    """The guidance the student has in it: ``w``, or a distilled teacher's own."""
-    return teacher.cfg.distill.w if teacher.cfg.distill.method is not None else w
+    """The guidance the student has in it: ``w``, or a distilled teacher's own (for a student that takes w as an
+    input: its default w)."""
+    return teacher.cfg.distill.w if teacher.cfg.distill.method is not None and not teacher.cfg.model.guidance_input \
+        else w
+
+
+def distilled_w_range(teacher: Model, o: DistillOptions, w: float) -> tuple[float, float] | None:
+    """``--w-range``, checked against the teacher (one-line DiffloErrors): None for a fixed-w student; a teacher that
+    takes w as an input passes its range on; the student's default w must lie in the range."""
+    if teacher.cfg.model.guidance_input:
+        own = tuple(teacher.cfg.distill.w_range)
+        if o.w_range is not None and tuple(o.w_range) != own:
+            raise DiffloError(f"--w-range {','.join(f'{v:g}' for v in o.w_range)}: the teacher takes w in "
+                              f"[{own[0]:g}, {own[1]:g}] and its student keeps that range; drop --w-range")
+        return own
+    if o.w_range is None:
+        return None
+    if teacher.cfg.distill.method is not None or teacher.num_classes == 0 or not teacher.has_null_class:
+        what = ("a distilled student with a fixed w in it" if teacher.cfg.distill.method is not None else
+                "without a null class, so it has no guidance")
+        raise DiffloError(f"--w-range: the teacher is {what}; a w range needs a teacher guided by classifier-free "
+                          f"guidance")
+    lo, hi = (float(v) for v in o.w_range)
+    if not lo <= w <= hi:
+        raise DiffloError(f"--w {w:g} (the student's default w) lies outside --w-range {lo:g},{hi:g}; give a --w in the "
+                          f"range")
+    return lo, hi
 
 
 def load_teacher(o: DistillOptions, device) -> Model:
@@ -282,17 +325,40 @@ def reflow_loss(net, path: FlowPath, noise: torch.Tensor, ends: torch.Tensor, y,
 
 
 # ----------------------------------------------------------------------------- the student's config
-def student_config(teacher: Model, o: DistillOptions, steps: int, w: float, teacher_steps: int
-                   ) -> config_mod.Config:
-    """The teacher's config with the ``distill`` record and the sample settings the student was distilled for."""
+def student_config(teacher: Model, o: DistillOptions, steps: int, w: float, teacher_steps: int,
+                   w_range: tuple[float, float] | None = None) -> config_mod.Config:
+    """The teacher's config with the ``distill`` record and the sample settings the student was distilled for (with
+    ``w_range``: a network that takes w as an input, sampled at ``w`` by default)."""
     cfg = copy.deepcopy(teacher.cfg)
     sampler = "ddim" if o.method == "progressive" else "euler"
-    cfg.sample = config_mod.SampleConfig(sampler=sampler, steps=steps, w=1.0, spacing="trailing",
+    cfg.sample = config_mod.SampleConfig(sampler=sampler, steps=steps, w=w if w_range else 1.0, spacing="trailing",
                                          clip_x0=teacher.cfg.sample.clip_x0, precision=teacher.cfg.sample.precision)
+    cfg.model.guidance_input = w_range is not None
     cfg.distill = config_mod.DistillConfig(teacher=teacher_ref(o.teacher), method=o.method, steps=steps,
-                                           teacher_steps=teacher_steps, w=w)
+                                           teacher_steps=teacher_steps, w=w, w_range=tuple(w_range or ()))
     cfg.validate()
     return cfg
+
+
+def student_net(teacher: Model, cfg: config_mod.Config) -> torch.nn.Module:
+    """The first student: a copy of the teacher's network, or, for a student that takes w as an input while its
+    teacher does not, the teacher's weights in a network with a w embedding whose last layer is zero (so it starts
+    as the teacher's conditional prediction at every w)."""
+    if cfg.model.guidance_input == teacher.cfg.model.guidance_input:
+        return copy.deepcopy(teacher.net).requires_grad_(True)
+    net = build_net(cfg).to(next(teacher.net.parameters()).device)
+    missing, unexpected = net.load_state_dict(teacher.net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("w_mlp.") for k in missing), (missing, unexpected)
+    return net.requires_grad_(True)
+
+
+def guided(net: torch.nn.Module, cfg: config_mod.Config, path, w) -> "ModelDenoiser | CFGDenoiser":
+    """A round's teacher or student as a denoiser guided at ``w`` (a number, or (B,) tensor: one per sample): a network
+    with a guidance input (``net.cfg.guidance_input``) takes w in (one call); any other is guided by classifier-free
+    guidance with its null class (the library's :class:`~difflo.guidance.CFGDenoiser`)."""
+    if net.cfg.guidance_input:
+        return ModelDenoiser(GuidanceInput(net, w), path, cfg.diffusion.prediction)
+    return CFGDenoiser(ModelDenoiser(net, path, cfg.diffusion.prediction), w, null_class=cfg.model.num_classes)
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -377,6 +443,7 @@ def distill(o: DistillOptions, out: str | Path, resume: bool = False, device: st
 def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, device, log) -> Path:
     """Progressive distillation, round after round (see the module docstring)."""
     w = distilled_w(teacher, o.w)
+    w_range = distilled_w_range(teacher, o, w)
     recorded = teacher.cfg.distill.steps if teacher.cfg.distill.method == "progressive" else None
     if recorded is not None and o.teacher_steps not in (None, recorded):
         raise DiffloError(f"--teacher-steps {o.teacher_steps}: the teacher is a student distilled for {recorded} "
@@ -385,7 +452,7 @@ def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, devi
         raise DiffloError("the teacher is a 1-step student already: there are no steps left to halve")
     n0 = recorded or o.teacher_steps or PROGRESSIVE_DEFAULTS["teacher_steps"]
     rounds = o.rounds or max(1, min(PROGRESSIVE_DEFAULTS["rounds"], n0.bit_length() - 1))    # default: 3, or to 1 step
-    o = dataclasses.replace(o, teacher_steps=n0, rounds=rounds)
+    o = dataclasses.replace(o, teacher_steps=n0, rounds=rounds, w_range=w_range)
     plan = round_steps(n0, o.rounds)
     step_times(teacher.path, plan[0])                        # the grids fit the schedule (one-line error)
     dataset = data_mod.from_config(teacher.cfg.data)
@@ -398,14 +465,15 @@ def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, devi
     S, total = o.steps_per_round, o.steps_per_round * o.rounds
     ckpt, state = start_out(out, o, resume, log)
 
-    student = copy.deepcopy(teacher.net).requires_grad_(True)
+    configs = [student_config(teacher, o, n, recorded_w(teacher, w), n0, w_range) for n in plan]
+    student = student_net(teacher, configs[0])
     round_teacher = teacher.net
     step, opt = 0, None
     if ckpt is not None:
         student.load_state_dict(checkpoint.load_weights(ckpt / "model.safetensors")[0])
         step = int(state["step"])
         if step % S and step // S:                           # mid-round after the first: that round's teacher
-            round_teacher = copy.deepcopy(teacher.net)
+            round_teacher = copy.deepcopy(student).eval().requires_grad_(False)
             round_teacher.load_state_dict(state["round_teacher"])
         if step % S:
             opt = optimizer(student, o.lr)
@@ -413,9 +481,9 @@ def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, devi
         log(f"resuming {out} from step {step} ({ckpt.name})")
     log_path = out / LOG_FILE
     start_log(log_path, step)
-    configs = [student_config(teacher, o, n, recorded_w(teacher, w), n0) for n in plan]
     grad_clip = teacher.cfg.train.grad_clip
-    log(f"progressive distillation of {o.teacher} ({teacher.path.describe(teacher.cfg.diffusion)}, w={w:g}): "
+    guidance = f"w in [{w_range[0]:g}, {w_range[1]:g}] as an input" if w_range else f"w={w:g}"
+    log(f"progressive distillation of {o.teacher} ({teacher.path.describe(teacher.cfg.diffusion)}, {guidance}): "
         f"{n0} DDIM steps -> {' -> '.join(map(str, plan))}, {S} steps of {batch} images per round, into {out}")
     if teacher.cfg.diffusion.prediction == "eps":
         log("note: an eps-prediction student reads x0 as (z - sigma eps) / alpha, which amplifies its errors where "
@@ -433,10 +501,14 @@ def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, devi
             if r > 0:
                 round_teacher = copy.deepcopy(student).eval().requires_grad_(False)
             opt, teacher_den = optimizer(student, o.lr), None
-        if teacher_den is None:                               # the round's teacher, guided (the library's CFG)
+        if teacher_den is None and not w_range:               # the round's teacher, guided (the library's CFG)
             teacher_den = make_denoiser(Model(round_teacher, teacher.cfg), w, clip_x0=False)
         gen = seeds_of(o, step, device)
         x0, y = dataset.batch(batch_indices(step, len(dataset), batch, o.seed), device, gen)
+        if w_range:                                           # one w per sample, U[lo, hi], for teacher and student
+            ws = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(len(y), generator=gen, device=gen.device)
+            teacher_den = guided(round_teacher, teacher.cfg, teacher.path, ws.to(x0.device))
+            student_den = guided(student, configs[r], teacher.path, ws.to(x0.device))
         student.train()
         loss = progressive_loss(student_den, teacher_den, x0, y, plan[r], gen)
         lr = o.lr * (1 - k / S)

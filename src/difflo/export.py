@@ -121,6 +121,9 @@ def unet2d_config(net: torch.nn.Module) -> tuple[dict | None, str | None]:
     """(the ``UNet2DModel`` config of difflo's UNet ``net``, None), or (None, what differs) when no
     renaming of the weights can make one (see the module docstring)."""
     m = net.cfg
+    if m.guidance_input:
+        return None, ("it takes the guidance scale w as an input (a difflo distill --w-range student), which "
+                      "UNet2DModel has no place for")
     groups = sorted({g.num_groups for g in net.modules() if isinstance(g, torch.nn.GroupNorm)})
     if len(groups) > 1:
         widths = sorted({g.num_channels for g in net.modules() if isinstance(g, torch.nn.GroupNorm)})

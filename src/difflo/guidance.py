@@ -53,6 +53,25 @@ class ModelDenoiser:
         return self.path.x0_hat(out.to(self.dtype), x.to(self.dtype), alpha, sigma, self.prediction)
 
 
+class GuidanceInput(torch.nn.Module):
+    """A network that takes the guidance scale as an input (``model.guidance_input``: a student distilled with
+    ``difflo distill --w-range``; Meng et al. 2023, "On Distillation of Guided Diffusion Models", Sec. 3.1), with
+    its w fixed: ``net(x, time, y, class_weights)`` as every other network, so :class:`ModelDenoiser` and the
+    editing wrappers call it unchanged. One network call per step gives the guided prediction. ``w``: a number,
+    or a (B,) tensor (one scale per sample, as the distillation's targets draw them)."""
+
+    def __init__(self, net: torch.nn.Module, w: float | torch.Tensor):
+        super().__init__()
+        self.net, self.w = net, w
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
+                class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.w
+        if isinstance(w, torch.Tensor) and w.ndim and w.shape[0] != x.shape[0]:   # a batch doubled by a wrapper
+            w = w.repeat(x.shape[0] // w.shape[0])
+        return self.net(x, time, y, class_weights=class_weights, w=w)
+
+
 def noise_to_signal(path, t) -> float | torch.Tensor:
     """sigma_t / alpha_t of ``path`` at ``t`` (a float, or a (B,) float64 tensor for per-sample times); inf
     where alpha = 0 (the flow path's t = 1, a zero-terminal-SNR schedule's last step). On a variance-
@@ -64,9 +83,10 @@ def noise_to_signal(path, t) -> float | torch.Tensor:
     return sigma / alpha if alpha > 0 else math.inf
 
 
-def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, w: float, rescale: float, x: torch.Tensor, t,
-                     path) -> torch.Tensor:
-    """``uncond + w (cond - uncond)`` on x0 predictions, then, for ``rescale`` = phi > 0, rescaled guidance
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor, rescale: float,
+                     x: torch.Tensor, t, path) -> torch.Tensor:
+    """``uncond + w (cond - uncond)`` on x0 predictions (w a number, or (B, 1, 1, 1): one per sample), then,
+    for ``rescale`` = phi > 0, rescaled guidance
     (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec. 3.4, Eq. 15-16):
     v_final = phi v_cfg std(v_cond) / std(v_cfg) + (1 - phi) v_cfg, the std over each sample's pixels.
 
@@ -102,20 +122,23 @@ class CFGDenoiser:
     wrappers, not a wrapper of its own, because it needs both branches, which only they hold.
     """
 
-    def __init__(self, denoiser, w: float, null_class: int, rescale: float = 0.0):
-        self.denoiser, self.w, self.null_class, self.rescale = denoiser, float(w), int(null_class), float(rescale)
+    def __init__(self, denoiser, w: float | torch.Tensor, null_class: int, rescale: float = 0.0):
+        self.w = w if isinstance(w, torch.Tensor) else float(w)     # a (B,) tensor: one scale per sample
+        self.denoiser, self.null_class, self.rescale = denoiser, int(null_class), float(rescale)
         self.path = denoiser.path
 
     def __call__(self, x: torch.Tensor, t: int | float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.w == 1.0:
+        scalar = not isinstance(self.w, torch.Tensor)
+        if scalar and self.w == 1.0:
             return self.denoiser(x, t, y=y)
         null = torch.full_like(y, self.null_class)
-        if self.w == 0.0:
+        if scalar and self.w == 0.0:
             return self.denoiser(x, t, y=null)
+        w = self.w if scalar else per_sample(self.w, x)                    # (B, 1, 1, 1) per sample
         tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim else t   # per-sample times follow x
         both = self.denoiser(torch.cat([x, x]), tt, y=torch.cat([y, null]))  # (2B, C, H, W)
         cond, uncond = both.chunk(2)
-        return combine_guidance(cond, uncond, self.w, self.rescale, x, t, self.path)
+        return combine_guidance(cond, uncond, w, self.rescale, x, t, self.path)
 
 
 class AutoguidanceDenoiser:

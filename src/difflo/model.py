@@ -21,7 +21,8 @@ from . import config as config_mod, precision as precision_mod, pretrained
 from .checkpoint import is_diffusers_folder, load_weights, resolve_weights, verify_file
 from .data.idx import FASHION_CLASSES
 from .errors import CheckpointError, DiffloError
-from .guidance import AutoguidanceDenoiser, CFGDenoiser, ClampDenoiser, IntervalDenoiser, ModelDenoiser
+from .guidance import (AutoguidanceDenoiser, CFGDenoiser, ClampDenoiser, GuidanceInput, IntervalDenoiser,
+                       ModelDenoiser)
 from .nn import UNet
 from .noise_paths import NoisePath, make_path
 
@@ -227,6 +228,13 @@ def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.
     too; :func:`check_guide`); ``rescale`` (phi) rescales either (Lin et al. 2024), and ``interval`` = (lo, hi)
     guides only where sigma/alpha lies in [lo, hi] (Kynkaanniemi et al. 2024), the conditional denoiser
     elsewhere. The defaults (no interval, rescale 0, no guide) are the plain CFG wrapper itself."""
+    distilled = model.cfg.distill
+    if model.cfg.model.guidance_input:                 # a student that takes w as an input: one call, w goes in
+        return student_denoiser(model, w, clip_x0, autocast, dtype, interval, rescale, guide)
+    if distilled.method is not None and w != 1.0:
+        raise DiffloError(f"w={w:g}: this {distilled.method} student has guidance w={distilled.w:g} distilled in "
+                          f"(its null class is not trained), so it samples with w 1; for another w distil a student "
+                          f"that takes w as an input (difflo distill --w-range LO,HI)")
     den = ModelDenoiser(model.net, model.path, model.cfg.diffusion.prediction, autocast, dtype)
     guided = den
     if guide is not None:
@@ -246,6 +254,25 @@ def make_denoiser(model: Model, w: float, clip_x0: bool = True, autocast: torch.
         guided = IntervalDenoiser(guided, den, *interval)
     r = model.cfg.diffusion.clip_range
     return ClampDenoiser(guided, -r, r) if clip_x0 else guided
+
+
+def student_denoiser(model: Model, w: float, clip_x0: bool, autocast, dtype, interval, rescale, guide):
+    """:func:`make_denoiser` for a student that takes w as an input (``model.guidance_input``): the guided prediction
+    in one call. Guidance that needs two branches (interval, rescale, autoguidance) is refused in one line; a w
+    outside the range it was distilled for is a note (the network extrapolates)."""
+    if guide is not None or interval or rescale:
+        given = [f for f, v in (("--guide", guide is not None), ("--guidance-interval", bool(interval)),
+                                ("--guidance-rescale", bool(rescale))) if v]
+        raise DiffloError(f"{', '.join(given)}: this student takes w as an input and makes the guided prediction in "
+                          f"one call; there are no two branches to {'combine' if guide is not None else 'limit or rescale'}"
+                          f" (sample its teacher for that)")
+    lo, hi = model.cfg.distill.w_range
+    if not lo <= w <= hi:
+        note_once(f"note: w={w:g} is outside the range [{lo:g}, {hi:g}] this student was distilled for; it "
+                  f"extrapolates")
+    den = ModelDenoiser(GuidanceInput(model.net, float(w)), model.path, model.cfg.diffusion.prediction, autocast, dtype)
+    r = model.cfg.diffusion.clip_range
+    return ClampDenoiser(den, -r, r) if clip_x0 else den
 
 
 def check_guide(model: Model, guide: Model) -> Model:

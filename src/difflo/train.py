@@ -217,7 +217,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     if resume and existing:
         ckpt = checkpoint.latest_intact(existing, log)          # a corrupt newest one: the previous
         state, saved_cfg, _ = checkpoint.load_weights(ckpt / "model.safetensors")
-        if saved_cfg["model"] != cfg.to_dict()["model"] or saved_cfg["diffusion"] != cfg.to_dict()["diffusion"]:
+        saved = config_mod.from_dict(saved_cfg).to_dict()     # keys added since the run wrote it at their defaults
+        if saved["model"] != cfg.to_dict()["model"] or saved["diffusion"] != cfg.to_dict()["diffusion"]:
             raise DiffloError(f"--resume: the model/diffusion config differs from the run's ({ckpt}); "
                               f"resume with the run's own config ({run_dir / 'config.yaml'})")
         net.load_state_dict(state)

@@ -150,12 +150,13 @@ def losses(run) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, stop", [("progressive", 3), ("progressive", 2), ("reflow", 2)])
+@pytest.mark.parametrize("method, stop", [("progressive", 3), ("progressive", 2), ("reflow", 2), ("w-range", 3)])
 def test_resume_is_exact(teachers, tmp_path, monkeypatch, method, stop):
     """Stopped after `stop` of 4 steps and resumed == uninterrupted, bit for bit (progressive: mid-round 2, whose
-    teacher is round 1's student, and at the round boundary)."""
+    teacher is round 1's student, and at the round boundary; w-range: the same with w as the student's input)."""
     opts = (progressive_options(teachers / "diffusion", teacher_steps=4) if method == "progressive"
-            else reflow_options(teachers / "flow"))
+            else progressive_options(teachers / "diffusion", teacher_steps=4, w_range=(1.0, 3.0))
+            if method == "w-range" else reflow_options(teachers / "flow"))
     full = distill(opts, tmp_path / "full", device="cpu", **quiet)
     with monkeypatch.context() as m:
         stop_after(m, stop)
@@ -217,6 +218,12 @@ def test_bad_inputs_are_one_line(teachers, tmp_path):
         (["--ckpt", f, "--method", "reflow", "--rounds", 2], "--rounds is an option of --method progressive"),
         (["--ckpt", f, "--method", "reflow", "--student-steps", 3], "invalid choice"),
         (["--ckpt", tmp_path / "none", "--method", "reflow"], "not found"),
+        (["--ckpt", d, "--method", "progressive", "--w-range", "3,1"], "--w-range 3,1: give LO,HI with 0 <= LO < HI"),
+        (["--ckpt", d, "--method", "progressive", "--w-range", "1"], "must be two numbers LO,HI"),
+        (["--ckpt", d, "--method", "progressive", "--w-range", "1,3", "--w", 5], "--w 5 (the student's default w) "
+                                                                                 "lies outside --w-range 1,3"),
+        (["--ckpt", u, "--method", "progressive", "--w-range", "1,3"], "without a null class"),
+        (["--ckpt", f, "--method", "reflow", "--w-range", "1,3"], "--w-range is an option of --method progressive"),
     ]
     for argv, needle in cases:
         assert_clean_error(*run_cli(*base, *argv)[::2], needle)
@@ -230,3 +237,99 @@ def test_bad_inputs_are_one_line(teachers, tmp_path):
     assert_clean_error(*run_cli(*argv, "--resume", "--lr", 2e-4)[::2], "other options (--lr)")
     assert_clean_error(*run_cli("distill", "--ckpt", d, "--method", "progressive", "--out", teachers / "flow")[::2],
                        "already holds a run")
+
+
+# ----------------------------------------------------------------------------- w as the student's input
+def test_guidance_input_network_starts_as_its_teacher():
+    """A UNet with a guidance input, loaded with a teacher's weights, computes the teacher's output at every w (the w
+    embedding's last layer starts at zero); once that layer is not zero, w changes the output; a plain UNet refuses
+    a w. (64 channels: at 8, one channel per GroupNorm group removes any per-channel embedding.)"""
+    cfg = tiny_config("model.channels=64")
+    torch.manual_seed(0)
+    teacher = randomised(build_net(cfg).eval())
+    cfg.model.guidance_input = True
+    student = distill_mod.build_net(cfg).eval()
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("w_mlp.") for k in missing)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        ref = teacher(x, t, y)
+        for w in (None, 0.0, 2.5, torch.tensor([1.0, 3.0, 7.0])):
+            assert torch.equal(student(x, t, y, w=w), ref)
+        torch.nn.init.normal_(student.w_mlp[-1].weight)
+        assert (student(x, t, y, w=1.0) - student(x, t, y, w=3.0)).abs().max() > 1e-5
+        with pytest.raises(ValueError, match="no guidance input"):
+            teacher(x, t, y, w=2.0)
+
+
+def test_per_sample_guidance_equals_each_samples_own():
+    """CFGDenoiser with one w per sample (what the w-range targets use) == each sample guided at its own w alone;
+    GuidanceInput passes a per-sample w through a batch a wrapper doubled."""
+    from difflo.guidance import CFGDenoiser, GuidanceInput, ModelDenoiser
+    cfg = tiny_config("model.channels=64")
+    torch.manual_seed(0)
+    net = randomised(build_net(cfg).eval())
+    with torch.no_grad():
+        den = ModelDenoiser(net, load_model_path(cfg), cfg.diffusion.prediction)
+        x, y, w = torch.randn(3, 1, 28, 28), torch.tensor([1, 4, 7]), torch.tensor([0.0, 1.0, 3.5])
+        both = CFGDenoiser(den, w, null_class=10)(x, 400, y)
+        for i in range(3):
+            one = CFGDenoiser(den, float(w[i]), null_class=10)(x[i:i + 1], 400, y[i:i + 1])
+            torch.testing.assert_close(both[i:i + 1], one, rtol=0, atol=1e-5)
+        assert not torch.allclose(both[2], CFGDenoiser(den, 1.0, null_class=10)(x, 400, y)[2], atol=1e-4)
+        cfg.model.guidance_input = True
+        wnet = randomised(distill_mod.build_net(cfg).eval())
+        doubled = GuidanceInput(wnet, torch.tensor([1.0, 3.0]))(torch.cat([x[:2], x[:2]]), torch.full((4,), 400.0),
+                                                                 torch.cat([y[:2], y[:2]]))
+        direct = wnet(x[:2], torch.full((2,), 400.0), y[:2], w=torch.tensor([1.0, 3.0]))
+        torch.testing.assert_close(doubled, torch.cat([direct, direct]), rtol=0, atol=1e-5)
+
+
+def randomised(net):
+    """Every parameter drawn N(0, 0.2^2): the zero-initialised output convolutions would hide the embeddings."""
+    with torch.no_grad():
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    return net
+
+
+def load_model_path(cfg):
+    from difflo.noise_paths import make_path
+    return make_path(cfg.diffusion)
+
+
+@pytest.mark.slow
+def test_w_range_student_takes_w_as_input(teachers, tmp_path):
+    """--w-range: the student's config records the range and takes w as an input; it samples at any w with one call
+    per step, --w changes its images; a student of it keeps the range; fixed-w students refuse another w; a w-input
+    student refuses two-branch guidance and notes a w outside its range; it exports in difflo's layout."""
+    s = tmp_path / "s"
+    code, out, err = run_cli("distill", "--ckpt", teachers / "diffusion", "--method", "progressive", "--out", s,
+                             "--teacher-steps", 8, "--rounds", 1, "--steps-per-round", 2, "--batch-size", 4,
+                             "--w-range", "1,3")
+    assert code == 0, err
+    model = load_model(s)
+    cfg = model.cfg
+    assert cfg.model.guidance_input and list(cfg.distill.w_range) == [1.0, 3.0]
+    assert (cfg.distill.w, cfg.sample.w, cfg.sample.steps) == (2.0, 2.0, 4)     # the teacher's w is the default
+    calls = []
+    forward = model.net.forward
+    model.net.forward = lambda *a, **k: calls.append(k.get("w")) or forward(*a, **k)
+    lo = generate(model, torch.tensor([3]), [0], settings_for(model, w=1.0))
+    hi = generate(model, torch.tensor([3]), [0], settings_for(model, w=3.0))
+    assert calls == [1.0] * 4 + [3.0] * 4                                # one call per step, w as the input
+    assert not torch.equal(lo, hi)
+    code, out, err = run_cli("sample", "--ckpt", s, "--out", tmp_path / "g.png", "--grid", 1, "--w", 5)
+    assert code == 0 and "w=5 is outside the range [1, 3] this student was distilled for" in err, err
+    assert_clean_error(*run_cli("sample", "--ckpt", s, "--out", tmp_path / "g.png", "--guidance-rescale", 0.5)[::2],
+                       "--guidance-rescale: this student takes w as an input")
+    second = tmp_path / "second"
+    distill(progressive_options(s, teacher_steps=None, rounds=1, steps_per_round=1), second, device="cpu", **quiet)
+    cfg2 = load_model(second).cfg
+    assert list(cfg2.distill.w_range) == [1.0, 3.0] and cfg2.distill.steps == 2 and cfg2.model.guidance_input
+    fixed = tmp_path / "fixed"
+    distill(progressive_options(teachers / "diffusion", rounds=1, steps_per_round=1), fixed, device="cpu", **quiet)
+    assert_clean_error(*run_cli("sample", "--ckpt", fixed, "--out", tmp_path / "f.png", "--w", 3)[::2],
+                       "w=3: this progressive student has guidance w=2 distilled in", "--w-range LO,HI")
+    from difflo.export import unet2d_config
+    assert unet2d_config(model.net)[0] is None and "guidance scale w as an input" in unet2d_config(model.net)[1]

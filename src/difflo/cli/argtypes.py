@@ -44,6 +44,18 @@ def interval(s: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def number_pair(s: str) -> tuple[float, float]:
+    """``LO,HI``: two finite numbers (their order and range are checked by the command that reads them)."""
+    parts = s.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers LO,HI, got {s!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise argparse.ArgumentTypeError(f"must be finite, got {s}")
+    return lo, hi
+
+
 def add_guidance_flags(p, guide: bool = False) -> None:
     """The guidance options beside ``--w`` (the config's sample.guidance_*; ``--guide`` where ``guide``)."""
     p.add_argument("--guidance-interval", type=interval, metavar="LO,HI",

@@ -5,7 +5,7 @@ import sys
 
 from .. import distill as distill_mod, guards
 from ..distill import DistillOptions, METHODS, PAIR_SAMPLERS, PROGRESSIVE_DEFAULTS, REFLOW_DEFAULTS, STUDENT_STEPS
-from .argtypes import nonneg_float, positive_float, positive_int, seed
+from .argtypes import nonneg_float, number_pair, positive_float, positive_int, seed
 
 
 def add_parser(sub) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     s.add_argument("--resume", action="store_true", help="continue the distillation in --out from its last checkpoint")
     s.add_argument("--w", type=nonneg_float,
                    help="the guidance scale distilled in (default: the teacher's sample.w; the student samples with "
-                        "w 1)")
+                        "w 1); with --w-range, the student's default w")
     s.add_argument("--lr", type=positive_float, default=DistillOptions.lr,
                    help="AdamW learning rate, annealed linearly to 0 (per round) (default %(default)s)")
     s.add_argument("--batch-size", type=positive_int, help="default: the teacher's train.batch_size")
@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
                    help=f"halvings: the student takes N0 / 2^K steps (default {PROGRESSIVE_DEFAULTS['rounds']})")
     p.add_argument("--steps-per-round", type=positive_int, metavar="S",
                    help=f"training steps per round (default {PROGRESSIVE_DEFAULTS['steps_per_round']})")
+    p.add_argument("--w-range", type=number_pair, metavar="LO,HI",
+                   help="a student that takes w as an input (Meng et al. 2023): each sample's target is guided at its "
+                        "own w in [LO, HI], and the student samples at any w there with one network call per step "
+                        "(default: a fixed w distilled in)")
     r = s.add_argument_group("reflow")
     r.add_argument("--pairs", type=positive_int, help=f"teacher pairs (default {REFLOW_DEFAULTS['pairs']})")
     r.add_argument("--pair-steps", type=positive_int,
@@ -62,6 +66,7 @@ def run(args) -> int:
     o = DistillOptions(teacher=args.ckpt, method=args.method, w=args.w, lr=args.lr, batch_size=args.batch_size,
                        seed=args.seed, ckpt_every=args.ckpt_every, log_every=args.log_every, ema=args.ema,
                        teacher_steps=args.teacher_steps, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                       w_range=args.w_range,
                        pairs=args.pairs, pair_steps=args.pair_steps, pair_sampler=args.pair_sampler,
                        student_steps=args.student_steps, train_steps=args.train_steps)
     with guards.graceful_stop() as stop:

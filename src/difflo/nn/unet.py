@@ -4,6 +4,11 @@
 through a sinusoidal embedding), y: (B,) int class labels in [0, num_classes], where the extra
 index ``num_classes`` is the null class used for classifier-free guidance.
 
+``guidance_input`` (a distilled student that takes the guidance scale as an input; Meng et al. 2023, "On
+Distillation of Guided Diffusion Models", Sec. 3.1): ``forward(..., w=(B,))`` adds an embedding of w (the same
+sinusoids of ``W_SCALE * w``, then an MLP whose last layer starts at zero, so a new student computes what its
+teacher does at every w) to the time and class embedding. Without ``w`` it takes w = 1 (the conditional model).
+
 Layout: conv_in -> down levels (``num_res_blocks`` ResBlocks each, self-attention where the
 resolution is in ``attn_resolutions``, then a stride-2 conv except at the last level) -> middle
 (ResBlock, attention, ResBlock) -> up levels (``num_res_blocks + 1`` ResBlocks over the
@@ -31,6 +36,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (7,)    # feature-map sizes that get self-attention
     attn_heads: int = 1
     dropout: float = 0.0
+    guidance_input: bool = False       # takes the guidance scale w as an input (a difflo distill --w-range student)
 
     def validate(self) -> list[str]:
         """Problems with this config, as (key, message) strings; empty when it is usable."""
@@ -76,6 +82,9 @@ def timestep_embedding(time: torch.Tensor, dim: int, max_period: float = 10000.0
     args = time.float()[:, None] * freqs[None]                       # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, dim % 2))
+
+
+W_SCALE = 100.0        # w in [0, 10] spans the sinusoids as time in [0, 1000] does
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -136,6 +145,8 @@ class UNet(nn.Module):
         ch, emb_dim = cfg.channels, 4 * cfg.channels
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes > 0 else None
+        self.w_mlp = (nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
+                      if cfg.guidance_input else None)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         # Down path: remember the width of every skip connection.
@@ -175,11 +186,17 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
-                class_weights: torch.Tensor | None = None) -> torch.Tensor:
+                class_weights: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
         """``class_weights`` (optional, (B, num_classes + 1)): use the mix ``sum_k w_k E[k]`` of the class
         embeddings (the null class is row num_classes) instead of ``E[y]``; a one-hot row gives exactly
-        ``E[y]``. Summed elementwise in float32 (not a matmul, which autocast would lower)."""
+        ``E[y]``. Summed elementwise in float32 (not a matmul, which autocast would lower). ``w`` ((B,) or a
+        number): the guidance scale of a ``guidance_input`` network (default 1); refused by any other."""
         emb = self.time_mlp(timestep_embedding(time, self.cfg.channels))   # (B, 4ch)
+        if self.w_mlp is not None:
+            w = torch.as_tensor(1.0 if w is None else w, device=x.device, dtype=torch.float32).expand(x.shape[0])
+            emb = emb + self.w_mlp(timestep_embedding(W_SCALE * w, self.cfg.channels))
+        elif w is not None:
+            raise ValueError("w: this UNet has no guidance input (model.guidance_input is false)")
         if self.class_emb is not None and class_weights is not None:
             table = self.class_emb.weight                                    # (num_classes + 1, 4ch)
             emb = emb + (class_weights.to(table)[:, :, None] * table[None]).sum(1)

@@ -271,7 +271,7 @@ class App:
         if self.fast is None:
             return None
         d, s = self.fast.cfg.distill, settings_for(self.fast)
-        return {"ckpt": self.fast_arg, "method": d.method, "steps": d.steps, "w": d.w,
+        return {"ckpt": self.fast_arg, "method": d.method, "steps": d.steps, "w": d.w, "w_range": list(d.w_range),
                 "teacher": d.teacher if d.teacher == DEMO else _display_path(Path(d.teacher)),
                 "sampler": s.sampler, "sample_steps": s.steps, "evals": SAMPLERS[s.sampler].evals(s.steps)}
 
@@ -348,7 +348,9 @@ class App:
             argv = ["sample", "--ckpt", self.fast_arg, "--classes", spec, "--grid", str(n),
                     "--sampler", settings.sampler, "--steps", str(settings.steps), "--seed", str(seed)]
             d = model.cfg.distill
-            made_by = f"the {d.method} student {self.fast_arg} ({d.steps} steps, w={flag_text(d.w)} distilled in)"
+            made_by = (f"the {d.method} student {self.fast_arg} ({d.steps} steps, w={flag_text(d.w)} "
+                       + (f"as its input, distilled for w in [{flag_text(d.w_range[0])}, {flag_text(d.w_range[1])}])"
+                          if d.w_range else "distilled in)"))
         else:
             p, guidance_flags = self._full_settings(f, defaults)
             seed, spacing = p["seed"], p["spacing"]
