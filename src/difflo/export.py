@@ -151,8 +151,11 @@ def unet2d_config(net: torch.nn.Module) -> tuple[dict | None, str | None]:
               "block_out_channels": [m.channels * k for k in m.channel_mult], "layers_per_block": m.num_res_blocks,
               "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
               "upsample_type": "conv", "dropout": m.dropout, "act_fn": "silu", "attention_head_dim": head_dim,
-              "norm_num_groups": groups[0], "attn_norm_num_groups": None, "norm_eps": 1e-5,
-              "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+              "norm_num_groups": groups[0], "norm_eps": 1e-5,
+              # the middle attention's GroupNorm: diffusers drops it under scale_shift unless named here
+              "attn_norm_num_groups": groups[0] if m.scale_shift else None,
+              "resnet_time_scale_shift": "scale_shift" if m.scale_shift else "default", "add_attention": True,
+              "class_embed_type": None,
               "num_class_embeds": m.num_classes + 1 if m.num_classes else None, "num_train_timesteps": None}
     return config, None
 

@@ -71,7 +71,8 @@ CASES = {"classes-cosine-v": W32 + ["model.attn_resolutions=[14]"],
          "three-levels-two-blocks-sigmoid-x0": W32 + ["model.channel_mult=[1,2,2]", "model.num_res_blocks=2",
                                                       "model.attn_resolutions=[7]", "model.num_classes=3",
                                                       "diffusion.schedule=sigmoid", "diffusion.prediction=x0",
-                                                      "diffusion.timesteps=50", "sample.steps=10"]}
+                                                      "diffusion.timesteps=50", "sample.steps=10"],
+         "scale-shift": W32 + ["model.attn_resolutions=[14]", "model.scale_shift=true"]}
 
 
 @pytest.mark.slow

@@ -15,16 +15,38 @@ def test_shapes_for_common_sizes(c, size, mult, attn):
     assert out.shape == x.shape
 
 
-def test_output_depends_on_time_and_class():
-    torch.manual_seed(0)
-    net = UNet(UNetConfig(channels=8, channel_mult=(1, 2), attn_resolutions=(14,), num_classes=3))
+def perturbed(net):
+    torch.manual_seed(1)
     for p in net.parameters():           # perturb: zero-initialised output layers would hide the dependence
         p.data.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_output_depends_on_time_and_class(scale_shift):
+    """At widths 64 and 128 (2 and 4 channels per GroupNorm group) the embedding moves the output by far more than
+    rounding, added before the norm or as scale and shift after it."""
+    torch.manual_seed(0)
+    net = perturbed(UNet(UNetConfig(channels=64, channel_mult=(1, 2), attn_resolutions=(14,), num_classes=3,
+                                    scale_shift=scale_shift)))
     x = torch.randn(1, 1, 28, 28)
     a = net(x, torch.tensor([10.0]), torch.tensor([0]))
-    assert not torch.allclose(a, net(x, torch.tensor([500.0]), torch.tensor([0])))
-    assert not torch.allclose(a, net(x, torch.tensor([10.0]), torch.tensor([1])))
-    assert torch.allclose(a, net(x, torch.tensor([10.0]), torch.tensor([0])))
+    assert (a - net(x, torch.tensor([500.0]), torch.tensor([0]))).abs().max() > 1e-3
+    assert (a - net(x, torch.tensor([10.0]), torch.tensor([1]))).abs().max() > 1e-3
+    assert torch.equal(a, net(x, torch.tensor([10.0]), torch.tensor([0])))
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_groupnorm_of_single_channels_removes_an_added_embedding(scale_shift):
+    """The UNet docstring's claim: at width 8 every GroupNorm group is one channel, so an embedding added before the
+    norm cancels in the mean subtraction and the class moves the output only by rounding (the model cannot use
+    it); scale_shift applies it after the norm, where it survives."""
+    torch.manual_seed(0)
+    net = perturbed(UNet(UNetConfig(channels=8, channel_mult=(1, 2), attn_resolutions=(14,), num_classes=3,
+                                    scale_shift=scale_shift)))
+    x, t = torch.randn(1, 1, 28, 28), torch.tensor([10.0])
+    moved = (net(x, t, torch.tensor([0])) - net(x, t, torch.tensor([1]))).abs().max().item()
+    assert (moved > 1e-3) if scale_shift else (moved < 1e-5), moved
 
 
 def test_zero_initialised_output():

@@ -9,6 +9,14 @@ Distillation of Guided Diffusion Models", Sec. 3.1): ``forward(..., w=(B,))`` ad
 sinusoids of ``W_SCALE * w``, then an MLP whose last layer starts at zero, so a new student computes what its
 teacher does at every w) to the time and class embedding. Without ``w`` it takes w = 1 (the conditional model).
 
+**Where the time/class embedding enters a ResBlock.** By default it is added to the features before the
+second GroupNorm (Ho et al. 2020). A GroupNorm subtracts each group's mean, so a per-channel constant
+survives only as its deviation from the group's mean: with one channel per group (difflo's group count is the
+largest divisor <= 32 of the width, so every width <= 32) the added embedding is removed entirely, and with two
+channels per group (48, 64) half of it. ``scale_shift`` (Dhariwal & Nichol 2021, Sec. 3, "adaptive group
+normalization"; diffusers' ``resnet_time_scale_shift="scale_shift"``): the embedding's projection gives
+(scale, shift) and h = GroupNorm(h) (1 + scale) + shift, after the norm, at every width.
+
 Layout: conv_in -> down levels (``num_res_blocks`` ResBlocks each, self-attention where the
 resolution is in ``attn_resolutions``, then a stride-2 conv except at the last level) -> middle
 (ResBlock, attention, ResBlock) -> up levels (``num_res_blocks + 1`` ResBlocks over the
@@ -37,6 +45,7 @@ class UNetConfig:
     attn_heads: int = 1
     dropout: float = 0.0
     guidance_input: bool = False       # takes the guidance scale w as an input (a difflo distill --w-range student)
+    scale_shift: bool = False          # the embedding scales and shifts the normalised features (adaptive GroupNorm)
 
     def validate(self) -> list[str]:
         """Problems with this config, as (key, message) strings; empty when it is usable."""
@@ -97,11 +106,12 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, + time/class embedding, GroupNorm -> SiLU -> dropout -> conv,
     plus a (1x1-projected) skip."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
+        self.emb = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)    # (scale, shift) or the added vector
         self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
@@ -109,8 +119,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))                         # (B, c_out, H, W)
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb(F.silu(emb))[:, :, None, None]                   # (B, c_out or 2 c_out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -154,7 +169,7 @@ class UNet(nn.Module):
         skips, c, res = [ch], ch, cfg.image_size
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                block = nn.ModuleList([ResBlock(c, ch * mult, emb_dim, cfg.dropout)])
+                block = nn.ModuleList([ResBlock(c, ch * mult, emb_dim, cfg.dropout, cfg.scale_shift)])
                 c = ch * mult
                 if res in cfg.attn_resolutions:
                     block.append(Attention(c, cfg.attn_heads))
@@ -165,14 +180,14 @@ class UNet(nn.Module):
                 skips.append(c)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), Attention(c, cfg.attn_heads),
-                                  ResBlock(c, c, emb_dim, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout, cfg.scale_shift), Attention(c, cfg.attn_heads),
+                                  ResBlock(c, c, emb_dim, cfg.dropout, cfg.scale_shift)])
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(c + skips.pop(), ch * mult, emb_dim, cfg.dropout)])
+                block = nn.ModuleList([ResBlock(c + skips.pop(), ch * mult, emb_dim, cfg.dropout, cfg.scale_shift)])
                 c = ch * mult
                 if res in cfg.attn_resolutions:
                     block.append(Attention(c, cfg.attn_heads))
