@@ -232,7 +232,8 @@ function setupSample() {
     const f = INFO.fast;
     $("s-fast").textContent = `Fast preview (${f.sample_steps} steps, student of ${f.teacher})`;
     $("s-fast").title = `${f.ckpt}: ${f.method} distillation, ${f.sampler}, ` +
-      `${f.evals} network evaluation${f.evals === 1 ? "" : "s"} per image, guidance w=${f.w} distilled in`;
+      `${f.evals} network evaluation${f.evals === 1 ? "" : "s"} per image, guidance w=${f.w} ` +
+      (f.w_range.length ? `as its input (distilled for w in [${f.w_range[0]}, ${f.w_range[1]}])` : "distilled in");
     $("s-fast").hidden = false;
     $("s-fast").addEventListener("click", () => {
       stopPlay();
