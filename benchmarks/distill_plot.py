@@ -3,7 +3,8 @@
 (FID with its ratio to the floor, class accuracy, KID, precision/recall) and plots FID against calls per image.
 
 Calls per image: the sampler's network evaluations for its steps (``Sampler.evals``), twice where classifier-free
-guidance runs (w != 1: the conditional and unconditional branches are two calls of the network, one batch).
+guidance runs (w != 1: the conditional and unconditional branches are two calls of the network, one batch), once
+for a student that takes w as its input (``guidance_input``).
 
     python benchmarks/distill_plot.py runs/distill-demo --floor 8.93 --teacher TEACHER_RUN \
         --out docs/distill-demo/fid_vs_nfe.png
@@ -19,7 +20,9 @@ from difflo.samplers import SAMPLERS
 
 
 def calls(r: dict) -> int:
-    return SAMPLERS[r["sampler"]].evals(r["steps"]) * (2 if r["w"] != 1.0 else 1)
+    """Network calls per image: the sampler's evaluations, twice where classifier-free guidance runs two branches
+    (w != 1), once for a student that takes w as its input (``guidance_input`` in the eval JSON)."""
+    return SAMPLERS[r["sampler"]].evals(r["steps"]) * (2 if r["w"] != 1.0 and not r.get("guidance_input") else 1)
 
 
 def series(r: dict) -> str:

@@ -139,6 +139,7 @@ def test_eval_model_finds_the_models_classifier_or_names_the_command(emoji_run, 
     assert res["classifier"] == path.name and res["n"] == 6
     assert 0 <= res["class_accuracy"] <= res["category_accuracy"] <= 1
     assert res["classifier_test_category_accuracy"] == "0.7000"
+    assert res["guidance_input"] is False                     # a trained model guides with two branches
 
 
 # ---------------------------------------------------------------- memorisation

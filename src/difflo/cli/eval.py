@@ -354,6 +354,7 @@ def run_model(args) -> int:
     res = evaluate.score(images, labels, ref=ref, extractor=extractor, classifier=clf, categories=categories,
                          progress=_progress(), kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets)
     res.update(settings, ckpt=str(args.ckpt), weights="raw" if args.raw else "ema",
+               guidance_input=model.cfg.model.guidance_input,       # w is the network's input: one call per step
                sampling_seconds=round(t_sample, 1), total_seconds=round(time.time() - t0, 1))
     print(evaluate.format_result(res))
     _write_json(args.json, res)
