@@ -165,14 +165,18 @@ def distilled_w(teacher: Model, w: float | None) -> float:
             raise DiffloError(f"--w {w:g}: the teacher is a distilled student with guidance w={done.w:g} distilled "
                               f"in (its null class is not trained); distil it with --w 1 (the default)")
         return 1.0
-    guided = teacher.num_classes > 0 and teacher.has_null_class
-    if not guided:
+    if not cfg_guided(teacher):
         if w is not None and w != 1.0:
             raise DiffloError(f"--w {w:g}: this teacher has no null class (it is "
                               + ("unconditional" if teacher.num_classes == 0 else "a diffusers model without one")
                               + "), so there is no guidance to distil; drop --w")
         return 1.0
     return float(teacher.cfg.sample.w if w is None else w)
+
+
+def cfg_guided(teacher: Model) -> bool:
+    """Whether classifier-free guidance can guide the teacher: it has classes and a null class."""
+    return teacher.num_classes > 0 and teacher.has_null_class
 
 
 def recorded_w(teacher: Model, w: float) -> float:
@@ -193,7 +197,7 @@ def distilled_w_range(teacher: Model, o: DistillOptions, w: float) -> tuple[floa
         return own
     if o.w_range is None:
         return None
-    if teacher.cfg.distill.method is not None or teacher.num_classes == 0 or not teacher.has_null_class:
+    if teacher.cfg.distill.method is not None or not cfg_guided(teacher):
         what = ("a distilled student with a fixed w in it" if teacher.cfg.distill.method is not None else
                 "without a null class, so it has no guidance")
         raise DiffloError(f"--w-range: the teacher is {what}; a w range needs a teacher guided by classifier-free "
@@ -507,8 +511,9 @@ def progressive(teacher: Model, o: DistillOptions, out: Path, resume: bool, devi
         x0, y = dataset.batch(batch_indices(step, len(dataset), batch, o.seed), device, gen)
         if w_range:                                           # one w per sample, U[lo, hi], for teacher and student
             ws = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(len(y), generator=gen, device=gen.device)
-            teacher_den = guided(round_teacher, teacher.cfg, teacher.path, ws.to(x0.device))
-            student_den = guided(student, configs[r], teacher.path, ws.to(x0.device))
+            ws = ws.to(x0.device)
+            teacher_den = guided(round_teacher, teacher.cfg, teacher.path, ws)
+            student_den = guided(student, configs[r], teacher.path, ws)
         student.train()
         loss = progressive_loss(student_den, teacher_den, x0, y, plan[r], gen)
         lr = o.lr * (1 - k / S)
