@@ -13,7 +13,9 @@
    of that limit = (the step's conv FLOPs / the limit's FLOP/s) / the step's wall time: the fraction of
    the step a perfect implementation would still spend in convolutions.
 3. **What pays.** The step's wall time (median over alternating rounds) with each change that can
-   help: channels_last, a fused optimizer, compile.
+   help: the other memory layout of the batch (``contiguous`` / ``channels_last``; the baseline is the
+   one ``difflo.precision.training_layout`` picks for the precision, as the training loop does), a fused
+   optimizer, compile.
 
 Speed is machine-specific: the output names the CPU model, its flags and what ``auto`` picked.
 """
@@ -67,26 +69,24 @@ def cpu_facts() -> str:
 class Step:
     """One training step of the loop in difflo.train (same calls, same order), reusable for timing."""
 
-    def __init__(self, cfg, prec, channels_last=False, fused=False, compiled=False):
+    def __init__(self, cfg, prec, layout=None, fused=False, compiled=False):
         self.cfg, self.prec = cfg, prec
         self.ds = data_mod.from_config(cfg.data)
         torch.manual_seed(0)
         self.net = build_net(cfg)
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         kw = {"fused": True} if fused else {"foreach": True}
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4, **kw)
         self.model = precision.compile_net(self.net, torch.device("cpu")) if compiled else self.net
         self.path = make_path(cfg.diffusion)
-        self.channels_last, self.i = channels_last, 0
+        self.layout = precision.LAYOUTS[layout or precision.training_layout(prec, torch.device("cpu"))[0]]
+        self.i = 0
 
     def __call__(self):
         t = self.cfg.train
         gen = torch.Generator().manual_seed(self.i)
         x0, y = self.ds.batch(batch_indices(self.i, len(self.ds), t.batch_size, 0), torch.device("cpu"), gen)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = x0.contiguous(memory_format=self.layout)         # as the training loop does
         self.opt.zero_grad(set_to_none=True)
         with precision.autocast(self.prec, torch.device("cpu")):
             loss = self.path.training_loss(self.model, x0, y, self.cfg.diffusion, gen, slice(0, len(y)))
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=6, help="alternating timing rounds of each variant (the order rotates)")
-    p.add_argument("--variants", default="channels_last,fused", help="comma list of channels_last, fused, compile")
+    p.add_argument("--variants", default="contiguous,channels_last,fused",
+                   help="comma list of contiguous, channels_last (the batch's layout), fused, compile")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -201,12 +202,13 @@ def main(argv=None) -> int:
                  f"(forward + 2 backward); alone they run at {limit / 1e9:.1f} GFLOP/s in {prec} -> "
                  f"{flops / limit:.3f} s. The step's share of the conv limit: {100 * share:.1f} %.")
 
-    variants = {"baseline (foreach AdamW, contiguous)": dict()}
+    layout = precision.training_layout(prec, torch.device("cpu"))[0]
+    variants = {f"baseline (foreach AdamW, {layout})": dict()}
     for v in filter(None, a.variants.split(",")):
-        if v not in ("channels_last", "fused", "compile"):
-            raise SystemExit(f"--variants: unknown {v!r}; choose from channels_last, fused, compile")
-        variants[v] = {"channels_last": dict(channels_last=True), "fused": dict(fused=True),
-                       "compile": dict(compiled=True)}[v]
+        if v not in ("contiguous", "channels_last", "fused", "compile"):
+            raise SystemExit(f"--variants: unknown {v!r}; choose from contiguous, channels_last, fused, compile")
+        if v != layout:
+            variants[v] = {"fused": dict(fused=True), "compile": dict(compiled=True)}.get(v, dict(layout=v))
     steps = {name: (base if not kw else Step(cfg, prec, **kw)) for name, kw in variants.items()}
     for s in steps.values():
         s(), s()                                           # warm up (compile happens here)

@@ -7,6 +7,9 @@ The training loop calls three small hooks from here (tests/faults/ exercises eac
   the CLI prints how to resume and exits with 128 + the signal number (130 SIGINT, 143 SIGTERM).
   A second signal interrupts at once (KeyboardInterrupt: no checkpoint, nothing half-written).
   Outside ``graceful_stop()`` (tests, ``difflo study``) signals keep their default behaviour.
+  Code that trains and then goes on (``difflo experiment``: evaluation after training) raises
+  ``Stopped`` after the stopped run's checkpoint, so nothing scores a half-trained model; its CLI
+  catches it, prints how to resume and exits the same way.
 - ``NonFiniteGuard.check(step, loss, net)``: False when the loss or a gradient is NaN/inf; the loop
   then skips the optimizer and EMA update of that step. Each skipped step is logged with a count;
   ``train.max_nonfinite_steps`` in a row stop the run with a message naming the step, the last
@@ -47,6 +50,14 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return 128 + self.signum if self.signum else 0
+
+
+class Stopped(Exception):
+    """A signal stopped training inside graceful_stop(); the run's checkpoint (or None) is written."""
+
+    def __init__(self, ckpt: Path | None):
+        super().__init__(f"stopped; checkpoint {ckpt}")
+        self.ckpt = ckpt
 
 
 _active: StopRequest | None = None

@@ -105,9 +105,11 @@ def _start_metrics(metrics_path: Path, step: int) -> None:
 
 
 # ----------------------------------------------------------------------------- what the loop calls
-def environment(device: torch.device, prec: precision.Precision) -> dict:
-    """RUN/environment.json: where and how the last (re)start trained (the precision chosen and why)."""
-    return {"precision": {"asked": prec.asked, "used": prec.used, "why": prec.why}, "device": str(device),
+def environment(device: torch.device, prec: precision.Precision, layout: tuple[str, str]) -> dict:
+    """RUN/environment.json: where and how the last (re)start trained (the precision and the batch's
+    memory layout chosen, and why)."""
+    return {"precision": {"asked": prec.asked, "used": prec.used, "why": prec.why},
+            "layout": {"used": layout[0], "why": layout[1]}, "device": str(device),
             "cpu": precision.cpu_model(), "cpu_flags": precision.speed_flags(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": allocator.tune_malloc(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -181,6 +183,8 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     ddp = distributed.setup(pick_device(t.device))   # torchrun: this process's rank and device
     device = ddp.device
     prec = precision.resolve(t.precision, device, log, "train.precision")   # auto: bf16 where the hardware has it
+    layout = precision.training_layout(prec, device)  # the batch's memory layout, which every activation keeps
+    layout_format = precision.LAYOUTS[layout[0]]
     rows = ddp.rows(t.batch_size)                     # this process's rows of the global batch
     micro = ddp.micro_batches(t.batch_size, t.grad_accum)   # ... split into train.grad_accum micro-batches
     summary_writer = tensorboard(t.log)               # train.log: [csv, tensorboard]; a missing package fails here
@@ -239,7 +243,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     metrics_path = run_dir / "metrics.csv"
     if ddp.main:
         write_text_atomic(run_dir / "config.yaml", config_mod.dump(cfg))
-        write_text_atomic(run_dir / "environment.json", json.dumps(environment(device, prec), indent=1))
+        write_text_atomic(run_dir / "environment.json", json.dumps(environment(device, prec, layout), indent=1))
         _start_metrics(metrics_path, step)
     tb = None                                              # RUN/tensorboard/ event files (rank 0)
     if summary_writer is not None and ddp.main:            # resume: events after step are dropped, as csv rows are
@@ -261,7 +265,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
     guard = guards.NonFiniteGuard(t.max_nonfinite_steps, run_dir, t.lr, log)
     log(f"training {n_params / 1e6:.2f}M-parameter UNet on {dataset.name} ({len(dataset)} images, "
         f"{cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.in_channels}) on {device}, "
-        f"precision {prec}, steps {step}..{t.steps}, run dir {run_dir}"
+        f"precision {prec}, layout {layout[0]}, steps {step}..{t.steps}, run dir {run_dir}"
         + (f", data-parallel over {ddp.world} processes ({ddp.backend}), {rows.stop - rows.start} of the "
            f"{t.batch_size} images per step each" if ddp.active else ""))
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -274,6 +278,7 @@ def train(cfg: config_mod.Config, run_dir: str | Path, resume: bool = False, pro
             g["lr"] = lr
         gen = torch.Generator(device).manual_seed(t.seed * 1_000_003 + step)
         x0, y = dataset.batch(batch_indices(step, len(dataset), t.batch_size, t.seed), device, gen)  # (B, C, H, W)
+        x0 = x0.contiguous(memory_format=layout_format)
         torch.manual_seed((t.seed * 1_000_003 + step) * ddp.world + ddp.rank)   # dropout
         drop = torch.rand(y.shape, generator=gen, device=device) < t.label_dropout
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)    # null class for CFG

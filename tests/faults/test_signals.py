@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from difflo.diffusion import DiscreteSchedule
 from difflo import checkpoint, guards
@@ -125,3 +126,42 @@ def test_sigterm_to_a_real_difflo_process(tmp_path):
     assert f"stopped by SIGTERM; checkpoint {ckpts[0]}" in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].strip() == "resume with: " + shlex.join(
         ["difflo", "train", *args, "--out", str(run), "--resume"])
+
+
+@pytest.mark.slow
+def test_experiment_stopped_in_training_resumes_its_model_exactly(tmp_path, capfd, monkeypatch, clf_file):
+    """`difflo experiment`: a signal during a model's training writes its checkpoint and EMA copies and exits
+    143 without scoring the half-trained model; the same command continues it to the weights an
+    uninterrupted run reaches."""
+    from safetensors.torch import load_file
+    sets = [a for o in TINY for a in ("--set", o)]
+
+    def args(runs, out):
+        return ["experiment", "guidance", "--out", out, *sets, "--set", f"eval.classifier={clf_file}",
+                "--set", "eval.ref_n=20", "--set", "train.ckpt_every=4", "--runs", runs, "--train-steps", "6",
+                "--snapshots", "1", "--n", "10", "--eval-steps", "2", "--ws", "0,3", "--device", "cpu"]
+
+    signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    code, out, err = run_cli(*args(tmp_path / "runs", tmp_path / "out"), capture=capfd)
+    assert code == 143, err
+    assert "stopped by SIGTERM; checkpoint " in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "report.md").exists()                    # nothing scored half-trained
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert [c.name for c in checkpoint.list_checkpoints(run)] == ["step_0000003"]
+    assert (run / "ema_tracks" / "step_0000003.safetensors").is_file()      # the copies continue from here
+    monkeypatch.undo()
+    code, out, err = run_cli(*args(tmp_path / "runs", tmp_path / "out"), capture=capfd)
+    assert code == 0, err
+    assert (tmp_path / "out" / "report.md").is_file()
+    code, out, err = run_cli(*args(tmp_path / "once", tmp_path / "out-once"), capture=capfd)
+    assert code == 0, err
+    once = next(p for p in (tmp_path / "once").iterdir() if p.is_dir())
+    for rel in ["ema_tracks/step_0000006.safetensors"]:
+        a, b = load_file(run / rel), load_file(once / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = checkpoint.list_checkpoints(run)[-1]
+    b = checkpoint.list_checkpoints(once)[-1]
+    assert a.name == b.name == "step_0000006"
+    for f in sorted(p.name for p in a.iterdir() if p.suffix == ".safetensors"):
+        x, y = load_file(a / f), load_file(b / f)
+        assert all(torch.equal(x[k], y[k]) for k in x), f

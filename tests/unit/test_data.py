@@ -618,3 +618,13 @@ def test_two_training_steps(tmp_path, name):          # emoji: tests/unit/test_e
         model = load_model(ckpt)
         imgs = generate(model, torch.zeros(2, dtype=torch.long), [0, 1], settings_for(model, steps=2, w=3.0))
         assert imgs.shape == (2, 1, 16, 16) and torch.isfinite(imgs).all()
+
+
+def test_batch_is_contiguous_nchw():
+    """The batch is a plain contiguous (B, C, H, W) tensor (the training loop sets its layout), not a
+    permuted view of the stored (B, H, W, C) images, which would be channels_last."""
+    rng = np.random.default_rng(0)
+    ds = data.ArrayDataset(rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8), np.arange(4) % 2, 2, "rgb")
+    x, y = ds.batch([0, 2])
+    assert x.shape == (2, 3, 5, 6) and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x[1, :, 1, 2], torch.from_numpy(ds.images[2, 1, 2]).float() / 127.5 - 1)

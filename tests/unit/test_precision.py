@@ -58,6 +58,10 @@ def test_measurement_is_cached_per_machine(monkeypatch, tmp_path):
     assert precision.bf16_ratios() == {"conv": 2.0, "matmul": 1.5} and calls == [1]
     stored = json.loads((tmp_path / "difflo" / "precision.json").read_text())
     assert list(stored.values()) == [{"conv": 2.0, "matmul": 1.5}] and "threads" in next(iter(stored))
+    stored[next(iter(stored))] = {"conv": {"x": 1}, "matmul": 1.0}         # a stored entry that is not two numbers
+    (tmp_path / "difflo" / "precision.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(precision, "_cache", {})
+    assert precision.bf16_ratios() == {"conv": 2.0, "matmul": 1.5} and calls == [1, 1]    # measured again
 
 
 @pytest.mark.slow
@@ -249,3 +253,40 @@ def test_the_suite_never_touches_the_users_cache():
     from difflo.io import cache_home
     assert os.environ["XDG_CACHE_HOME"] == conftest.CACHE
     assert str(cache_home()).startswith(conftest.CACHE) and str(precision.precision_file()).startswith(conftest.CACHE)
+
+
+def test_training_layout_follows_the_precision_and_can_be_forced(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(precision.LAYOUT_ENV, raising=False)
+    assert precision.training_layout("fp32", cpu)[0] == "channels_last"
+    assert precision.training_layout(precision.Precision("auto", "bf16", "x"), cpu)[0] == "contiguous"
+    assert precision.training_layout("fp32", torch.device("cuda"))[0] == "contiguous"
+    monkeypatch.setenv(precision.LAYOUT_ENV, "contiguous")
+    assert precision.training_layout("fp32", cpu) == ("contiguous", "forced by DIFFLO_LAYOUT=contiguous")
+    monkeypatch.setenv(precision.LAYOUT_ENV, "nhwc")
+    with pytest.raises(DiffloError, match="DIFFLO_LAYOUT='nhwc' is not one of contiguous, channels_last"):
+        precision.training_layout("fp32", cpu)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_the_loop_feeds_the_network_its_layout(monkeypatch, tmp_path, layout):
+    """Every activation keeps the batch's layout (oneDNN follows its input), so the loop sets it: an RGB
+    batch reaches the network in the layout training_layout chose, recorded in environment.json."""
+    from difflo import data as data_mod, train as train_mod
+    rng = np.random.default_rng(0)
+    rgb = data_mod.ArrayDataset(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8), np.zeros(16, np.int64), 2, "rgb")
+    monkeypatch.setattr(data_mod, "from_config", lambda cfg: rgb)
+    monkeypatch.setenv(precision.LAYOUT_ENV, layout)
+    seen = []
+    real = train_mod.build_net
+
+    def build(cfg):
+        net = real(cfg)
+        net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        return net
+    monkeypatch.setattr(train_mod, "build_net", build)
+    train(tiny_config("train.steps=2", "model.attn_resolutions=[4]"), tmp_path / "run", **quiet)
+    fmt = precision.LAYOUTS[layout]
+    assert len(seen) == 2 and all(x.shape[1] == 3 and x.is_contiguous(memory_format=fmt) for x in seen)
+    assert not any(x.is_contiguous(memory_format=f) for x in seen for f in precision.LAYOUTS.values() if f != fmt)
+    assert json.loads((tmp_path / "run" / "environment.json").read_text())["layout"]["used"] == layout

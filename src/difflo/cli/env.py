@@ -3,7 +3,7 @@
 Prints the CPU (model, the flags that matter for speed, torch's CPU capability), the threads, the
 allocator setting (:mod:`difflo.allocator`), what ``precision: auto`` runs here with its measured
 bf16/fp32 ratios (:mod:`difflo.precision`), the GPU if any, the cache folder, and how to override
-each decision. ``--remeasure`` times bf16 against fp32 again and stores the new answer; ``--json``
+each decision. the memory layout training batches take in that type, ``--remeasure`` times bf16 against fp32 again and stores the new answer; ``--json``
 prints the same as one JSON object (for bug reports and benchmark logs).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..io import cache_home
 OVERRIDES = (
     ("precision", "--precision fp32|bf16 (sample, edit, eval), train.precision=fp32|bf16, or "
                   f"{precision.AUTO_ENV}=fp32|bf16 to make auto take one without measuring"),
+    ("layout", f"{precision.LAYOUT_ENV}=contiguous|channels_last (the training batch's memory layout)"),
     ("threads", "OMP_NUM_THREADS=N (torch's intra-op threads)"),
     ("allocator", "DIFFLO_MALLOC_TUNING=0|heap|threshold (or any MALLOC_* variable of glibc)"),
     ("cache", "XDG_CACHE_HOME=DIR (classifiers, decoded data, FID statistics, the precision measurement)"),
@@ -42,6 +43,7 @@ def facts(remeasure: bool = False) -> dict:
     if remeasure or (precision.forced_auto() is None and (flags is None or set(flags) & set(precision.CPU_BF16_FLAGS))):
         measured = precision.bf16_ratios(remeasure=remeasure)
     auto = precision.resolve("auto", cpu, log=lambda *a: None)
+    layout, layout_why = precision.training_layout(auto, cpu)
     out = {
         "difflo": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpu": precision.cpu_model(), "cpu_flags": precision.speed_flags(),
@@ -52,6 +54,7 @@ def facts(remeasure: bool = False) -> dict:
                            "bf16_over_fp32_time": measured,
                            "min_speedup": precision.BF16_MIN_SPEEDUP,
                            "stored_in": str(precision.precision_file())},
+        "layout": {"used": layout, "why": layout_why},
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cache": str(cache_home()),
         "environment": {k: os.environ[k] for k in (precision.AUTO_ENV, "OMP_NUM_THREADS", "DIFFLO_MALLOC_TUNING",
@@ -81,6 +84,7 @@ def run(args) -> int:
         "             bf16/fp32 time: " + (", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) if ratios else
                                            "not measured") + f"; bf16 needs >= {p['min_speedup']:g}x; "
         f"stored in {p['stored_in']}",
+        f"layout       training batches {f['layout']['used']} in {p['used']} ({f['layout']['why']})",
     ]
     if f["cuda"]:
         lines.append(f"gpu          {f['cuda']}: auto -> {f['precision_auto_cuda']}")

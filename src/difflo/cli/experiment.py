@@ -4,6 +4,8 @@ models it needs, measures, and writes ``DIR/report.md`` with its tables, figures
 ``difflo experiment all --out DIR`` runs every experiment into ``DIR/<name>/`` and combines the
 reports into one (``--report``, default ``DIR/report.md``); ``difflo experiment report DIR... --out
 FILE`` combines existing ones again. Bad values raise ``DiffloError`` (one line, exit 2).
+SIGINT/SIGTERM during a model's training finish its step, write its checkpoint (and EMA copies) and exit
+130/143 with the command to run again: the same command resumes that model (``difflo.guards``).
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import argparse
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
+from .. import guards
 from ..errors import DiffloError
 from ..io import write_text_atomic
 from ..experiments import ema, failure, guidance, recipe, scarcity, schedules, steps
@@ -162,6 +166,16 @@ def run_one(name: str, opts: Options) -> Path:
 
 
 def run(args) -> int:
+    with guards.graceful_stop() as stop:
+        try:
+            return run_experiments(args)
+        except guards.Stopped as e:
+            print(guards.stop_message(stop, e.ckpt, "the same `difflo experiment` command (it continues that model)"),
+                  file=sys.stderr)
+            return stop.exit_code
+
+
+def run_experiments(args) -> int:
     if args.n < 2:
         raise DiffloError("--n must be >= 2 (a Frechet distance needs a covariance)")
     if args.name == "report":

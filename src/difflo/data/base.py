@@ -52,7 +52,9 @@ class ArrayDataset:
         idx = np.asarray(idx)
         rows = take_rows(self.images, idx)               # (B, H, W, C) uint8 in memory: only these rows are read
         x = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0                           # (B, C, H, W)
+        # (B, C, H, W), contiguous: a permuted view would carry the channels_last layout into every layer
+        # (oneDNN keeps its input's layout), where GroupNorm runs 2-8x slower than on contiguous maps
+        x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
         y = torch.from_numpy(np.ascontiguousarray(self.labels[idx])).to(device)
         if self.flip and generator is not None:
             mirror = torch.rand(len(y), generator=generator, device=generator.device) < 0.5

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .. import checkpoint, config as config_mod, data as data_mod
+from .. import checkpoint, config as config_mod, data as data_mod, guards
 from ..errors import DiffloError
 from ..eval import fid as fid_mod
 from ..eval.evaluate import balanced_labels
@@ -114,7 +114,7 @@ class EmaTracker:
             self._start(step, net)
         for d, ema in self.emas.items():
             ema_update(ema, net, d)
-        if step % self.every == 0 or step == self.last:
+        if step % self.every == 0 or step == self.last or guards.stop_requested():   # the loop saves then too
             tensors = {f"{d}/{k}": v.detach().cpu().contiguous() for d, ema in self.emas.items()
                        for k, v in ema.state_dict().items()}
             path = self.dir / f"step_{step:07d}.safetensors"
@@ -178,7 +178,9 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
         if not reused:
             log(f"experiment: training {label} ({cfg.train.steps} steps) -> {run_dir}")
             tracker = EmaTracker(run_dir, cfg.train.ckpt_every, cfg.train.steps)
-            train(cfg, run_dir, resume=bool(done), progress=opts.progress, log=log, on_step=tracker)
+            ckpt = train(cfg, run_dir, resume=bool(done), progress=opts.progress, log=log, on_step=tracker)
+            if guards.stop_requested():                  # SIGINT/SIGTERM: resumable, not scored half-trained
+                raise guards.Stopped(ckpt)
         else:
             log(f"experiment: reusing {label} from {run_dir}")
     secs = 0.0

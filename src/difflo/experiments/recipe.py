@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import config as config_mod, cpuload, posthoc_ema, precision
+from .. import config as config_mod, cpuload, guards, posthoc_ema, precision
 from ..errors import DiffloError
 from ..eval.classifier import class_categories
 from ..io import pyplot, write_text_atomic
@@ -118,6 +118,8 @@ def probe(opts: Options, cfg: config_mod.Config, name: str, log=print, tries: in
         shutil.rmtree(run_dir, ignore_errors=True)
         train(c, run_dir, progress=False, log=lambda *a, **k: None, on_step=on_step)
         shutil.rmtree(run_dir, ignore_errors=True)
+        if guards.stop_requested():                      # a signal: the probe is thrown away, timed again later
+            raise guards.Stopped(None)
         share = load.share()
         sec = statistics.median(marks[i + 1] - marks[i] for i in range(PROBE_WARMUP, PROBE_WARMUP + PROBE_STEPS))
         res = {"seconds_per_step": sec, "images_per_s": c.train.batch_size / sec, "other_share": share,
