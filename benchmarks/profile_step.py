@@ -69,7 +69,7 @@ def cpu_facts() -> str:
 class Step:
     """One training step of the loop in difflo.train (same calls, same order), reusable for timing."""
 
-    def __init__(self, cfg, prec, layout=None, fused=False, compiled=False):
+    def __init__(self, cfg, prec, layout: str, fused=False, compiled=False):
         self.cfg, self.prec = cfg, prec
         self.ds = data_mod.from_config(cfg.data)
         torch.manual_seed(0)
@@ -79,7 +79,7 @@ class Step:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-4, **kw)
         self.model = precision.compile_net(self.net, torch.device("cpu")) if compiled else self.net
         self.path = make_path(cfg.diffusion)
-        self.layout = precision.LAYOUTS[layout or precision.training_layout(prec, torch.device("cpu"))[0]]
+        self.layout = precision.LAYOUTS[layout]                 # a name in precision.LAYOUTS
         self.i = 0
 
     def __call__(self):
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     lines = [f"# {a.config} {' '.join(a.overrides)}: batch {cfg.train.batch_size}, precision {prec}",
              f"# {cpu_facts()}"]
 
-    base = Step(cfg, prec)
+    layout = precision.training_layout(prec, torch.device("cpu"))[0]   # the training loop's, the baseline's
+    base = Step(cfg, prec, layout)
     kinds, wall = profile(base, a.steps)
     total = sum(kinds.values())
     lines.append(f"\n## 1. One step, profiled ({a.steps} steps): {wall:.3f} s/step, "
@@ -202,14 +203,13 @@ def main(argv=None) -> int:
                  f"(forward + 2 backward); alone they run at {limit / 1e9:.1f} GFLOP/s in {prec} -> "
                  f"{flops / limit:.3f} s. The step's share of the conv limit: {100 * share:.1f} %.")
 
-    layout = precision.training_layout(prec, torch.device("cpu"))[0]
     variants = {f"baseline (foreach AdamW, {layout})": dict()}
     for v in filter(None, a.variants.split(",")):
         if v not in ("contiguous", "channels_last", "fused", "compile"):
             raise SystemExit(f"--variants: unknown {v!r}; choose from contiguous, channels_last, fused, compile")
         if v != layout:
             variants[v] = {"fused": dict(fused=True), "compile": dict(compiled=True)}.get(v, dict(layout=v))
-    steps = {name: (base if not kw else Step(cfg, prec, **kw)) for name, kw in variants.items()}
+    steps = {name: (base if not kw else Step(cfg, prec, **{"layout": layout, **kw})) for name, kw in variants.items()}
     for s in steps.values():
         s(), s()                                           # warm up (compile happens here)
     times = defaultdict(list)

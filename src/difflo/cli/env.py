@@ -2,9 +2,10 @@
 
 Prints the CPU (model, the flags that matter for speed, torch's CPU capability), the threads, the
 allocator setting (:mod:`difflo.allocator`), what ``precision: auto`` runs here with its measured
-bf16/fp32 ratios (:mod:`difflo.precision`), the GPU if any, the cache folder, and how to override
-each decision. the memory layout training batches take in that type, ``--remeasure`` times bf16 against fp32 again and stores the new answer; ``--json``
-prints the same as one JSON object (for bug reports and benchmark logs).
+bf16/fp32 ratios (:mod:`difflo.precision`), the memory layout training batches take in that type, the
+GPU if any, the cache folder, and how to override each decision. ``--remeasure`` times bf16 against fp32
+again and stores the new answer; ``--json`` prints the same as one JSON object (for bug reports and
+benchmark logs).
 """
 from __future__ import annotations
 
