@@ -3,6 +3,7 @@ the report's numbers against its JSON, and the helpers' formulas."""
 import copy
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -95,6 +96,29 @@ def test_models_are_trained_once_and_reused(all_out, clf, capsys):
     again = json.loads((all_out / "again" / "results.json").read_text())["tables"]["guidance"]
     first = json.loads((all_out / "out" / "guidance" / "results.json").read_text())["tables"]["guidance"]
     assert [r["class_accuracy"] for r in again] == [r["class_accuracy"] for r in first]   # seeded: same samples
+
+
+@pytest.mark.slow
+def test_a_cached_run_trained_on_is_read_at_the_experiments_step(all_out, clf, tmp_path):
+    """`difflo train --resume` with more steps in the cache directory: the experiment still reads its own step
+    (same numbers as before), and where that checkpoint is gone it says so in one line instead of reading another."""
+    src = next((all_out / "runs").glob("schedule-cosine-*"))
+    run = tmp_path / "runs" / src.name
+    shutil.copytree(src, run)
+    code, _, err = run_cli("train", "--config", run / "config.yaml", "--out", run, "--resume", "train.steps=6")
+    assert code == 0, err
+    assert common.checkpoint_steps(run)[-1] == 6
+    code, out, err = run_cli("experiment", "guidance", "--out", tmp_path / "again", *tiny_args(clf, tmp_path / "runs"),
+                             "--ws", "0,3")
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["tables"]["guidance"]
+    first = json.loads((all_out / "out" / "guidance" / "results.json").read_text())["tables"]["guidance"]
+    assert [(r["class_accuracy"], r["fd_classifier"]) for r in again] == [(r["class_accuracy"], r["fd_classifier"])
+                                                                          for r in first]
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    code, out, err = run_cli("experiment", "guidance", "--out", tmp_path / "third", *tiny_args(clf, tmp_path / "runs"),
+                             "--ws", "0,3")
+    assert_clean_error(code, err, "trained on past 4 steps (to 6)", "delete that run directory")
 
 
 def test_ema_copies_follow_the_formula_and_resume_exactly(tmp_path):

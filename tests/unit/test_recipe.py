@@ -2,6 +2,7 @@
 steps, candidates that cost the same share a probe, a disturbed probe is refused, post-hoc EMA lengths
 are swept without retraining, the report's table matches its JSON; bad candidates are one line."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,14 +118,26 @@ def test_a_disturbed_probe_is_retried_then_refused(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_recipe_end_to_end_table_matches_json_and_sweeps_posthoc_ema(tmp_path, clf_file):
+def test_recipe_end_to_end_table_matches_json_and_sweeps_posthoc_ema(tmp_path, clf_file, monkeypatch):
     args = [a for a in tiny_args(clf_file, tmp_path / "runs") if True]
+    progress = []                                   # what progress.json held after each scored candidate
+    real_write = recipe.write_text_atomic
+
+    def spy(path, text):
+        if Path(path).name == recipe.PROGRESS:
+            progress.append(json.loads(text))
+        real_write(path, text)
+    monkeypatch.setattr(recipe, "write_text_atomic", spy)
     code, out, err = run_cli("experiment", "recipe", "--out", str(tmp_path / "out"), *map(str, args),
                              "--candidate", "hot: train.lr=5e-3", "--candidate", "ph: train.posthoc_ema=[0.05,0.1]",
                              "--evals", "2", "--sigma-rels", "0.05,0.1")
     assert code == 0, err
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [f["candidate"] for f in res["final"]] == ["base", "hot", "ph"]
+    assert [[f["candidate"] for f in p["final"]] for p in progress] == [["base"], ["base", "hot"],
+                                                                        ["base", "hot", "ph"]]
+    assert [f["distance"] for f in progress[-1]["final"]] == [f["distance"] for f in res["final"]]
+    assert not (tmp_path / "out" / recipe.PROGRESS).exists()
     assert all(f["train_steps"] == 4 for f in res["final"])                 # --train-steps: equal steps
     assert all(len(res["curves"][k]) == 2 for k in ("base", "hot", "ph"))   # 2 evaluated checkpoints each
     assert [p["step"] for p in res["curves"]["base"]] == [2, 4]

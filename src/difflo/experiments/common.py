@@ -122,15 +122,22 @@ class EmaTracker:
                 save_file(tensors, str(tmp))
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(run_dir)]
+
+
 @dataclass
 class Run:
-    """A trained (or reused) model: its run directory, config and training wall time."""
+    """A trained (or reused) model: its run directory, config, training wall time and the step the experiment
+    trained it to (``last``). Checkpoints after ``last`` (a ``difflo train --resume`` in the cache directory with
+    more steps) are not this experiment's model and are never read."""
     dir: Path
     cfg: config_mod.Config
     train_seconds: float
+    last: int | None = None
 
     def steps(self) -> list[int]:
-        return [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(self.dir)]
+        return [k for k in checkpoint_steps(self.dir) if self.last is None or k <= self.last]
 
     def model(self, step: int | None = None, weights: str = "ema", device="cpu") -> Model:
         """weights: "raw", "ema" (the config's, with warmup) or an extra decay such as "0.999"."""
@@ -173,8 +180,12 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
         except BlockingIOError:
             log(f"experiment: waiting for another process training {run_dir}")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        done = checkpoint.list_checkpoints(run_dir)
-        reused = bool(done) and int(done[-1].name.split("_")[1]) >= cfg.train.steps
+        done = checkpoint_steps(run_dir)
+        if done and done[-1] > cfg.train.steps and cfg.train.steps not in done:
+            raise DiffloError(f"the cached run {run_dir} was trained on past {cfg.train.steps} steps (to {done[-1]}) "
+                              f"and no longer has its step-{cfg.train.steps} checkpoint: delete that run directory so "
+                              f"the experiment trains it again")
+        reused = cfg.train.steps in done
         if not reused:
             log(f"experiment: training {label} ({cfg.train.steps} steps) -> {run_dir}")
             tracker = EmaTracker(run_dir, cfg.train.ckpt_every, cfg.train.steps)
@@ -186,10 +197,11 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
     secs = 0.0
     with open(run_dir / "metrics.csv") as f:
         for row in csv.DictReader(f):
-            if row.get("loss") and row.get("elapsed_s"):
+            if row.get("loss") and row.get("elapsed_s") and int(row["step"]) <= cfg.train.steps:
                 secs = float(row["elapsed_s"])
     saved = config_mod.load(run_dir / "config.yaml")
-    return Run(run_dir, saved, secs)
+    saved.train.steps = cfg.train.steps              # a later resume in the cache rewrote it
+    return Run(run_dir, saved, secs, cfg.train.steps)
 
 
 def train_resolved(cfg: config_mod.Config) -> config_mod.Config:

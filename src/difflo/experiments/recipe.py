@@ -23,7 +23,9 @@ real-vs-real floor at the same N (N training images against the same reference);
 recall; class accuracy and, for emoji subcategories, category accuracy. A candidate trained with
 ``train.posthoc_ema`` is also scored at its last step with the post-hoc EMA of each ``--sigma-rels``
 length (``difflo.posthoc_ema``: no retraining). Quality against training minutes (step x the probe's
-seconds per step) is the plot; the table ranks candidates by the last checkpoint's distance.
+seconds per step) is the plot; the table ranks candidates by the last checkpoint's distance. Each candidate's
+scores are written to ``OUT/progress.json`` as soon as it is scored (a comparison stopped later keeps them);
+``results.json`` and ``report.md`` replace it at the end.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from .common import Options, Report, base_config, judge_for, measure, row_labels
 
 PROBE_WARMUP, PROBE_STEPS, PROBE_TRIES = 2, 8, 3
 SIGMA_RELS = (0.05, 0.10, 0.20)
+PROGRESS = "progress.json"               # the scores so far, while candidates remain
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -220,6 +223,8 @@ def run(opts: Options, log=print):
                 sweeps.append(scored(opts, judge, model, opts.n, settings, candidate=name, sigma_rel=s, step=step))
         rep.save_grid(f"samples_{name}.png", sample_grid(r.model(), r.cfg.model.num_classes, 8, opts.seed,
                                                          **settings), 8, row_labels(r.model()))
+        write_text_atomic(rep.out / PROGRESS, json.dumps({"floor": floor, "budget": budget, "curves": curves,
+                                                          "final": finals, "posthoc": sweeps}, indent=1))
 
     ranked = sorted(finals, key=lambda f: f["distance"])
     m = judge.metric
@@ -254,7 +259,9 @@ def run(opts: Options, log=print):
     rep.text(f"**Result.** Lowest {m}: {ranked[0]['candidate']} ({ranked[0]['distance']:.2f}, "
              f"{ranked[0]['x_floor']:.2f}x the floor); the floor's sd at this N is {floor['sd']:.2f}.")
     rep.results.update(curves=curves, final=finals, posthoc=sweeps, floor=floor, budget=budget)
-    return rep.write(time.time() - t0)
+    written = rep.write(time.time() - t0)
+    (rep.out / PROGRESS).unlink(missing_ok=True)         # results.json has it all now
+    return written
 
 
 def _categories(model):
