@@ -29,6 +29,8 @@ np.savez(sys.argv[1], images=ds.images[idx], labels=ds.labels[idx])
 PY
   $PY -m difflo eval fid --samples "$OUT/train-$N.npz" --ref "$REF" | tee "$OUT/floor.txt"
 fi
+$PY -c 'from difflo.eval.classifier import default_classifier_path as p; import sys; sys.exit(not p("mnist10k").is_file())' ||
+  $PY -m difflo eval train-classifier --data mnist10k          # class accuracy's classifier, once
 timed() { name=$1; shift; /usr/bin/time -f "$name: wall %e s, user+sys %U+%S s" -o "$OUT/$name.time" "$@" 2>&1 | tail -2
           cat "$OUT/$name.time"; }
 ev() { name=$1; shift; [ -f "$OUT/$name.json" ] && { cat "$OUT/$name.txt"; return; }
