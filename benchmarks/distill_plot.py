@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from difflo.io import pyplot
@@ -26,10 +27,11 @@ def calls(r: dict) -> int:
 
 
 def series(r: dict) -> str:
-    """The teacher per sampler; a student per distillation (its rounds' students are one line)."""
+    """The teacher per sampler; a student per distillation (its rounds' students are one line, and so are the
+    students of students that benchmarks/distill_steps.sh names student4, student2, student1)."""
     if r["who"] == "teacher":
         return f"teacher, {r['sampler']}"
-    return f"student ({Path(r['ckpt'].split('/students/')[0]).name})"
+    return f"student ({re.sub(r'(?<=student)[0-9]+$', '', Path(r['ckpt'].split('/students/')[0]).name)})"
 
 
 def main() -> None:

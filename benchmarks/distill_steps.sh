@@ -9,7 +9,9 @@
 # reflow (PART=reflow or all): a flow teacher trained FLOW_STEPS steps of configs/mnist10k-flow.yaml, its reflow
 #   student (PAIRS teacher pairs from Heun 20, REFLOW_STEPS student steps), both scored with 1, 2 and 4 Euler steps
 #   (the teacher guided at its w: 2 calls a step; the student at w = 1) and the teacher with its default sampler.
-# Every distillation and training prints its wall and CPU seconds (OUT/*.time).
+# Every distillation and training prints its wall and CPU seconds (OUT/*.time); the reflow family's eval JSONs are in
+# OUT/flow-evals. Tables and plots: python benchmarks/distill_plot.py OUT --floor F --teacher TEACHER [--out PNG], and
+# the same with OUT/flow-evals and --teacher OUT/flow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${1:-demo}; OUT=${2:-runs/distill-steps}; PART=${PART:-all}
@@ -33,8 +35,9 @@ $PY -c 'from difflo.eval.classifier import default_classifier_path as p; import 
   $PY -m difflo eval train-classifier --data mnist10k          # class accuracy's classifier, once
 timed() { name=$1; shift; /usr/bin/time -f "$name: wall %e s, user+sys %U+%S s" -o "$OUT/$name.time" "$@" 2>&1 | tail -2
           cat "$OUT/$name.time"; }
-ev() { name=$1; shift; [ -f "$OUT/$name.json" ] && { cat "$OUT/$name.txt"; return; }
-       $PY -m difflo eval model --n "$N" --ref "$REF" --json "$OUT/$name.json" "$@" | tee "$OUT/$name.txt"; }
+EVALS=$OUT                                     # the eval JSONs of one teacher's family (benchmarks/distill_plot.py)
+ev() { name=$1; shift; [ -f "$EVALS/$name.json" ] && { cat "$EVALS/$name.txt"; return; }
+       $PY -m difflo eval model --n "$N" --ref "$REF" --json "$EVALS/$name.json" "$@" | tee "$EVALS/$name.txt"; }
 resume() { [ -d "$1" ] && echo --resume || true; }
 finished() { [ -f "$OUT/$1.time" ] && ! grep -q "non-zero" "$OUT/$1.time"; }    # a step that completed earlier
 
@@ -55,7 +58,7 @@ if [ "$PART" = all ] || [ "$PART" = progressive ]; then
 fi
 
 if [ "$PART" = all ] || [ "$PART" = reflow ]; then
-  FLOW=$OUT/flow
+  FLOW=$OUT/flow; EVALS=$OUT/flow-evals; mkdir -p "$EVALS"
   finished flow || timed flow $PY -m difflo train --config configs/mnist10k-flow.yaml --out "$FLOW" train.steps="$FLOW_STEPS" \
       train.sample_every=0
   finished reflow || timed reflow $PY -m difflo distill --ckpt "$FLOW" --method reflow --out "$OUT/reflow" --pairs "$PAIRS" \
