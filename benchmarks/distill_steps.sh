@@ -39,7 +39,7 @@ EVALS=$OUT                                     # the eval JSONs of one teacher's
 ev() { name=$1; shift; [ -f "$EVALS/$name.json" ] && { cat "$EVALS/$name.txt"; return; }
        $PY -m difflo eval model --n "$N" --ref "$REF" --json "$EVALS/$name.json" "$@" | tee "$EVALS/$name.txt"; }
 resume() { [ -d "$1" ] && echo --resume || true; }
-finished() { [ -f "$OUT/$1.time" ] && ! grep -q "non-zero" "$OUT/$1.time"; }    # a step that completed earlier
+finished() { grep -q "wall" "$OUT/$1.time" 2>/dev/null && ! grep -q "non-zero" "$OUT/$1.time"; }   # completed earlier
 
 if [ "$PART" = all ] || [ "$PART" = progressive ]; then
   prev=$TEACHER
