@@ -128,16 +128,15 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 @dataclass
 class Run:
-    """A trained (or reused) model: its run directory, config, training wall time and the step the experiment
-    trained it to (``last``). Checkpoints after ``last`` (a ``difflo train --resume`` in the cache directory with
+    """A trained (or reused) model: its run directory, config and training wall time. ``cfg.train.steps`` is the
+    step the experiment trained it to: checkpoints after it (a ``difflo train --resume`` in the cache directory with
     more steps) are not this experiment's model and are never read."""
     dir: Path
     cfg: config_mod.Config
     train_seconds: float
-    last: int | None = None
 
     def steps(self) -> list[int]:
-        return [k for k in checkpoint_steps(self.dir) if self.last is None or k <= self.last]
+        return [k for k in checkpoint_steps(self.dir) if k <= self.cfg.train.steps]
 
     def model(self, step: int | None = None, weights: str = "ema", device="cpu") -> Model:
         """weights: "raw", "ema" (the config's, with warmup) or an extra decay such as "0.999"."""
@@ -201,7 +200,7 @@ def trained(opts: Options, cfg: config_mod.Config, label: str, log=print) -> Run
                 secs = float(row["elapsed_s"])
     saved = config_mod.load(run_dir / "config.yaml")
     saved.train.steps = cfg.train.steps              # a later resume in the cache rewrote it
-    return Run(run_dir, saved, secs, cfg.train.steps)
+    return Run(run_dir, saved, secs)
 
 
 def train_resolved(cfg: config_mod.Config) -> config_mod.Config:

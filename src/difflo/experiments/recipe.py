@@ -196,6 +196,7 @@ def run(opts: Options, log=print):
     floor = rep.noise_floor(judge, base, opts.n, draws=3, seed=opts.seed)
 
     curves, finals, sweeps = {}, [], []
+    so_far = {"floor": floor, "budget": budget, "curves": curves, "final": finals, "posthoc": sweeps}   # grows below
     for name, cfg in configs.items():
         load = cpuload.OtherLoad()
         r = trained(opts, cfg, f"recipe-{name}", log)
@@ -223,8 +224,7 @@ def run(opts: Options, log=print):
                 sweeps.append(scored(opts, judge, model, opts.n, settings, candidate=name, sigma_rel=s, step=step))
         rep.save_grid(f"samples_{name}.png", sample_grid(r.model(), r.cfg.model.num_classes, 8, opts.seed,
                                                          **settings), 8, row_labels(r.model()))
-        write_text_atomic(rep.out / PROGRESS, json.dumps({"floor": floor, "budget": budget, "curves": curves,
-                                                          "final": finals, "posthoc": sweeps}, indent=1))
+        write_text_atomic(rep.out / PROGRESS, json.dumps(so_far, indent=1))
 
     ranked = sorted(finals, key=lambda f: f["distance"])
     m = judge.metric
@@ -258,7 +258,7 @@ def run(opts: Options, log=print):
         rep.figure(f"samples_{name}.png", f"{name}: 8 samples per shown class, same seeds")
     rep.text(f"**Result.** Lowest {m}: {ranked[0]['candidate']} ({ranked[0]['distance']:.2f}, "
              f"{ranked[0]['x_floor']:.2f}x the floor); the floor's sd at this N is {floor['sd']:.2f}.")
-    rep.results.update(curves=curves, final=finals, posthoc=sweeps, floor=floor, budget=budget)
+    rep.results.update(so_far)
     written = rep.write(time.time() - t0)
     (rep.out / PROGRESS).unlink(missing_ok=True)         # results.json has it all now
     return written
